@@ -1,0 +1,6 @@
+# Convenience aliases; the README's two commands are ./scripts/demo and ./scripts/test.
+.PHONY: demo test
+demo:
+	./scripts/demo
+test:
+	./scripts/test

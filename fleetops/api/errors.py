@@ -1,0 +1,153 @@
+"""The one error shape: `{"error": {"code": "...", "message": "...", "fields": {...}}}`.
+
+Every error leaving /api/ has it: DRF's own exceptions, domain errors raised by services, unknown
+paths, wrong methods and unexpected crashes (as a 500 with no internals).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+from fleetops.lib.errors import DomainError
+from fleetops.observability.context import current_request_id
+from fleetops.observability.metrics import API_ERRORS
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[exceptions.APIException], str] = {
+    exceptions.ValidationError: "validation_error",
+    exceptions.ParseError: "malformed_request",
+    exceptions.AuthenticationFailed: "authentication_failed",
+    exceptions.NotAuthenticated: "not_authenticated",
+    exceptions.PermissionDenied: "permission_denied",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.Throttled: "throttled",
+}
+
+
+def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "fields": fields or {},
+            "request_id": current_request_id(),
+        }
+    }
+
+
+def _flatten(detail: Any) -> Any:
+    if isinstance(detail, dict):
+        return {str(k): _flatten(v) for k, v in detail.items()}
+    if isinstance(detail, list):
+        return [_flatten(v) for v in detail]
+    return str(detail)
+
+
+def _validation_message(fields: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(fields, dict):
+        non_field = fields.pop("non_field_errors", None)
+        if non_field:
+            return str(non_field[0]), fields
+        first = next(iter(fields), None)
+        if first is not None:
+            value = fields[first]
+            text = value[0] if isinstance(value, list) and value else value
+            return f"{first}: {text}", fields
+        return "Invalid input.", fields
+    if isinstance(fields, list) and fields:
+        return str(fields[0]), {}
+    return "Invalid input.", {}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    headers: dict[str, str] = {}
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+
+    if isinstance(exc, DomainError):
+        body = error_body(exc.code, exc.message, exc.fields)
+        status_code = exc.status_code
+        set_rollback()
+    elif isinstance(exc, exceptions.APIException):
+        code = _CODES.get(type(exc)) or (exc.default_code if isinstance(exc.default_code, str) else "error")
+        if isinstance(exc, exceptions.ValidationError):
+            message, fields = _validation_message(_flatten(exc.detail))
+        else:
+            message, fields = str(exc.detail), {}
+        wait = getattr(exc, "wait", None)
+        if isinstance(exc, exceptions.Throttled) and wait is not None:
+            headers["Retry-After"] = str(int(wait) + 1)
+        auth_header = getattr(exc, "auth_header", None)
+        if auth_header:
+            headers["WWW-Authenticate"] = auth_header
+        body = error_body(code, message, fields)
+        status_code = exc.status_code
+        set_rollback()
+    else:
+        # Anything else is our bug, never the client's: log it with the request id, answer 500.
+        log.exception("unhandled API error", exc_info=exc)
+        body = error_body("internal_error", "Something went wrong on our side; the request id identifies it.")
+        status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+        set_rollback()
+    API_ERRORS.labels(status=str(status_code), code=body["error"]["code"]).inc()
+    return Response(body, status=status_code, headers=headers)
+
+
+def _json_error(status_code: int, code: str, message: str) -> JsonResponse:
+    API_ERRORS.labels(status=str(status_code), code=code).inc()
+    return JsonResponse(error_body(code, message), status=status_code)
+
+
+def api_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+    return _json_error(404, "not_found", f"No API endpoint at {request.path}.")
+
+
+def is_api_path(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if is_api_path(request):
+        return _json_error(404, "not_found", "Not found.")
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception or Http404())
+
+
+def handler500(request: HttpRequest) -> Any:
+    if is_api_path(request):
+        return _json_error(
+            500, "internal_error", "Something went wrong on our side; the request id identifies it."
+        )
+    from django.views.defaults import server_error
+
+    return server_error(request)
+
+
+def handler403(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if is_api_path(request):
+        return _json_error(403, "permission_denied", "Permission denied.")
+    from django.views.defaults import permission_denied
+
+    return permission_denied(request, exception or DjangoPermissionDenied())
+
+
+def handler400(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if is_api_path(request):
+        return _json_error(400, "bad_request", "Bad request.")
+    from django.views.defaults import bad_request
+
+    return bad_request(request, exception or Exception())

@@ -1,0 +1,170 @@
+"""`Idempotency-Key` for POSTs that create or command.
+
+1. Claim: INSERT the (org, key) row as in_flight in its own committed transaction, so a concurrent
+   request with the same key sees it at once.
+2. Someone else's row: a different fingerprint is 422; in flight is 409 (or a takeover when the
+   holder went silent for IDEMPOTENCY_STALE_SECONDS); completed replays the stored response.
+3. Run the view and store its response in ONE transaction: either both the effects and the stored
+   response commit, or neither does. A crash between them is impossible, so a takeover of a stale
+   claim never repeats effects that committed.
+4. A view that raised or answered 5xx releases the key (deletes the row) so the client may retry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from fleetops.access.context import resolve_org_access
+from fleetops.access.models import Organization
+from fleetops.api.models import IdempotencyKey
+from fleetops.lib import clock
+from fleetops.lib.errors import Conflict, Unprocessable, ValidationFailed
+from fleetops.observability.metrics import IDEMPOTENCY_OUTCOMES
+
+HEADER = "Idempotency-Key"
+REPLAY_HEADER = "Idempotent-Replayed"
+KEY_INVALID = "Idempotency-Key must be 1-255 printable ASCII characters."
+KEY_IN_FLIGHT = "A request with this Idempotency-Key is still being processed; retry shortly."
+KEY_REUSED = "This Idempotency-Key was already used with a different request (method, path or body)."
+
+
+@dataclass(frozen=True)
+class Claim:
+    row_id: int
+    replay: IdempotencyKey | None = None
+
+
+def request_fingerprint(*, method: str, path: str, body: Any) -> str:
+    canonical = json.dumps([method.upper(), path, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def idempotency_claim(*, org: Organization, key: str, fingerprint: str, method: str, path: str) -> Claim:
+    if connection.in_atomic_block:
+        raise RuntimeError("idempotency claims must commit on their own, outside any transaction")
+    for _ in range(3):
+        now = clock.now()
+        try:
+            with transaction.atomic():
+                row = IdempotencyKey.objects.create(
+                    org=org,
+                    key=key,
+                    fingerprint=fingerprint,
+                    method=method,
+                    path=path[:300],
+                    created_at=now,
+                    locked_at=now,
+                )
+            IDEMPOTENCY_OUTCOMES.labels(outcome="new").inc()
+            return Claim(row_id=row.pk)
+        except IntegrityError:
+            pass
+        existing = IdempotencyKey.objects.filter(org=org, key=key).first()
+        if existing is None:
+            continue  # released between our INSERT and SELECT; try to claim again
+        if existing.fingerprint != fingerprint:
+            IDEMPOTENCY_OUTCOMES.labels(outcome="mismatch").inc()
+            raise Unprocessable(KEY_REUSED, code="idempotency_key_reused")
+        if existing.state == IdempotencyKey.State.COMPLETED:
+            IDEMPOTENCY_OUTCOMES.labels(outcome="replayed").inc()
+            return Claim(row_id=existing.pk, replay=existing)
+        stale_before = now - timedelta(seconds=settings.FLEETOPS_IDEMPOTENCY_STALE_SECONDS)
+        if existing.locked_at < stale_before:
+            taken = IdempotencyKey.objects.filter(
+                pk=existing.pk, state=IdempotencyKey.State.IN_FLIGHT, locked_at=existing.locked_at
+            ).update(locked_at=now)
+            if taken == 1:
+                IDEMPOTENCY_OUTCOMES.labels(outcome="takeover").inc()
+                return Claim(row_id=existing.pk)
+        IDEMPOTENCY_OUTCOMES.labels(outcome="in_flight").inc()
+        raise Conflict(KEY_IN_FLIGHT, code="idempotency_in_flight")
+    IDEMPOTENCY_OUTCOMES.labels(outcome="in_flight").inc()
+    raise Conflict(KEY_IN_FLIGHT, code="idempotency_in_flight")
+
+
+def idempotency_release(*, row_id: int) -> None:
+    IdempotencyKey.objects.filter(pk=row_id, state=IdempotencyKey.State.IN_FLIGHT).delete()
+
+
+def idempotency_prune(*, older_than: timedelta | None = None) -> int:
+    ttl = older_than or timedelta(hours=settings.FLEETOPS_IDEMPOTENCY_TTL_HOURS)
+    deleted, _ = IdempotencyKey.objects.filter(created_at__lt=clock.now() - ttl).delete()
+    return deleted
+
+
+def _redacted(data: Any, fields: tuple[str, ...]) -> Any:
+    if not fields or not isinstance(data, dict):
+        return data
+    return {k: (None if k in fields else v) for k, v in data.items()}
+
+
+ViewMethod = Callable[..., Response]
+
+
+def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMethod]:
+    """Decorate a DRF view method (post/create/action). `redact` names response fields that must
+    never be stored (a token's plaintext): a replay answers them as null."""
+
+    def decorator(view_method: ViewMethod) -> ViewMethod:
+        @functools.wraps(view_method)
+        def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
+            key = request.headers.get(HEADER)
+            if key is None:
+                return view_method(self, request, *args, **kwargs)
+            if not (1 <= len(key) <= 255) or not key.isascii() or not key.isprintable():
+                raise ValidationFailed(
+                    KEY_INVALID, code="invalid_idempotency_key", fields={HEADER: [KEY_INVALID]}
+                )
+            org = resolve_org_access(request).org
+            fingerprint = request_fingerprint(
+                method=request.method or "", path=request.path, body=request.data
+            )
+            claim = idempotency_claim(
+                org=org, key=key, fingerprint=fingerprint, method=request.method or "", path=request.path
+            )
+            if claim.replay is not None:
+                return Response(
+                    claim.replay.response_body,
+                    status=claim.replay.response_status,
+                    headers={REPLAY_HEADER: "true"},
+                )
+            try:
+                with transaction.atomic():
+                    response = view_method(self, request, *args, **kwargs)
+                    if response.status_code >= 500:
+                        raise _ServerError(response)
+                    IdempotencyKey.objects.filter(pk=claim.row_id).update(
+                        state=IdempotencyKey.State.COMPLETED,
+                        response_status=response.status_code,
+                        response_body=_redacted(response.data, redact),
+                        completed_at=clock.now(),
+                    )
+            except _ServerError as failed:
+                idempotency_release(row_id=claim.row_id)
+                return failed.response
+            except BaseException:
+                idempotency_release(row_id=claim.row_id)
+                raise
+            return response
+
+        wrapper.idempotent = True  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorator
+
+
+class _ServerError(Exception):
+    def __init__(self, response: Response):
+        super().__init__("view answered 5xx")
+        self.response = response

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+
+
+class IdempotencyKey(models.Model):
+    """A client's `Idempotency-Key` for one organization, with the request's fingerprint and, once
+    the request finished, the response to replay.
+
+        in_flight ──(view finished, same transaction as its effects)──> completed
+            └──(view raised or answered 5xx)──> deleted, the key may be used again
+            └──(holder crashed, stale after IDEMPOTENCY_STALE_SECONDS)──> taken over
+
+    Rows are pruned after IDEMPOTENCY_TTL_HOURS (24 h by default).
+    """
+
+    class State(models.TextChoices):
+        IN_FLIGHT = "in_flight", "In flight"
+        COMPLETED = "completed", "Completed"
+
+    org = models.ForeignKey("access.Organization", on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=300)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField()
+    locked_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["org", "key"], name="idempotency_key_unique_per_org"),
+            models.CheckConstraint(
+                condition=models.Q(state__in=["in_flight", "completed"]), name="idempotency_state_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(state="in_flight") | models.Q(response_status__isnull=False),
+                name="idempotency_completed_has_response",
+            ),
+        ]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created")]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.state})"

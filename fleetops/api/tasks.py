@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from celery import shared_task
+
+from fleetops.api.idempotency import idempotency_prune as _prune
+from fleetops.observability.context import bound
+
+
+@shared_task(name="fleetops.api.tasks.idempotency_prune", ignore_result=True)
+def idempotency_prune() -> int:
+    with bound(actor="scheduler:platform.idempotency_prune"):
+        return _prune()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import django_filters
+from django.db.models import QuerySet
+
+from fleetops.api.views import OrgScopedListView, OrgScopedRetrieveView
+from fleetops.audit.api.serializers import AuditEventOutput
+from fleetops.audit.models import ActorType, AuditEvent
+
+
+class AuditEventFilter(django_filters.FilterSet):
+    action = django_filters.CharFilter()
+    action_prefix = django_filters.CharFilter(field_name="action", lookup_expr="startswith")
+    actor_type = django_filters.ChoiceFilter(choices=ActorType.choices)
+    actor_id = django_filters.CharFilter()
+    target_type = django_filters.CharFilter()
+    target_id = django_filters.CharFilter()
+    request_id = django_filters.CharFilter()
+    since = django_filters.IsoDateTimeFilter(field_name="at", lookup_expr="gte")
+    until = django_filters.IsoDateTimeFilter(field_name="at", lookup_expr="lt")
+
+    class Meta:
+        model = AuditEvent
+        fields: list[str] = []
+
+
+class AuditEventList(OrgScopedListView):
+    """The organization's audit log, newest first."""
+
+    serializer_class = AuditEventOutput
+    filterset_class = AuditEventFilter
+
+    def get_queryset(self) -> QuerySet[AuditEvent]:
+        return AuditEvent.objects.filter(org=self.org_access.org).select_related("org")
+
+
+class AuditEventDetail(OrgScopedRetrieveView):
+    serializer_class = AuditEventOutput
+
+    def get_queryset(self) -> QuerySet[AuditEvent]:
+        return AuditEvent.objects.filter(org=self.org_access.org).select_related("org")

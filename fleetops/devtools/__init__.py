@@ -1,0 +1,1 @@
+"""Local tooling behind ./scripts/demo and ./scripts/test. Runs before Django is configured."""

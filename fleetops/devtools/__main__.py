@@ -1,0 +1,197 @@
+"""python -m fleetops.devtools demo|test — what ./scripts/demo and ./scripts/test run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fleetops.devtools.services import (
+    ROOT,
+    VAR,
+    broker_url,
+    ensure_database,
+    say,
+    start_embedded_postgres,
+    with_database,
+    write_dev_env,
+)
+
+BIN = Path(sys.executable).parent
+
+
+def _run(title: str, argv: list[str], env: dict[str, str]) -> None:
+    say(title)
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=ROOT, env=env, check=False)
+    if result.returncode != 0:
+        say(f"FAILED: {title} (exit {result.returncode})")
+        raise SystemExit(result.returncode or 1)
+    say(f"ok: {title} ({time.monotonic() - started:.1f}s)")
+
+
+def _database(env: dict[str, str], name: str) -> object | None:
+    """Point env["DATABASE_URL"] at a database that exists; return the embedded server handle."""
+    server = None
+    if env.get("DATABASE_URL"):
+        say("using DATABASE_URL")
+    else:
+        server, base = start_embedded_postgres()
+        env["DATABASE_URL"] = with_database(base, name)
+    ensure_database(env["DATABASE_URL"])
+    return server
+
+
+def cmd_test(pytest_args: list[str]) -> int:
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="fleetops.settings.test", PYTHONUNBUFFERED="1")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    _run("ruff check", [str(BIN / "ruff"), "check", "."], env)
+    _run("ruff format --check", [str(BIN / "ruff"), "format", "--check", "."], env)
+    # mypy loads the settings module but never connects: any syntactically valid URL will do.
+    mypy_env = dict(env)
+    mypy_env.setdefault("DATABASE_URL", "postgresql://mypy@localhost/mypy")
+    _run("mypy", [str(BIN / "mypy"), "."], mypy_env)
+    server = _database(env, "fleetops")
+    python = str(BIN / "python")
+    _run(
+        "makemigrations --check",
+        [python, "manage.py", "makemigrations", "--check", "--dry-run", "--settings=fleetops.settings.test"],
+        env,
+    )
+    say("pytest")
+    result = subprocess.run([python, "-m", "pytest", *pytest_args], cwd=ROOT, env=env, check=False)
+    del server  # the embedded server stops when this process exits
+    if result.returncode == 5:
+        say("FAILED: pytest collected no tests")
+        return 1
+    if result.returncode != 0:
+        say(f"FAILED: pytest (exit {result.returncode})")
+    return result.returncode
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cmd_demo(port: int, smoke: bool) -> int:
+    from honcho.manager import Manager
+
+    if not _port_free(port):
+        say(f"port {port} is in use; pass --port N (or stop what is listening there)")
+        return 2
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("DJANGO_SETTINGS_MODULE", "fleetops.settings.dev")
+    server = _database(env, "fleetops")
+    env["CELERY_BROKER_URL"] = broker_url()
+    prometheus_dir = VAR / "prometheus"
+    shutil.rmtree(prometheus_dir, ignore_errors=True)
+    prometheus_dir.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prometheus_dir)
+    write_dev_env({"DATABASE_URL": env["DATABASE_URL"], "CELERY_BROKER_URL": env["CELERY_BROKER_URL"]})
+
+    python = str(BIN / "python")
+    _run("migrate", [python, "manage.py", "migrate", "--noinput", "-v", "0"], env)
+    _run("collectstatic", [python, "manage.py", "collectstatic", "--noinput", "-v", "0"], env)
+    _run("schedules_sync", [python, "manage.py", "schedules_sync"], env)
+    _run("demo_seed", [python, "manage.py", "demo_seed"], env)
+
+    manager = Manager()
+    processes = {
+        "web": [
+            str(BIN / "gunicorn"),
+            "fleetops.wsgi",
+            "--config",
+            str(ROOT / "deploy" / "gunicorn.conf.py"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ],
+        "worker": [
+            str(BIN / "celery"),
+            "-A",
+            "fleetops",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "2",
+            "--hostname",
+            "demo@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        "beat": [
+            str(BIN / "celery"),
+            "-A",
+            "fleetops",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--pidfile",
+            str(VAR / "beat.pid"),
+        ],
+    }
+    for name, argv in processes.items():
+        manager.add_process(name, shlex.join(argv), env=env, cwd=str(ROOT))
+
+    base = f"http://127.0.0.1:{port}"
+    say("FleetOps demo is starting. Ctrl-C stops everything.")
+    for label, path in (
+        ("console (admin)", "/admin/"),
+        ("API docs", "/api/docs/"),
+        ("system status", "/ops/status"),
+        ("metrics", "/metrics"),
+        ("readiness", "/health/ready"),
+    ):
+        print(f"    {label:<16} {base}{path}", flush=True)
+
+    outcome: dict[str, bool] = {}
+    if smoke:
+        from fleetops.devtools.smoke import run_smoke
+
+        def _smoke() -> None:
+            outcome["ok"] = run_smoke(base)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=_smoke, daemon=True).start()
+
+    manager.loop()
+    del server
+    if smoke:
+        ok = outcome.get("ok", False)
+        say(f"smoke test {'passed' if ok else 'FAILED'}")
+        return 0 if ok else 1
+    return 0 if manager.returncode in (None, 0, 130, 143, -15, -2) else int(manager.returncode)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m fleetops.devtools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the portal with web, worker and beat")
+    demo.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
+    demo.add_argument("--smoke", action="store_true", help="start, check every entry point, stop")
+    test = sub.add_parser("test", help="lint, type-check, migrations check, pytest")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.command == "demo":
+        return cmd_demo(args.port, args.smoke)
+    return cmd_test(args.pytest_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Checks a running demo the way a new user would: every entry point answers, an admin can log in
+and see the dashboard, and beat -> broker -> worker -> database works (the worker heartbeat)."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from fleetops.devtools.services import VAR, say
+
+
+def _opener() -> tuple[urllib.request.OpenerDirector, http.cookiejar.CookieJar]:
+    jar = http.cookiejar.CookieJar()
+    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar)), jar
+
+
+def _get(opener: urllib.request.OpenerDirector, url: str) -> tuple[int, str]:
+    try:
+        with opener.open(url, timeout=10) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+def _wait_ready(base: str, timeout: float) -> bool:
+    opener, _ = _opener()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _get(opener, f"{base}/health/ready")
+            if status == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def run_smoke(base: str) -> bool:
+    failures: list[str] = []
+
+    def check(label: str, ok: bool, detail: str = "") -> None:
+        say(f"smoke: {'ok  ' if ok else 'FAIL'} {label}{' — ' + detail if detail and not ok else ''}")
+        if not ok:
+            failures.append(label)
+
+    if not _wait_ready(base, 90):
+        check("/health/ready answers 200 within 90 s", False)
+        return False
+    check("/health/ready = 200", True)
+    opener, jar = _opener()
+    status, body = _get(opener, f"{base}/health/live")
+    check("/health/live = 200", status == 200, str(status))
+    status, body = _get(opener, f"{base}/metrics")
+    check("/metrics = 200 with fleetops metrics", status == 200 and "fleetops_" in body, str(status))
+    status, body = _get(opener, f"{base}/api/docs/")
+    check("/api/docs/ = 200", status == 200, str(status))
+    assets = re.findall(r'src="([^"]+\.js)"', body)
+    if assets:
+        status, _ = _get(opener, urllib.parse.urljoin(base, assets[0]))
+        check(
+            "Swagger UI assets served locally", status == 200 and assets[0].startswith("/static/"), assets[0]
+        )
+    else:
+        check("Swagger UI references its script", False, "no <script src> found")
+    status, _ = _get(opener, f"{base}/api/schema/")
+    check("/api/schema/ = 200", status == 200, str(status))
+    status, body = _get(opener, f"{base}/admin/login/")
+    check("login page = 200", status == 200 and "csrfmiddlewaretoken" in body, str(status))
+
+    creds = json.loads((VAR / "demo_credentials.json").read_text())
+    admin = creds["demo-admin"]
+    token = next((c.value for c in jar if c.name == "csrftoken"), "")
+    form = urllib.parse.urlencode(
+        {"username": "demo-admin", "password": admin, "csrfmiddlewaretoken": token, "next": "/admin/"}
+    ).encode()
+    request = urllib.request.Request(
+        f"{base}/admin/login/", data=form, headers={"Referer": f"{base}/admin/login/"}
+    )
+    try:
+        with opener.open(request, timeout=10) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, ""
+    check(
+        "demo-admin logs in and sees the ops dashboard",
+        status == 200 and "Operations dashboard" in body,
+        str(status),
+    )
+
+    deadline = time.monotonic() + 120
+    heartbeat_seen = False
+    while time.monotonic() < deadline and not heartbeat_seen:
+        status, body = _get(opener, f"{base}/ops/status?format=json")
+        if status == 200:
+            data = json.loads(body)
+            for item in data["checks"]:
+                if item["name"] == "heartbeats" and any(
+                    r.get("loop") == "platform.worker" for r in item["rows"]
+                ):
+                    heartbeat_seen = True
+        if not heartbeat_seen:
+            time.sleep(2)
+    check("worker heartbeat arrives through beat and the broker (≤ 120 s)", heartbeat_seen)
+    return not failures

@@ -1,0 +1,181 @@
+"""The platform's own status checks, scrape-time gauges and dashboard card."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from fleetops.lib import clock
+from fleetops.observability import registry
+from fleetops.observability.models import Heartbeat, Lease
+from fleetops.observability.registry import CheckResult, DashboardCard, Status
+
+
+def check_database() -> CheckResult:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT version(), pg_database_size(current_database())")
+        version, size = cursor.fetchone()
+    return CheckResult("ok", version.split(" on ")[0], [{"database size (MB)": round(size / 1e6, 1)}])
+
+
+def check_broker() -> CheckResult:
+    from fleetops.celery import app
+
+    rows: list[dict[str, Any]] = []
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=3)
+        transport = conn.transport_cls
+        try:
+            channel: Any = conn.default_channel
+            for queue in (settings.CELERY_TASK_DEFAULT_QUEUE,):
+                declared = channel.queue_declare(queue=queue, passive=True)
+                rows.append({"queue": queue, "messages": declared.message_count})
+        except Exception as exc:  # the queue may not exist before the first worker declares it
+            rows.append({"queue": settings.CELERY_TASK_DEFAULT_QUEUE, "messages": f"unknown ({exc})"})
+    return CheckResult("ok", f"reachable ({transport})", rows)
+
+
+def check_beat() -> CheckResult:
+    from django_celery_beat.models import PeriodicTask
+
+    now = clock.now()
+    rows: list[dict[str, Any]] = []
+    status: Status = "ok"
+    for task in PeriodicTask.objects.select_related("interval", "crontab").order_by("name"):
+        period = task.interval.schedule.run_every.total_seconds() if task.interval else 86400.0
+        age = (now - task.last_run_at).total_seconds() if task.last_run_at else None
+        late = task.enabled and (age is None or age > 3 * period + 60)
+        rows.append(
+            {
+                "schedule": task.name,
+                "enabled": task.enabled,
+                "every (s)": int(period),
+                "last run": task.last_run_at.isoformat() if task.last_run_at else "never",
+                "late": late,
+            }
+        )
+        if late:
+            status = "warn"
+    summary = f"{len(rows)} schedules" + (", some late" if status == "warn" else "")
+    return CheckResult(status, summary, rows)
+
+
+def check_heartbeats() -> CheckResult:
+    now = clock.now()
+    stale_after = settings.FLEETOPS_HEARTBEAT_STALE_SECONDS
+    rows: list[dict[str, Any]] = []
+    status: Status = "ok"
+    for hb in Heartbeat.objects.all():
+        age = (now - hb.last_beat_at).total_seconds()
+        failing = hb.last_success_at is None or hb.last_success_at < hb.last_beat_at
+        rows.append(
+            {
+                "loop": hb.name,
+                "age (s)": round(age, 1),
+                "last duration (s)": round(hb.last_duration_seconds, 3),
+                "beats": hb.beats,
+                "last error": hb.last_error[:200] if failing else "",
+            }
+        )
+        if age > stale_after or failing:
+            status = "warn"
+    return CheckResult(status, f"{len(rows)} loops", rows)
+
+
+def check_leases() -> CheckResult:
+    now = clock.now()
+    rows = [
+        {
+            "lease": lease.name,
+            "holder": lease.holder,
+            "token": lease.token,
+            "live": lease.expires_at > now,
+            "expires in (s)": round((lease.expires_at - now).total_seconds(), 1),
+        }
+        for lease in Lease.objects.all()
+    ]
+    return CheckResult("ok", f"{sum(1 for r in rows if r['live'])} live of {len(rows)}", rows)
+
+
+def collect_platform() -> Iterable[Metric]:
+    now = clock.now()
+    age = GaugeMetricFamily(
+        "fleetops_platform_heartbeat_age_seconds",
+        "Seconds since a loop last wrote its heartbeat.",
+        labels=["name"],
+    )
+    success_age = GaugeMetricFamily(
+        "fleetops_platform_heartbeat_success_age_seconds",
+        "Seconds since a loop last completed an iteration successfully.",
+        labels=["name"],
+    )
+    for name, beat_at, success_at in Heartbeat.objects.values_list("name", "last_beat_at", "last_success_at"):
+        age.add_metric([name], (now - beat_at).total_seconds())
+        if success_at is not None:
+            success_age.add_metric([name], (now - success_at).total_seconds())
+    yield age
+    yield success_age
+
+    held = GaugeMetricFamily(
+        "fleetops_platform_lease_token",
+        "Fencing token of each live lease (absent when expired).",
+        labels=["name"],
+    )
+    for name, token in Lease.objects.filter(expires_at__gt=now).values_list("name", "token"):
+        held.add_metric([name], token)
+    yield held
+
+    from django_celery_beat.models import PeriodicTask
+
+    beat = GaugeMetricFamily(
+        "fleetops_platform_schedule_last_run_age_seconds",
+        "Seconds since Celery beat last sent each enabled schedule.",
+        labels=["schedule"],
+    )
+    for name, last_run in PeriodicTask.objects.filter(enabled=True).values_list("name", "last_run_at"):
+        if last_run is not None:
+            beat.add_metric([name], (now - last_run).total_seconds())
+    yield beat
+
+
+def platform_card_context(request: HttpRequest) -> dict[str, Any]:
+    from fleetops.audit.models import AuditEvent
+    from fleetops.audit.selectors import audit_event_visible_to
+
+    now = clock.now()
+    since = now - timedelta(hours=24)
+    recent = audit_event_visible_to(user=request.user).filter(at__gte=since)
+    heartbeats = [
+        {"name": hb.name, "age": (now - hb.last_beat_at).total_seconds(), "ok": not hb.last_error}
+        for hb in Heartbeat.objects.all()[:20]
+    ]
+    return {
+        "heartbeats": heartbeats,
+        "stale_after": settings.FLEETOPS_HEARTBEAT_STALE_SECONDS,
+        "audit_24h": recent.count(),
+        "denied_24h": recent.filter(action__in=AuditEvent.ATTENTION_ACTIONS).count(),
+    }
+
+
+def register() -> None:
+    registry.register_status_check("database", check_database)
+    registry.register_status_check("broker", check_broker)
+    registry.register_status_check("beat schedules", check_beat)
+    registry.register_status_check("heartbeats", check_heartbeats)
+    registry.register_status_check("leases", check_leases)
+    registry.register_collector("platform", collect_platform)
+    registry.register_card(
+        DashboardCard(
+            key="platform",
+            title="Platform",
+            template="observability/card_platform.html",
+            context=platform_card_context,
+            order=0,
+        )
+    )
