@@ -186,6 +186,5 @@ def reasoned_action(
 
     action.__name__ = name
     action.short_description = description  # type: ignore[attr-defined]
-    action.allowed_permissions = ()  # type: ignore[attr-defined]
     action.required_role = required_role  # type: ignore[attr-defined]
     return action

@@ -47,6 +47,9 @@ class OrgRolePermission(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
         if not request.user or not request.user.is_authenticated:
             return False
+        method = (request.method or "").lower()
+        if method not in view.http_method_names or not hasattr(view, method):
+            return True  # let the view answer 405 instead of a misleading 403
         access = resolve_org_access(request)
         actor_var.set(Actor.from_request(request).label)
         required = required_role_for(view, request)

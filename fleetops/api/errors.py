@@ -16,7 +16,6 @@ from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 from fleetops.lib.errors import DomainError
-from fleetops.observability.context import current_request_id
 from fleetops.observability.metrics import API_ERRORS
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,8 @@ _CODES: dict[type[exceptions.APIException], str] = {
 
 
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "fields": fields or {},
-            "request_id": current_request_id(),
-        }
-    }
+    # The request id travels in the X-Request-ID header of every response, errors included.
+    return {"error": {"code": code, "message": message, "fields": fields or {}}}
 
 
 def _flatten(detail: Any) -> Any:
