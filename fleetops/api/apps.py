@@ -10,6 +10,7 @@ class ApiConfig(AppConfig):
 
     def ready(self) -> None:
         from fleetops import schedules
+        from fleetops.api import schema  # noqa: F401 - registers the OpenAPI auth extension
 
         schedules.declare(
             name="platform.idempotency_prune",

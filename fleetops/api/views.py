@@ -11,9 +11,22 @@ from fleetops.audit.actors import Actor
 
 
 class OrgScopedMixin:
-    """Every queryset is filtered to the request's organization; another org's row is a 404."""
+    """Every queryset is filtered to the request's organization; another org's row is a 404.
+
+    List/detail views set `queryset = Model.objects.none()` (it only tells the schema generator
+    the model) and implement `scoped_queryset(access)`.
+    """
 
     request: Any
+    queryset: Any = None
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return self.queryset
+        return self.scoped_queryset(self.org_access)
+
+    def scoped_queryset(self, access: OrgAccess) -> Any:
+        raise NotImplementedError
 
     @property
     def org_access(self) -> OrgAccess:

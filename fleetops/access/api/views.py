@@ -17,7 +17,7 @@ from fleetops.access.api.serializers import (
     MeOutput,
     ReasonInput,
 )
-from fleetops.access.context import ORG_HEADER, resolve_org_access
+from fleetops.access.context import ORG_HEADER, OrgAccess, resolve_org_access
 from fleetops.access.models import ApiToken, Membership, Role
 from fleetops.access.permissions import InteractiveSessionRequired, OrgRolePermission
 from fleetops.access.services import api_token_create, api_token_revoke
@@ -69,6 +69,7 @@ class ApiTokenListCreate(OrgScopedListView):
     """Your API tokens in this organization (admins see every member's). Creating one needs an
     interactive session: a token cannot mint tokens."""
 
+    queryset = ApiToken.objects.none()
     serializer_class = ApiTokenOutput
     required_roles = {"GET": Role.VIEWER, "POST": Role.VIEWER}
 
@@ -77,8 +78,7 @@ class ApiTokenListCreate(OrgScopedListView):
             return [OrgRolePermission(), InteractiveSessionRequired()]
         return [OrgRolePermission()]
 
-    def get_queryset(self) -> QuerySet[ApiToken]:
-        access = self.org_access
+    def scoped_queryset(self, access: OrgAccess) -> QuerySet[ApiToken]:
         qs = ApiToken.objects.filter(org=access.org).select_related("org", "user")
         if access.role != Role.ADMIN:
             qs = qs.filter(user_id=self.request.user.pk or 0)

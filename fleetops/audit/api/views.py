@@ -3,6 +3,7 @@ from __future__ import annotations
 import django_filters
 from django.db.models import QuerySet
 
+from fleetops.access.context import OrgAccess
 from fleetops.api.views import OrgScopedListView, OrgScopedRetrieveView
 from fleetops.audit.api.serializers import AuditEventOutput
 from fleetops.audit.models import ActorType, AuditEvent
@@ -27,15 +28,17 @@ class AuditEventFilter(django_filters.FilterSet):
 class AuditEventList(OrgScopedListView):
     """The organization's audit log, newest first."""
 
+    queryset = AuditEvent.objects.none()
     serializer_class = AuditEventOutput
     filterset_class = AuditEventFilter
 
-    def get_queryset(self) -> QuerySet[AuditEvent]:
-        return AuditEvent.objects.filter(org=self.org_access.org).select_related("org")
+    def scoped_queryset(self, access: OrgAccess) -> QuerySet[AuditEvent]:
+        return AuditEvent.objects.filter(org=access.org).select_related("org")
 
 
 class AuditEventDetail(OrgScopedRetrieveView):
+    queryset = AuditEvent.objects.none()
     serializer_class = AuditEventOutput
 
-    def get_queryset(self) -> QuerySet[AuditEvent]:
-        return AuditEvent.objects.filter(org=self.org_access.org).select_related("org")
+    def scoped_queryset(self, access: OrgAccess) -> QuerySet[AuditEvent]:
+        return AuditEvent.objects.filter(org=access.org).select_related("org")
