@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 from fleetops.access.models import Organization, Role
 from fleetops.access.services import api_token_create
 from fleetops.audit.actors import Actor
-from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+from tests.factories import MembershipFactory, UserFactory
 
 
 @dataclass
@@ -34,12 +34,12 @@ class Member:
 
 @pytest.fixture
 def org(db) -> Organization:
-    return OrganizationFactory(name="Acme", slug="acme")
+    return Organization.objects.create(name="Acme", slug="acme")
 
 
 @pytest.fixture
 def other_org(db) -> Organization:
-    return OrganizationFactory(name="Globex", slug="globex")
+    return Organization.objects.create(name="Globex", slug="globex")
 
 
 def _member(org: Organization, role: str, username: str) -> Member:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
-from django.urls import include, path
+from django.urls import path
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,7 +16,7 @@ from fleetops.lib.errors import Conflict
 from fleetops.urls import urlpatterns as real_patterns
 
 # Tests set `release` to make a request hold its Idempotency-Key in flight.
-gate: dict[str, threading.Event | None] = {"entered": None, "release": None}
+gate: dict[str, Any] = {"entered": None, "release": None}
 calls: list[dict] = []
 
 
@@ -42,10 +42,9 @@ class IdempotentCommand(OrgScopedMixin, APIView):
             gate["entered"].set()
         if gate["release"] is not None:
             gate["release"].wait(10)
-        if request.data.get("fail") == "conflict":
+        data: dict[str, Any] = dict(request.data)
+        if data.get("fail") == "conflict":
             raise Conflict("refused", code="refused")
-        if request.data.get("fail") == "crash":
-            raise RuntimeError("boom")
         calls.append(dict(request.data))
         return Response({"n": len(calls), "echo": request.data}, status=201)
 
@@ -59,7 +58,7 @@ urlpatterns = [
     path("api/v1/test/roles/", RoleProbe.as_view()),
     path("api/v1/test/command/", IdempotentCommand.as_view()),
     path("api/v1/test/crash/", Crash.as_view()),
-    path("", include(real_patterns)),
+    *real_patterns,
 ]
 
 handler404 = "fleetops.api.errors.handler404"

@@ -187,10 +187,13 @@ def main() -> int:
     demo.add_argument("--smoke", action="store_true", help="start, check every entry point, stop")
     test = sub.add_parser("test", help="lint, type-check, migrations check, pytest")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     if args.command == "demo":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return cmd_demo(args.port, args.smoke)
-    return cmd_test(args.pytest_args)
+    # Everything after `test` goes to pytest, options included (-k, -x, -p ...).
+    return cmd_test([*extra, *args.pytest_args])
 
 
 if __name__ == "__main__":

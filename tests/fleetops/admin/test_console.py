@@ -20,7 +20,11 @@ pytestmark = pytest.mark.django_db
 
 def test_the_index_is_an_ops_dashboard_with_registered_cards(client, viewer):
     heartbeat_beat(name="curtailment.reconciler", ok=True)
-    registry.register_card(DashboardCard("broken", "Broken", "nope.html", lambda r: 1 / 0, order=999))
+
+    def broken(request):
+        raise RuntimeError("card context failed")
+
+    registry.register_card(DashboardCard("broken", "Broken", "nope.html", broken, order=999))
     try:
         client.force_login(viewer.user)
         page = client.get("/admin/")

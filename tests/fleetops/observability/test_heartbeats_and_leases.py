@@ -48,6 +48,7 @@ def test_a_live_lease_is_refused_to_others_and_renewed_for_its_holder():
 @pytest.mark.django_db
 def test_an_expired_lease_changes_hands_with_a_new_fencing_token():
     old = lease_acquire(name="writer", holder="a", ttl=TTL)
+    assert old is not None
     with clock.frozen(clock.now() + TTL + timedelta(seconds=1)):
         new = lease_acquire(name="writer", holder="b", ttl=TTL)
         assert new is not None and new.token == old.token + 1
@@ -61,6 +62,7 @@ def test_an_expired_lease_changes_hands_with_a_new_fencing_token():
 @pytest.mark.django_db
 def test_release_lets_a_standby_in_at_once():
     grant = lease_acquire(name="writer", holder="a", ttl=TTL)
+    assert grant is not None
     assert lease_release(grant=grant)
     taken = lease_acquire(name="writer", holder="b", ttl=TTL)
     assert taken is not None and taken.token == 2
