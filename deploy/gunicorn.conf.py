@@ -17,3 +17,7 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+# FleetOps does not use gunicorn's control socket; without it two instances on one host never clash.
+control_socket_disable = True

@@ -107,4 +107,12 @@ def run_smoke(base: str) -> bool:
         if not heartbeat_seen:
             time.sleep(2)
     check("worker heartbeat arrives through beat and the broker (≤ 120 s)", heartbeat_seen)
+    # The worker is another process: its task counter reaches the web's /metrics only through
+    # prometheus_client's multi-process files.
+    status, body = _get(opener, f"{base}/metrics")
+    check(
+        "worker task metrics are merged into the web's /metrics",
+        'fleetops_celery_tasks_total{state="success",task="fleetops.observability.tasks.worker_heartbeat"}'
+        in body,
+    )
     return not failures
