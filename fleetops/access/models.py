@@ -92,6 +92,7 @@ class ApiToken(models.Model):
     revoked_reason = models.CharField(max_length=500, blank=True, default="")
 
     class Meta:
+        verbose_name = "API token"
         ordering = ["-created_at"]
         constraints = [
             models.CheckConstraint(condition=models.Q(role__in=Role.values), name="apitoken_role_valid")

@@ -67,3 +67,24 @@ def test_logs_carry_the_request_id_and_actor():
     with bound(request_id="rid-1", actor="ada"):
         RequestContextFilter().filter(record)
     assert (getattr(record, "request_id", None), getattr(record, "actor", None)) == ("rid-1", "ada")
+
+
+def test_a_schedule_is_late_only_after_twice_its_period(client, viewer):
+    from datetime import timedelta
+
+    from django_celery_beat.models import PeriodicTask
+
+    from fleetops.audit.actors import Actor
+    from fleetops.lib import clock
+    from fleetops.observability.platform_checks import check_beat
+    from fleetops.observability.sync import schedules_sync
+
+    schedules_sync(actor=Actor.system("test"))
+    assert check_beat().status == "ok"  # just created, never ran: not late yet
+
+    PeriodicTask.objects.filter(name="platform.worker_heartbeat").update(last_run_at=clock.now())
+    with clock.frozen(clock.now() + timedelta(seconds=2 * 30 + 61)):
+        result = check_beat()
+    late = {row["schedule"] for row in result.rows if row["late"]}
+    assert result.status == "warn"
+    assert late == {"platform.worker_heartbeat"}
