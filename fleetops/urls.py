@@ -11,6 +11,8 @@ from fleetops.observability import views as observability
 api_v1 = [
     path("", include("fleetops.access.api.urls")),
     path("audit/", include("fleetops.audit.api.urls")),
+    # Domain apps are included by dotted path; fleetops imports none of them.
+    path("curtailment/", include("curtailment.api.urls")),
 ]
 
 urlpatterns = [

@@ -166,6 +166,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # Several apps have a `state` field; name their enums after the model, not a hash.
+    "ENUM_NAME_OVERRIDES": {
+        "CurtailmentEventStateEnum": "curtailment.models.EventState",
+        "CurtailmentTargetStateEnum": "curtailment.models.TargetState",
+    },
 }
 
 # --- Celery ---------------------------------------------------------------------------------------
