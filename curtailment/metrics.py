@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 CANDIDATES_EXCLUDED = Counter(
@@ -57,3 +57,29 @@ def collect_states() -> Iterable[Metric]:
     for target_state, desired, n in rows:
         targets.add_metric([target_state, desired], n)
     yield targets
+
+
+GATEWAY_REQUESTS = Counter(
+    "fleetops_curtailment_gateway_requests_total",
+    "Fleet gateway requests by operation and result (ok, unreachable, http_<status>).",
+    ["operation", "result"],
+)
+
+TICK_DURATION = Histogram(
+    "fleetops_curtailment_tick_duration_seconds",
+    "Reconciler tick run time.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+)
+TICK_FAILURES = Counter(
+    "fleetops_curtailment_tick_failures_total",
+    "Reconciler failures: the live-event listing failed, or one event's processing raised.",
+)
+COMMANDS = Counter(
+    "fleetops_curtailment_commands_total",
+    "Devices in gateway commands by kind and result (dispatched, skipped, error, no_batch, not_enqueued).",
+    ["kind", "result"],
+)
+TARGET_WRITE_FAILURES = Counter(
+    "fleetops_curtailment_target_write_failures_total",
+    "Target writes that failed for a reason other than a lost race.",
+)

@@ -103,6 +103,9 @@ class OrgCurtailmentConfig(models.Model):
     org = models.OneToOneField(
         "access.Organization", on_delete=models.CASCADE, primary_key=True, related_name="curtailment_config"
     )
+    gateway_url = models.URLField(
+        blank=True, default="", help_text="The fleet gateway of this organization; blank = no fleet to sync."
+    )
     max_duration_default_sec = models.PositiveIntegerField(default=14400)
     candidate_min_power_w = models.PositiveIntegerField(default=1500)
     post_event_cooldown_sec = models.PositiveIntegerField(default=600)

@@ -661,3 +661,36 @@ def curtailment_terminate(
         )
     current.refresh_from_db()
     return current, True
+
+
+CONFIG_FIELDS = (
+    "gateway_url",
+    "max_duration_default_sec",
+    "candidate_min_power_w",
+    "post_event_cooldown_sec",
+    "restore_interval_cap_sec",
+    "curtail_confirm_timeout_sec",
+)
+
+
+def curtailment_config_update(
+    *, org: Organization, actor: Actor, role: str, values: dict[str, Any]
+) -> OrgCurtailmentConfig:
+    """Admins change the organization's curtailment defaults; every change is audited."""
+    if not _is_admin(role):
+        raise Forbidden("only admins can change the curtailment configuration")
+    unknown = set(values) - set(CONFIG_FIELDS)
+    if unknown:
+        raise ValidationFailed(f"unknown fields {sorted(unknown)}")
+    with transaction.atomic():
+        config, _ = OrgCurtailmentConfig.objects.select_for_update().get_or_create(org=org)
+        before = {k: getattr(config, k) for k in values}
+        changes = {k: [before[k], v] for k, v in values.items() if before[k] != v}
+        if not changes:
+            return config
+        for key, value in values.items():
+            setattr(config, key, value)
+        config.full_clean()
+        config.save()
+        record(action="curtailment.config_updated", actor=actor, org=org, target=config, changes=changes)
+    return config

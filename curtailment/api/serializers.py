@@ -53,6 +53,14 @@ class TerminateInput(serializers.Serializer):
     reason = serializers.CharField(max_length=256, trim_whitespace=False)
 
 
+class ReconcilerStatusOutput(serializers.Serializer):
+    last_tick_at = serializers.DateTimeField(allow_null=True)
+    heartbeat_age_seconds = serializers.FloatField(allow_null=True)
+    last_tick_duration_seconds = serializers.FloatField(allow_null=True)
+    last_error = serializers.CharField(allow_blank=True)
+    live_events = serializers.IntegerField()
+
+
 class PlanCandidate(serializers.Serializer):
     device_identifier = serializers.CharField()
     current_power_w = serializers.FloatField()

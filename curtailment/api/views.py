@@ -15,13 +15,14 @@ from curtailment.api.serializers import (
     EventOutput,
     PlanInput,
     PlanOutput,
+    ReconcilerStatusOutput,
     StartInput,
     StopInput,
     TargetOutput,
     TerminateInput,
     UpdateInput,
 )
-from curtailment.models import CurtailmentEvent, CurtailmentTarget, EventState
+from curtailment.models import EVENT_NON_TERMINAL, CurtailmentEvent, CurtailmentTarget, EventState
 from curtailment.selectors import event_get, event_list, target_list
 from curtailment.services import (
     PlanRequest,
@@ -175,3 +176,33 @@ class EventTerminate(OrgScopedMixin, APIView):
             reason=data.validated_data["reason"],
         )
         return Response(EventOutput(event).data)
+
+
+class ReconcilerStatus(OrgScopedMixin, APIView):
+    """Is the reconciler alive: heartbeat age, last tick duration, this organization's live events."""
+
+    required_roles = {"GET": Role.VIEWER}
+
+    @extend_schema(responses=ReconcilerStatusOutput)
+    def get(self, request: Request) -> Response:
+        from curtailment.reconciler import HEARTBEAT
+        from fleetops.lib import clock
+        from fleetops.observability.models import Heartbeat
+
+        heartbeat = Heartbeat.objects.filter(name=HEARTBEAT).first()
+        live = (
+            event_list(org=self.org_access.org)
+            .filter(state__in=[s.value for s in EVENT_NON_TERMINAL])
+            .count()
+        )
+        return Response(
+            {
+                "last_tick_at": heartbeat.last_beat_at if heartbeat else None,
+                "heartbeat_age_seconds": (clock.now() - heartbeat.last_beat_at).total_seconds()
+                if heartbeat
+                else None,
+                "last_tick_duration_seconds": heartbeat.last_duration_seconds if heartbeat else None,
+                "last_error": heartbeat.last_error if heartbeat else "",
+                "live_events": live,
+            }
+        )

@@ -7,8 +7,9 @@ allows; another organization's row is "not found", never "forbidden".
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import reduce
-from typing import Any
+from typing import Any, ClassVar
 
 from django import forms
 from django.contrib import admin, messages
@@ -188,3 +189,105 @@ def reasoned_action(
     action.short_description = description  # type: ignore[attr-defined]
     action.required_role = required_role  # type: ignore[attr-defined]
     return action
+
+
+class ObjectActionForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+        max_length=256,
+        help_text="Recorded in the audit log with your name.",
+    )
+
+
+@dataclass(frozen=True)
+class ObjectAction:
+    """A button on an object's change page. `handler(request, obj, cleaned_data)` calls the service
+    and returns a message; a DomainError it raises is shown on the form, nothing changed."""
+
+    name: str
+    label: str
+    required_role: Role
+    handler: Callable[[HttpRequest, Any, dict[str, Any]], str]
+    form_class: type[forms.Form] = ObjectActionForm
+    is_available: Callable[[Any], bool] = lambda obj: True
+    danger: bool = False
+
+
+class ObjectActionsMixin:
+    """Adds `<id>/action/<name>/` pages for `object_actions` and shows the buttons the user's role
+    in the object's organization allows (and the object's state makes sense for)."""
+
+    object_actions: tuple[ObjectAction, ...] = ()
+    change_form_template: ClassVar[str | None] = "admin/fleetops/change_form_actions.html"
+
+    def get_urls(self) -> list[Any]:
+        from django.urls import path
+
+        opts = self.model._meta  # type: ignore[attr-defined]
+        return [
+            path(
+                "<path:object_id>/action/<str:action_name>/",
+                self.admin_site.admin_view(self.object_action_view),  # type: ignore[attr-defined]
+                name=f"{opts.app_label}_{opts.model_name}_object_action",
+            ),
+            *super().get_urls(),  # type: ignore[misc]
+        ]
+
+    def allowed_object_actions(self, request: HttpRequest, obj: Any) -> list[ObjectAction]:
+        org_id = _org_id_of(obj, getattr(self, "org_field", "org"))
+        role = Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=org_id or 0)
+        return [
+            a for a in self.object_actions if Role.at_least(role, a.required_role) and a.is_available(obj)
+        ]
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        obj = self.get_object(request, object_id)  # type: ignore[attr-defined]
+        actions = self.allowed_object_actions(request, obj) if obj is not None else []
+        context = {"object_actions": actions, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, context)  # type: ignore[misc]
+
+    def object_action_view(self, request: HttpRequest, object_id: str, action_name: str) -> HttpResponse:
+        from django.http import Http404
+        from django.shortcuts import redirect
+
+        obj = self.get_object(request, object_id)  # type: ignore[attr-defined]
+        action = next((a for a in self.object_actions if a.name == action_name), None)
+        if obj is None or action is None:
+            raise Http404("No such object or action.")
+        if action not in self.allowed_object_actions(request, obj):
+            audit_denied(
+                request,
+                surface="admin",
+                org=getattr(obj, "org", None),
+                required=action.required_role,
+                have=highest_role(user=request.user),
+                what=f"{action.name} on {obj}",
+            )
+            from django.core.exceptions import PermissionDenied
+
+            raise PermissionDenied(f"{action.label} needs the {action.required_role.label} role.")
+        opts = self.model._meta  # type: ignore[attr-defined]
+        form = action.form_class(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                message = action.handler(request, obj, form.cleaned_data)
+            except DomainError as exc:
+                form.add_error(None, exc.message)
+            else:
+                self.message_user(request, message)  # type: ignore[attr-defined]
+                return redirect(f"admin:{opts.app_label}_{opts.model_name}_change", obj.pk)
+        context = {
+            **self.admin_site.each_context(request),  # type: ignore[attr-defined]
+            "title": f"{action.label}: {obj}",
+            "object": obj,
+            "action": action,
+            "form": form,
+            "opts": opts,
+        }
+        return TemplateResponse(request, "admin/fleetops/object_action.html", context)

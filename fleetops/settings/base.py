@@ -200,6 +200,11 @@ FLEETOPS_API_PAGE_SIZE = env_int("API_PAGE_SIZE", 50, min_value=1, max_value=100
 FLEETOPS_API_MAX_PAGE_SIZE = env_int("API_MAX_PAGE_SIZE", 200, min_value=1, max_value=5000)
 FLEETOPS_METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 FLEETOPS_HEARTBEAT_STALE_SECONDS = env_int("HEARTBEAT_STALE_SECONDS", 120, min_value=5)
+# Fleet gateway (curtailment): request timeout, concurrent requests per client, devices per command.
+FLEETOPS_GATEWAY_TIMEOUT_SECONDS = env_int("FLEET_GATEWAY_TIMEOUT_SECONDS", 10, min_value=1)
+FLEETOPS_GATEWAY_CONCURRENCY = env_int("FLEET_GATEWAY_CONCURRENCY", 4, min_value=1, max_value=64)
+FLEETOPS_CURTAIL_CHUNK_SIZE = env_int("CURTAIL_CHUNK_SIZE", 100, min_value=1, max_value=5000)
+FLEETOPS_TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7, min_value=1)
 
 # --- Logging --------------------------------------------------------------------------------------
 LOG_FORMAT = env_choice("LOG_FORMAT", ("json", "text"), "json")

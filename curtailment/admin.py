@@ -1,0 +1,398 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.core.paginator import Paginator
+from django.db import connection
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+
+from curtailment.models import (
+    EVENT_NON_TERMINAL,
+    TARGET_NON_TERMINAL,
+    CurtailmentEvent,
+    CurtailmentTarget,
+    Device,
+    DeviceSample,
+    EventState,
+    OrgCurtailmentConfig,
+    Priority,
+)
+from curtailment.selectors import target_rollup
+from curtailment.services import (
+    PlanRequest,
+    StartRequest,
+    curtailment_config_update,
+    curtailment_preview,
+    curtailment_start,
+    curtailment_stop,
+    curtailment_terminate,
+    curtailment_update,
+)
+from fleetops.access.admin_mixins import (
+    ObjectAction,
+    ObjectActionForm,
+    ObjectActionsMixin,
+    OrgScopedAdminMixin,
+)
+from fleetops.access.models import Organization, Role
+from fleetops.access.selectors import org_ids_with_role, role_in_org
+from fleetops.admin_site import BigTableAdminMixin
+from fleetops.audit.actors import Actor
+from fleetops.lib import clock
+from fleetops.lib.errors import DomainError
+
+TARGETS_PER_PAGE = 50
+
+
+@admin.register(Device)
+class DeviceAdmin(BigTableAdminMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "identifier",
+        "name",
+        "site",
+        "status",
+        "pairing_status",
+        "last_power_w",
+        "last_sample_at",
+        "locked_by",
+    ]
+    list_filter = ["status", "pairing_status", "site", "org"]
+    search_fields = ["=identifier", "name"]
+    list_select_related = ["org"]
+    readonly_fields = [f.name for f in Device._meta.fields]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Device]:
+        live = CurtailmentTarget.objects.filter(device=OuterRef("pk"), state__in=TARGET_NON_TERMINAL)
+        return super().get_queryset(request).annotate(live_state=Subquery(live.values("state")[:1]))
+
+    @admin.display(description="Curtailment lock")
+    def locked_by(self, obj: Any) -> str:
+        return f"locked ({obj.live_state})" if obj.live_state else ""
+
+
+class ConfigForm(forms.ModelForm):
+    class Meta:
+        model = OrgCurtailmentConfig
+        fields = [
+            "org",
+            "gateway_url",
+            "max_duration_default_sec",
+            "candidate_min_power_w",
+            "post_event_cooldown_sec",
+            "restore_interval_cap_sec",
+            "curtail_confirm_timeout_sec",
+        ]
+
+
+@admin.register(OrgCurtailmentConfig)
+class OrgCurtailmentConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
+    """Admins edit their organization's defaults; saving goes through the audited service."""
+
+    form = ConfigForm
+    add_role = Role.ADMIN
+    change_role = Role.ADMIN
+    list_display = [
+        "org",
+        "gateway_url",
+        "max_duration_default_sec",
+        "candidate_min_power_w",
+        "post_event_cooldown_sec",
+        "restore_interval_cap_sec",
+    ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ["org"] if obj is not None else []
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        values = {k: v for k, v in form.cleaned_data.items() if k != "org"}
+        saved = curtailment_config_update(
+            org=obj.org,
+            actor=Actor.for_user(request.user),
+            role=Role.ADMIN
+            if request.user.is_superuser
+            else role_in_org(user=request.user, org_id=obj.org_id) or "",
+            values=values,
+        )
+        obj.pk = saved.pk
+
+
+def _actor_role(request: HttpRequest, event: CurtailmentEvent) -> tuple[Actor, str]:
+    role = Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=event.org_id)
+    return Actor.for_user(request.user), role or ""
+
+
+def _stop(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any], *, force: bool) -> str:
+    actor, role = _actor_role(request, event)
+    curtailment_stop(event=event, actor=actor, role=role, force=force, reason=data["reason"])
+    return "Restoring: the reconciler sends uncurtail commands in staggered batches."
+
+
+class UpdateForm(ObjectActionForm):
+    restore_batch_size = forms.IntegerField(required=False, min_value=0, max_value=10000)
+    restore_batch_interval_sec = forms.IntegerField(required=False, min_value=0, max_value=3600)
+    max_duration_seconds = forms.IntegerField(required=False, min_value=1, max_value=604800)
+
+
+def _update(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any]) -> str:
+    actor, role = _actor_role(request, event)
+    curtailment_update(
+        event=event, actor=actor, role=role, patch={k: v for k, v in data.items() if v not in (None, "")}
+    )
+    return "Event updated; interval and maximum duration take effect at the next reconciler tick."
+
+
+class TerminateForm(ObjectActionForm):
+    target_state = forms.ChoiceField(
+        choices=[(EventState.CANCELLED, "cancelled"), (EventState.FAILED, "failed")]
+    )
+
+
+def _terminate(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any]) -> str:
+    actor, role = _actor_role(request, event)
+    _, transitioned = curtailment_terminate(
+        event=event, actor=actor, role=role, target_state=data["target_state"], reason=data["reason"]
+    )
+    return (
+        "Event terminated; live targets were marked restore_failed."
+        if transitioned
+        else "Already in that state."
+    )
+
+
+@admin.register(CurtailmentEvent)
+class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+    change_form_template = "curtailment/event_change_form.html"
+    list_display = [
+        "reason",
+        "state",
+        "target_kw",
+        "priority",
+        "selected",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "org",
+    ]
+    list_filter = ["state", "priority", "org"]
+    list_select_related = ["org"]
+    search_fields = ["=uuid", "reason", "=external_reference"]
+    ordering = ["-id"]
+    readonly_fields = [f.name for f in CurtailmentEvent._meta.fields if f.name != "decision_snapshot"]
+    exclude = ["decision_snapshot"]
+    object_actions = (
+        ObjectAction(
+            "stop",
+            "Stop",
+            Role.OPERATOR,
+            lambda r, e, d: _stop(r, e, d, force=False),
+            is_available=lambda e: e.state in (EventState.PENDING, EventState.ACTIVE),
+        ),
+        ObjectAction(
+            "force_stop",
+            "Force stop",
+            Role.ADMIN,
+            lambda r, e, d: _stop(r, e, d, force=True),
+            is_available=lambda e: e.state == EventState.ACTIVE,
+            danger=True,
+        ),
+        ObjectAction(
+            "update",
+            "Update",
+            Role.OPERATOR,
+            _update,
+            form_class=UpdateForm,
+            is_available=lambda e: e.state in (EventState.PENDING, EventState.ACTIVE),
+        ),
+        ObjectAction(
+            "terminate",
+            "Terminate",
+            Role.ADMIN,
+            _terminate,
+            form_class=TerminateForm,
+            is_available=lambda e: e.state in (EventState.PENDING, EventState.RESTORING),
+            danger=True,
+        ),
+    )
+
+    @admin.display(description="Devices")
+    def selected(self, obj: CurtailmentEvent) -> int:
+        return int(obj.decision_snapshot.get("selected_count", 0))
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return False  # events start from the start page, which previews first
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path(
+                "start/",
+                self.admin_site.admin_view(self.start_view),
+                name="curtailment_curtailmentevent_start",
+            ),
+            *super().get_urls(),
+        ]
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        event = self.get_object(request, object_id)
+        context = dict(extra_context or {})
+        if event is not None:
+            page = Paginator(CurtailmentTarget.objects.filter(event=event).order_by("id"), TARGETS_PER_PAGE)
+            context.update(
+                targets_page=page.get_page(request.GET.get("targets_page")),
+                rollup=target_rollup(event=event),
+                snapshot=event.decision_snapshot,
+                chart=power_chart(event),
+            )
+        return super().change_view(request, object_id, form_url, context)
+
+    def start_view(self, request: HttpRequest) -> HttpResponse:
+        return start_page(self, request)
+
+
+# --- the power chart --------------------------------------------------------------------------------
+
+
+def power_chart(event: CurtailmentEvent, *, width: int = 640, height: int = 180) -> dict[str, Any] | None:
+    """Observed power of the event's devices (sum of per-device averages per bucket) against the
+    sum of their baselines, from the stored telemetry samples. Server-rendered SVG points."""
+    end = event.ended_at or clock.now()
+    start = event.created_at - timedelta(minutes=2)
+    span = max((end - start).total_seconds(), 60.0)
+    bucket = max(15, int(span / 120))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT b, SUM(p) FROM (
+                SELECT date_bin(%s::interval, s.taken_at, %s::timestamptz) AS b, s.device_id,
+                       AVG(s.power_w) AS p
+                FROM {DeviceSample._meta.db_table} s
+                JOIN {CurtailmentTarget._meta.db_table} t ON t.device_id = s.device_id AND t.event_id = %s
+                WHERE s.taken_at BETWEEN %s AND %s
+                GROUP BY 1, 2
+            ) per_device GROUP BY b ORDER BY b
+            """,  # noqa: S608 - table names from the models
+            [f"{bucket} seconds", start, event.pk, start, end],
+        )
+        series = cursor.fetchall()
+    from django.db.models import Sum
+
+    baseline = float(
+        CurtailmentTarget.objects.filter(event=event).aggregate(total=Sum("baseline_power_w"))["total"] or 0.0
+    )
+    if not series:
+        return None
+    top = max(max(p or 0 for _, p in series), baseline) * 1.1 or 1.0
+
+    def x(at: Any) -> float:
+        return round((at - start).total_seconds() / span * width, 1)
+
+    def y(watts: float) -> float:
+        return round(height - watts / top * height, 1)
+
+    return {
+        "width": width,
+        "height": height,
+        "points": " ".join(f"{x(at)},{y(p or 0)}" for at, p in series),
+        "baseline_y": y(baseline),
+        "baseline_kw": round(baseline / 1000, 1),
+        "max_kw": round(top / 1000, 1),
+        "bucket": bucket,
+    }
+
+
+# --- the start page --------------------------------------------------------------------------------
+
+
+class StartForm(forms.Form):
+    org = forms.ModelChoiceField(queryset=Organization.objects.none(), to_field_name="slug")
+    target_kw = forms.FloatField(min_value=0.001)
+    tolerance_kw = forms.FloatField(min_value=0, initial=0, required=False)
+    device_identifiers = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Empty = the whole organization; or device identifiers, comma or newline separated.",
+    )
+    priority = forms.ChoiceField(choices=Priority.choices, initial=Priority.NORMAL)
+    reason = forms.CharField(max_length=256)
+    max_duration_seconds = forms.IntegerField(
+        required=False, min_value=0, max_value=604800, help_text="Empty = the organization default."
+    )
+    restore_batch_interval_sec = forms.IntegerField(required=False, min_value=0, max_value=3600, initial=30)
+    min_curtailed_duration_sec = forms.IntegerField(required=False, min_value=0, initial=0)
+
+
+def _plan_kwargs(data: dict[str, Any]) -> dict[str, Any]:
+    ids = tuple(
+        i.strip() for i in (data.get("device_identifiers") or "").replace("\n", ",").split(",") if i.strip()
+    )
+    return {
+        "target_kw": data["target_kw"],
+        "tolerance_kw": data.get("tolerance_kw") or 0.0,
+        "scope_type": "device_list" if ids else "whole_org",
+        "device_identifiers": ids,
+        "priority": data["priority"],
+    }
+
+
+def start_page(model_admin: CurtailmentEventAdmin, request: HttpRequest) -> HttpResponse:
+    """Fill the form, preview the plan (also live, through the preview API), then confirm."""
+    from django.core.exceptions import PermissionDenied
+
+    allowed = org_ids_with_role(user=request.user, role=Role.OPERATOR)
+    orgs = Organization.objects.all() if allowed is None else Organization.objects.filter(id__in=allowed)
+    if not orgs.exists():
+        raise PermissionDenied("Starting an event needs the operator role.")
+    form = StartForm(request.POST or None)
+    form.fields["org"].queryset = orgs  # type: ignore[attr-defined]
+    if orgs.count() == 1:
+        form.fields["org"].initial = orgs.first()
+    plan, error = None, None
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        org = data["org"]
+        role = (
+            Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=org.pk) or ""
+        )
+        try:
+            if "confirm" in request.POST:
+                result = curtailment_start(
+                    org=org,
+                    actor=Actor.for_user(request.user),
+                    role=role,
+                    req=StartRequest(
+                        **_plan_kwargs(data),
+                        reason=data["reason"],
+                        max_duration_seconds=data.get("max_duration_seconds") or 0,
+                        restore_batch_interval_sec=data.get("restore_batch_interval_sec") or 0,
+                        min_curtailed_duration_sec=data.get("min_curtailed_duration_sec") or 0,
+                    ),
+                )
+                model_admin.message_user(
+                    request, "Event started; the reconciler dispatches it at its next tick."
+                )
+                return redirect(reverse("admin:curtailment_curtailmentevent_change", args=[result.event.pk]))
+            plan = curtailment_preview(org=org, role=role, req=PlanRequest(**_plan_kwargs(data)))
+        except DomainError as exc:
+            error = exc.message
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": "Start a curtailment event",
+        "opts": CurtailmentEvent._meta,
+        "form": form,
+        "plan": plan,
+        "error": error,
+        "live_states": EVENT_NON_TERMINAL,
+    }
+    return TemplateResponse(request, "curtailment/start.html", context)
