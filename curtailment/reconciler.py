@@ -192,9 +192,10 @@ class EventRun:
     # --- states ----------------------------------------------------------------------------------
 
     def pending(self) -> None:
-        work = self.targets(T.PENDING, T.DISPATCHING)
-        self.dispatch(work, kind="curtail", fail_state=T.PENDING)
+        # Confirm first: a confirmation timeout frees its target for redispatch in this same tick.
         self.confirm_curtailed(self.targets(T.DISPATCHED))
+        sent = self.dispatch(self.targets(T.PENDING, T.DISPATCHING), kind="curtail", fail_state=T.PENDING)
+        self.confirm_curtailed([t for t in self.targets(T.DISPATCHED) if t.id in sent])
         self.maybe_activate()
 
     def active(self) -> None:
@@ -372,11 +373,12 @@ class EventRun:
 
     def dispatch(
         self, targets: list[CurtailmentTarget], *, kind: str, fail_state: str, chunk_size: int | None = None
-    ) -> None:
+    ) -> set[int]:
         """Pre-write DISPATCHING (committed), then send the commands outside any transaction, then
-        record what the gateway said. Orphans keep the command id they were first sent with."""
+        record what the gateway said. Orphans keep the command id they were first sent with.
+        Returns the ids of the targets now DISPATCHED."""
         if not targets:
-            return
+            return set()
         size = chunk_size or settings.FLEETOPS_CURTAIL_CHUNK_SIZE
         phase = "restore" if kind == "uncurtail" else "curtail"
         orphans = [t for t in targets if t.state == T.DISPATCHING and t.last_command_id]
@@ -399,7 +401,7 @@ class EventRun:
         commands = [(cid, [t for t, _ in members if t.id in written]) for cid, members in plan.items()]
         commands = [(cid, members) for cid, members in commands if members]
         if not commands:
-            return
+            return set()
 
         def send(item: tuple[str, list[CurtailmentTarget]]) -> CommandResult | GatewayError:
             command_id, members = item
@@ -430,7 +432,7 @@ class EventRun:
                 else:
                     COMMANDS.labels(kind=kind, result="not_enqueued").inc()
                     failures.append((t, f"{kind} command did not enqueue device"))
-        self.write(
+        sent = self.write(
             ok_rows,
             from_states=(T.DISPATCHING,),
             sets="state = 'dispatched', last_dispatched_at = %s, last_batch_id = v.text, last_error = ''",
@@ -441,6 +443,7 @@ class EventRun:
             by_message[message].append(t)
         for message, members in by_message.items():
             self.fail(members, message, fail_state=fail_state, from_states=(T.DISPATCHING,))
+        return sent
 
     def fail(
         self,

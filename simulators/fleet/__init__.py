@@ -1,0 +1,1 @@
+"""A deterministic fleet gateway simulator (see server.py)."""

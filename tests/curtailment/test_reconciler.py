@@ -1,0 +1,322 @@
+"""The reconciler against the fleet simulator over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from curtailment.fleet import fleet_sync, telemetry_poll
+from curtailment.gateway import FleetGateway
+from curtailment.models import CurtailmentEvent, CurtailmentTarget, Device, OrgCurtailmentConfig
+from curtailment.reconciler import HEARTBEAT, reconcile_tick
+from curtailment.services import StartRequest, curtailment_start, curtailment_stop
+from fleetops.audit.actors import Actor
+from fleetops.audit.models import AuditEvent
+from fleetops.lib import clock
+from fleetops.observability.models import Heartbeat
+from simulators.fleet.server import serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def sim():
+    server, simulator, url = serve_in_thread(devices_count=40, seed=7, power_delay_s=0)
+    # Every device healthy and paired, so tests choose exactly what goes wrong.
+    for d in simulator.devices.values():
+        d.status, d.pairing_status, d.driver = "active", "PAIRED", "antminer"
+    yield simulator, url
+    server.shutdown()
+
+
+def knobs(url, **values):
+    request = urllib.request.Request(
+        f"{url}/control/knobs", data=json.dumps(values).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def wired(operator, sim):
+    simulator, url = sim
+    OrgCurtailmentConfig.objects.create(org=operator.org, gateway_url=url)
+    with FleetGateway(url) as gateway:
+        fleet_sync(org=operator.org, gateway=gateway)
+        telemetry_poll(org=operator.org, gateway=gateway)
+    return simulator, url
+
+
+def start(member, kw=8.0, **extra):
+    return curtailment_start(
+        org=member.org,
+        actor=Actor.for_user(member.user),
+        role=member.role,
+        req=StartRequest(target_kw=kw, reason="test", **extra),
+    ).event
+
+
+def states(event):
+    return sorted(set(CurtailmentTarget.objects.filter(event=event).values_list("state", flat=True)))
+
+
+def later(seconds):
+    return clock.frozen(clock.now() + timedelta(seconds=seconds))
+
+
+@pytest.mark.django_db
+def test_an_event_runs_from_start_to_completed(operator, wired):
+    simulator, _ = wired
+    event = start(operator, kw=8.0)
+    n = event.targets.count()
+
+    reconcile_tick()
+    event.refresh_from_db()
+    assert event.state == "active"  # dispatched and confirmed in one tick: power fell at once
+    assert event.started_at is not None
+    assert states(event) == ["confirmed"]
+    curtailed = [d for d in simulator.devices.values() if not d.mining]
+    assert len(curtailed) == n
+
+    curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=operator.role)
+    for step in range(10):
+        with later(31 * (step + 1)):
+            reconcile_tick()
+        event.refresh_from_db()
+        if event.state == "completed":
+            break
+    assert event.state == "completed"
+    assert states(event) == ["resolved"]
+    assert all(d.mining for d in simulator.devices.values())
+    actions = list(AuditEvent.objects.filter(target_id=str(event.pk)).values_list("action", flat=True))
+    assert {
+        "curtailment.started",
+        "curtailment.activated",
+        "curtailment.stopped",
+        "curtailment.completed",
+    } <= set(actions)
+    hb = Heartbeat.objects.get(name=HEARTBEAT)
+    assert hb.failures == 0 and hb.beats >= 2
+
+
+@pytest.mark.django_db
+def test_restore_goes_in_batches_of_the_effective_size_with_the_interval(operator, wired):
+    event = start(operator, kw=500.0, tolerance_kw=499.9)  # all 40 devices: batch size 10
+    reconcile_tick()
+    curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=operator.role)
+    event.refresh_from_db()
+    assert event.effective_batch_size == 10
+
+    reconcile_tick()  # first batch goes out at once
+    assert CurtailmentTarget.objects.filter(event=event, state="dispatched").count() == 10
+    reconcile_tick()  # confirms the batch; the interval (30 s) holds the next one
+    assert CurtailmentTarget.objects.filter(event=event, state="resolved").count() == 10
+    assert CurtailmentTarget.objects.filter(event=event, state="dispatched").count() == 0
+    with later(31):
+        reconcile_tick()
+    assert CurtailmentTarget.objects.filter(event=event, state="dispatched").count() == 10
+
+
+@pytest.mark.django_db
+def test_a_device_that_never_confirms_burns_its_retries_and_the_event_goes_on(operator, wired):
+    simulator, url = wired
+    event = start(operator, kw=8.0)
+    stubborn = event.targets.order_by("id").first()
+    simulator.order = [stubborn.device_identifier] + [
+        i for i in simulator.order if i != stubborn.device_identifier
+    ]
+    knobs(url, no_effect_fraction=1 / 40)
+
+    reconcile_tick()
+    stubborn.refresh_from_db()
+    assert stubborn.state == "dispatched"
+    for strike in range(1, 4):
+        with later(301 * strike):
+            reconcile_tick()  # confirmation timeout -> retry (redispatched on the same tick)
+    stubborn.refresh_from_db()
+    event.refresh_from_db()
+    assert stubborn.state == "restore_failed"
+    assert "curtail confirmation timeout" in stubborn.last_error
+    assert event.state == "active"
+
+
+@pytest.mark.django_db
+def test_a_gateway_outage_fails_targets_after_three_strikes(operator, wired):
+    _, url = wired
+    event = start(operator, kw=3.0)
+    knobs(url, error_rate=1.0)
+    for _ in range(3):
+        reconcile_tick()
+    event.refresh_from_db()
+    assert states(event) == ["restore_failed"]
+    assert "HTTP 503" in event.targets.first().last_error
+    assert event.state == "completed_with_failures"
+    assert event.targets.first().retry_count == 3
+
+
+@pytest.mark.django_db
+def test_drift_is_detected_and_redispatched(operator, wired):
+    simulator, url = wired
+    event = start(operator, kw=3.0)
+    reconcile_tick()
+    target = event.targets.get()
+    # Someone switches the miner back on behind our back.
+    with FleetGateway(url) as gateway:
+        gateway.command("uncurtail", "out-of-band", [target.device_identifier])
+    reconcile_tick()
+    target.refresh_from_db()
+    assert target.state == "dispatched"  # drifted, then redispatched at once
+    assert target.dispatch_attempt == 2
+    reconcile_tick()
+    target.refresh_from_db()
+    assert target.state == "confirmed"
+    assert not simulator.devices[target.device_identifier].mining
+
+
+@pytest.mark.django_db
+def test_max_duration_stops_the_event_by_itself(operator, wired):
+    event = start(operator, kw=3.0, max_duration_seconds=600)
+    reconcile_tick()
+    with later(601):
+        reconcile_tick()
+    event.refresh_from_db()
+    assert event.state == "restoring"
+    assert AuditEvent.objects.filter(
+        action="curtailment.max_duration_reached", target_id=str(event.pk)
+    ).exists()
+
+
+@pytest.mark.django_db
+def test_one_events_failure_does_not_stop_the_others_and_is_in_the_heartbeat(operator, outsider, wired):
+    good = start(operator, kw=3.0)
+    from tests.curtailment.conftest import make_fleet
+
+    make_fleet(outsider.org, 3, start=900)
+    OrgCurtailmentConfig.objects.create(org=outsider.org, gateway_url="http://127.0.0.1:9/")
+    broken = start(outsider, kw=3.0)
+
+    def factory(config):
+        if config.org_id == outsider.org.pk:
+            raise RuntimeError("gateway misconfigured")
+        return FleetGateway(config.gateway_url)
+
+    result = reconcile_tick(gateway_for=factory)
+
+    good.refresh_from_db()
+    broken.refresh_from_db()
+    assert (good.state, broken.state) == ("active", "pending")
+    assert result.failures == 1
+    hb = Heartbeat.objects.get(name=HEARTBEAT)
+    assert "1 failure(s)" in hb.last_error
+
+
+@pytest.mark.django_db
+def test_database_round_trips_grow_with_chunks_not_with_targets(operator, wired, settings):
+    settings.FLEETOPS_CURTAIL_CHUNK_SIZE = 100
+    small = start(operator, kw=3.0)
+    with CaptureQueriesContext(connection) as one:
+        reconcile_tick()
+    CurtailmentEvent.objects.filter(pk=small.pk).update(state="cancelled")
+    CurtailmentTarget.objects.filter(event=small).update(state="resolved")
+    big = start(operator, kw=500.0, tolerance_kw=499.9)  # every eligible device
+    assert big.targets.count() == 39
+    with CaptureQueriesContext(connection) as many:
+        reconcile_tick()
+    assert len(many) <= len(one) + 3, (len(one), len(many))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_one_tick_runs_at_a_time(operator, wired):
+    _, url = wired
+    start(operator, kw=3.0)
+    knobs(url, latency_ms=600)
+    results = {}
+
+    def slow():
+        try:
+            results["first"] = reconcile_tick()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    results["second"] = reconcile_tick()
+    thread.join(20)
+    assert results["first"].ran is True
+    assert results["second"].ran is False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_killed_reconciler_leaves_orphans_that_are_redispatched_with_the_same_command_id(operator, wired):
+    simulator, url = wired
+    event = start(operator, kw=8.0)
+    knobs(url, latency_ms=3000)  # the gateway call is in flight when we kill the process
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
+        "DATABASE_URL": f"postgresql://{db['USER']}@{_host(db)}:{db['PORT'] or 5432}/{db['NAME']}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "curtailment_reconcile", "--once"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "dispatching" not in states(event):
+        time.sleep(0.05)
+    assert states(event) == ["dispatching"], proc.stderr.read() if proc.poll() is not None else ""
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    first_ids = set(CurtailmentTarget.objects.filter(event=event).values_list("last_command_id", flat=True))
+
+    knobs(url, latency_ms=0)
+    time.sleep(3)  # the gateway finishes the request the dead process sent
+    reconcile_tick()
+
+    event.refresh_from_db()
+    assert event.state == "active"
+    assert states(event) == ["confirmed"]
+    log = [entry for entry in simulator.log if entry["kind"] == "curtail"]
+    executed = [entry for entry in log if not entry["deduplicated"]]
+    assert {entry["command_id"] for entry in log} == first_ids
+    assert len(executed) == len(first_ids)  # each command acted once; the redispatch was deduplicated
+    assert any(entry["deduplicated"] for entry in log)
+
+
+def _host(db):
+    host = db.get("HOST") or "localhost"
+    from urllib.parse import quote
+
+    return quote(host, safe="") if host.startswith("/") else host
+
+
+@pytest.mark.django_db
+def test_fleet_sync_upserts_and_soft_deletes(operator, sim):
+    simulator, url = sim
+    with FleetGateway(url) as gateway:
+        first = fleet_sync(org=operator.org, gateway=gateway)
+        del simulator.devices["m-00001"]
+        second = fleet_sync(org=operator.org, gateway=gateway)
+        stored = telemetry_poll(org=operator.org, gateway=gateway)
+    assert (first.created, first.updated) == (40, 0)
+    assert (second.created, second.updated, second.deleted) == (0, 39, 1)
+    assert Device.objects.filter(deleted_at__isnull=True).count() == 39
+    assert stored == 39
+    assert Device.objects.filter(last_power_w__isnull=False).count() == 39
