@@ -4,3 +4,7 @@ demo:
 	./scripts/demo
 test:
 	./scripts/test
+
+.PHONY: bench
+bench:
+	.venv/bin/python -m bench.b1_reconciler

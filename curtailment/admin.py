@@ -78,6 +78,8 @@ class DeviceAdmin(BigTableAdminMixin, OrgScopedAdminMixin, admin.ModelAdmin):
 
 
 class ConfigForm(forms.ModelForm):
+    gateway_url = forms.URLField(required=False, assume_scheme="http", help_text="e.g. http://gateway:8701")
+
     class Meta:
         model = OrgCurtailmentConfig
         fields = [

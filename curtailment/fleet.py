@@ -61,9 +61,9 @@ def fleet_sync(*, org: Organization, gateway: FleetGateway) -> SyncResult:
     return SyncResult(created=len(new), updated=len(changed), deleted=len(gone))
 
 
-def telemetry_store(*, org: Organization, samples: list[Sample]) -> int:
-    """Bulk-insert samples and move each device's latest reading onto the device row (one
-    statement each), never backwards in time."""
+def telemetry_store(*, org: Organization, samples: list[Sample], keep_history: bool = True) -> int:
+    """Bulk-insert samples (unless `keep_history` is off) and move each device's latest reading
+    onto the device row, never backwards in time."""
     if not samples:
         return 0
     ids = dict(
@@ -72,19 +72,20 @@ def telemetry_store(*, org: Organization, samples: list[Sample]) -> int:
         ).values_list("identifier", "id")
     )
     rows = [(ids[s.identifier], s) for s in samples if s.identifier in ids]
-    DeviceSample.objects.bulk_create(
-        [
-            DeviceSample(
-                device_id=device_id,
-                taken_at=s.taken_at,
-                power_w=s.power_w,
-                hash_rate_hs=s.hash_rate_hs,
-                efficiency_j_th=s.efficiency_j_th,
-            )
-            for device_id, s in rows
-        ],
-        batch_size=5000,
-    )
+    if keep_history:
+        DeviceSample.objects.bulk_create(
+            [
+                DeviceSample(
+                    device_id=device_id,
+                    taken_at=s.taken_at,
+                    power_w=s.power_w,
+                    hash_rate_hs=s.hash_rate_hs,
+                    efficiency_j_th=s.efficiency_j_th,
+                )
+                for device_id, s in rows
+            ],
+            batch_size=5000,
+        )
     # 5,000 rows x 5 parameters per statement stays well under PostgreSQL's 65,535-parameter cap.
     for start in range(0, len(rows), 5000):
         chunk = rows[start : start + 5000]

@@ -470,26 +470,31 @@ class EventRun:
         sets: str,
         set_params: Sequence[Any] = (),
     ) -> set[int]:
-        """One compare-and-set statement per 2,000 rows: lock the event in its expected state, then
+        """One compare-and-set statement per 10,000 rows: lock the event in its expected state, then
         update only targets still in `from_states` and in this phase. Returns the ids written.
 
         `sets` is SQL over `t` (the target) and `v` (the row's n, power, at, text) with positional
         placeholders filled from `set_params`."""
         rows = list(rows)
         written: set[int] = set()
-        for chunk in chunked(rows, 2000):
-            values = ", ".join(["(%s::bigint, %s::int, %s::float8, %s::timestamptz, %s::text)"] * len(chunk))
-            params: list[Any] = []
-            for r in chunk:
-                params += [r.id, r.n, r.power, r.at, r.text]
+        for chunk in chunked(rows, 10_000):
+            # Five arrays through unnest(): five parameters per statement, whatever the row count.
             # Table names come from the models; every value is a parameter.
             sql = (
                 f"WITH ev AS (SELECT id FROM {EVENTS} WHERE id = %s AND state = %s FOR UPDATE) "  # noqa: S608
                 f"UPDATE {TARGETS} AS t SET {sets} "
-                f"FROM ev, (VALUES {values}) AS v(id, n, power, at, text) "
-                f"WHERE t.event_id = ev.id AND t.id = v.id AND t.state = ANY(%s) AND t.desired_state = %s "
+                "FROM ev, unnest(%s::bigint[], %s::int[], %s::float8[], %s::timestamptz[], %s::text[]) "
+                "AS v(id, n, power, at, text) "
+                "WHERE t.event_id = ev.id AND t.id = v.id AND t.state = ANY(%s) AND t.desired_state = %s "
                 "RETURNING t.id"
             )
+            columns: list[list[Any]] = [
+                [r.id for r in chunk],
+                [r.n for r in chunk],
+                [r.power for r in chunk],
+                [r.at for r in chunk],
+                [r.text for r in chunk],
+            ]
             try:
                 with transaction.atomic(), connection.cursor() as cursor:
                     cursor.execute(
@@ -498,7 +503,7 @@ class EventRun:
                             self.event.pk,
                             self.event.state,
                             *set_params,
-                            *params,
+                            *columns,
                             list(from_states),
                             self.desired,
                         ],
@@ -524,7 +529,8 @@ class EventRun:
         identifiers = [t.device_identifier for t in targets]
         try:
             samples: list[Sample] = self.gateway.telemetry(identifiers)
-            telemetry_store(org=self.event.org, samples=samples)
+            # The poller keeps the sample history; here only the latest reading per device moves.
+            telemetry_store(org=self.event.org, samples=samples, keep_history=False)
         except GatewayError as exc:
             log.warning("telemetry refresh failed for event %s: %s", self.event.uuid, exc)
         fresh_after = self.now - STALE_AFTER

@@ -88,14 +88,13 @@ def _port_free(port: int) -> bool:
 
 
 def cmd_demo(port: int, smoke: bool) -> int:
-    from honcho.manager import Manager
-
     if not _port_free(port):
         say(f"port {port} is in use; pass --port N (or stop what is listening there)")
         return 2
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("DJANGO_SETTINGS_MODULE", "fleetops.settings.dev")
-    server = _database(env, "fleetops")
+    # Holding the handle keeps the embedded server up until this process exits.
+    server = _database(env, "fleetops")  # noqa: F841
     env["CELERY_BROKER_URL"] = broker_url()
     prometheus_dir = VAR / "prometheus"
     shutil.rmtree(prometheus_dir, ignore_errors=True)
@@ -108,6 +107,56 @@ def cmd_demo(port: int, smoke: bool) -> int:
     _run("collectstatic", [python, "manage.py", "collectstatic", "--noinput", "-v", "0"], env)
     _run("schedules_sync", [python, "manage.py", "schedules_sync"], env)
     _run("demo_seed", [python, "manage.py", "demo_seed"], env)
+
+    # External systems the portal talks to over HTTP: started before the portal's processes so the
+    # first device sync has something to sync from.
+    fleet_port = _free_port_near(port + 701)
+    fleet_url = f"http://127.0.0.1:{fleet_port}"
+    simulators = [
+        subprocess.Popen(
+            [python, "-m", "simulators.fleet", "--port", str(fleet_port), "--devices", "300", "--seed", "1"],
+            cwd=ROOT,
+            env=env,
+        )
+    ]
+    try:
+        _wait_http(f"{fleet_url}/control/state")
+        _run(
+            "curtailment_demo_seed",
+            [python, "manage.py", "curtailment_demo_seed", "--gateway-url", fleet_url],
+            env,
+        )
+        _run("fleet_sync", [python, "manage.py", "fleet_sync", "--org", "demo"], env)
+        return _supervise(env, port, smoke, fleet_url)
+    finally:
+        for proc in simulators:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _free_port_near(preferred: int) -> int:
+    for candidate in range(preferred, preferred + 50):
+        if _port_free(candidate):
+            return candidate
+    raise SystemExit("no free port for the simulators")
+
+
+def _wait_http(url: str, timeout: float = 20) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def _supervise(env: dict[str, str], port: int, smoke: bool, fleet_url: str) -> int:
+    from honcho.manager import Manager
 
     manager = Manager()
     processes = {
@@ -159,6 +208,7 @@ def cmd_demo(port: int, smoke: bool) -> int:
         ("readiness", "/health/ready"),
     ):
         print(f"    {label:<16} {base}{path}", flush=True)
+    print(f"    {'fleet simulator':<16} {fleet_url}/control/state", flush=True)
 
     outcome: dict[str, bool] = {}
     if smoke:
@@ -171,7 +221,6 @@ def cmd_demo(port: int, smoke: bool) -> int:
         threading.Thread(target=_smoke, daemon=True).start()
 
     manager.loop()
-    del server
     if smoke:
         ok = outcome.get("ok", False)
         say(f"smoke test {'passed' if ok else 'FAILED'}")

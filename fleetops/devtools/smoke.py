@@ -94,19 +94,20 @@ def run_smoke(base: str) -> bool:
     )
 
     deadline = time.monotonic() + 120
-    heartbeat_seen = False
-    while time.monotonic() < deadline and not heartbeat_seen:
+    wanted = {"platform.worker", "curtailment.reconciler"}
+    seen: set[str] = set()
+    while time.monotonic() < deadline and seen != wanted:
         status, body = _get(opener, f"{base}/ops/status?format=json")
         if status == 200:
-            data = json.loads(body)
-            for item in data["checks"]:
-                if item["name"] == "heartbeats" and any(
-                    r.get("loop") == "platform.worker" for r in item["rows"]
-                ):
-                    heartbeat_seen = True
-        if not heartbeat_seen:
+            for item in json.loads(body)["checks"]:
+                if item["name"] == "heartbeats":
+                    seen = wanted & {r.get("loop") for r in item["rows"]}
+        if seen != wanted:
             time.sleep(2)
-    check("worker heartbeat arrives through beat and the broker (≤ 120 s)", heartbeat_seen)
+    check("worker heartbeat arrives through beat and the broker (≤ 120 s)", "platform.worker" in seen)
+    check("the curtailment reconciler ticks (≤ 120 s)", "curtailment.reconciler" in seen)
+    status, body = _get(opener, f"{base}/admin/curtailment/device/?q=m-00300")
+    check("the demo fleet is synced from the simulator", status == 200 and "m-00300" in body, str(status))
     # The worker is another process: its task counter reaches the web's /metrics only through
     # prometheus_client's multi-process files.
     status, body = _get(opener, f"{base}/metrics")

@@ -21,7 +21,7 @@ from curtailment.fleet import fleet_sync, telemetry_poll
 from curtailment.gateway import FleetGateway
 from curtailment.models import CurtailmentEvent, CurtailmentTarget, Device, OrgCurtailmentConfig
 from curtailment.reconciler import HEARTBEAT, reconcile_tick
-from curtailment.services import StartRequest, curtailment_start, curtailment_stop
+from curtailment.services import StartRequest, curtailment_start, curtailment_stop, curtailment_update
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -320,3 +320,96 @@ def test_fleet_sync_upserts_and_soft_deletes(operator, sim):
     assert Device.objects.filter(deleted_at__isnull=True).count() == 39
     assert stored == 39
     assert Device.objects.filter(last_power_w__isnull=False).count() == 39
+
+
+def _subprocess_env():
+    db = connection.settings_dict
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
+        "DATABASE_URL": f"postgresql://{db['USER']}@{_host(db)}:{db['PORT'] or 5432}/{db['NAME']}",
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reconciler_killed_before_its_command_left_recovers_with_one_command_per_target(operator, wired):
+    """The gateway URL points at a socket that accepts and never answers: the process is killed
+    after committing DISPATCHING and before any command reached the gateway."""
+    simulator, url = wired
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    OrgCurtailmentConfig.objects.filter(org=operator.org).update(
+        gateway_url=f"http://127.0.0.1:{hole.getsockname()[1]}"
+    )
+    event = start(operator, kw=8.0)
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "curtailment_reconcile", "--once"],
+        cwd=ROOT,
+        env=_subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and states(event) != ["dispatching"]:
+        time.sleep(0.05)
+    assert states(event) == ["dispatching"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    hole.close()
+    assert not simulator.log  # nothing reached the real gateway
+
+    OrgCurtailmentConfig.objects.filter(org=operator.org).update(gateway_url=url)
+    reconcile_tick()
+
+    event.refresh_from_db()
+    assert event.state == "active"
+    commands = [entry for entry in simulator.log if entry["kind"] == "curtail"]
+    assert commands and not any(entry["deduplicated"] for entry in commands)
+    dispatched = sum(entry["dispatched_count"] for entry in commands)
+    assert dispatched == event.targets.count()  # exactly one effective command per target
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_reconciler_processes_never_double_dispatch(operator, wired):
+    simulator, url = wired
+    knobs(url, latency_ms=150)
+    event = start(operator, kw=500.0, tolerance_kw=499.9)  # every device
+    loops = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "curtailment_reconcile", "--loop", "--interval", "0.2"],
+            cwd=ROOT,
+            env=_subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and CurtailmentEvent.objects.get(pk=event.pk).state == "pending":
+            time.sleep(0.2)
+        event.refresh_from_db()
+        assert event.state == "active"
+        actor = Actor.for_user(operator.user)
+        event = curtailment_update(
+            event=event, actor=actor, role=operator.role, patch={"restore_batch_interval_sec": 0}
+        )
+        curtailment_stop(event=event, actor=actor, role=operator.role)
+        while time.monotonic() < deadline and CurtailmentEvent.objects.get(pk=event.pk).state == "restoring":
+            time.sleep(0.2)
+    finally:
+        for proc in loops:
+            proc.send_signal(signal.SIGTERM)
+        for proc in loops:
+            proc.wait(20)
+    assert CurtailmentEvent.objects.get(pk=event.pk).state == "completed"
+    executed: dict[str, int] = {}
+    for entry in simulator.log:
+        if not entry["deduplicated"]:
+            executed[entry["kind"]] = executed.get(entry["kind"], 0) + entry["dispatched_count"]
+    targets = event.targets.count()
+    # Every device got exactly one curtail and one uncurtail: no tick ever ran twice at once.
+    assert executed == {"curtail": targets, "uncurtail": targets}
