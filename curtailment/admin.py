@@ -187,7 +187,68 @@ class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdm
     search_fields = ["=uuid", "reason", "=external_reference"]
     ordering = ["-id"]
     readonly_fields = [f.name for f in CurtailmentEvent._meta.fields if f.name != "decision_snapshot"]
-    exclude = ["decision_snapshot"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "state",
+                    "reason",
+                    "org",
+                    "target_kw",
+                    "tolerance_kw",
+                    "priority",
+                    "created_at",
+                    "started_at",
+                    "ended_at",
+                    "created_by",
+                ]
+            },
+        ),
+        (
+            "Durations and restore",
+            {
+                "fields": [
+                    "max_duration_seconds",
+                    "allow_unbounded",
+                    "min_curtailed_duration_sec",
+                    "restore_batch_size",
+                    "restore_batch_interval_sec",
+                    "effective_batch_size",
+                ]
+            },
+        ),
+        (
+            "Selection",
+            {
+                "classes": ["collapse"],
+                "fields": [
+                    "mode",
+                    "strategy",
+                    "level",
+                    "scope_type",
+                    "scope",
+                    "include_maintenance",
+                    "force_include_maintenance",
+                ],
+            },
+        ),
+        (
+            "Attribution",
+            {
+                "classes": ["collapse"],
+                "fields": [
+                    "uuid",
+                    "source_actor_type",
+                    "source_actor_id",
+                    "idempotency_key",
+                    "external_source",
+                    "external_reference",
+                    "updated_at",
+                ],
+            },
+        ),
+    ]
     object_actions = (
         ObjectAction(
             "stop",
