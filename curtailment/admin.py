@@ -117,16 +117,14 @@ class OrgCurtailmentConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = curtailment_config_update(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=Role.ADMIN
-            if request.user.is_superuser
-            else role_in_org(user=request.user, org_id=obj.org_id) or "",
+            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
             values=values,
         )
         obj.pk = saved.pk
 
 
 def _actor_role(request: HttpRequest, event: CurtailmentEvent) -> tuple[Actor, str]:
-    role = Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=event.org_id)
+    role = role_in_org(user=request.user, org_id=event.org_id)
     return Actor.for_user(request.user), role or ""
 
 
@@ -425,9 +423,7 @@ def start_page(model_admin: CurtailmentEventAdmin, request: HttpRequest) -> Http
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         org = data["org"]
-        role = (
-            Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=org.pk) or ""
-        )
+        role = role_in_org(user=request.user, org_id=org.pk) or ""
         try:
             if "confirm" in request.POST:
                 result = curtailment_start(

@@ -235,7 +235,7 @@ class ObjectActionsMixin:
 
     def allowed_object_actions(self, request: HttpRequest, obj: Any) -> list[ObjectAction]:
         org_id = _org_id_of(obj, getattr(self, "org_field", "org"))
-        role = Role.ADMIN if request.user.is_superuser else role_in_org(user=request.user, org_id=org_id or 0)
+        role = role_in_org(user=request.user, org_id=org_id or 0)
         return [
             a for a in self.object_actions if Role.at_least(role, a.required_role) and a.is_available(obj)
         ]
