@@ -83,3 +83,9 @@ TARGET_WRITE_FAILURES = Counter(
     "fleetops_curtailment_target_write_failures_total",
     "Target writes that failed for a reason other than a lost race.",
 )
+
+OPERATIONS = Counter(
+    "fleetops_curtailment_operations_total",
+    "Curtailment service calls by operation (start, update, stop, terminate) and outcome.",
+    ["operation", "outcome"],
+)

@@ -6,15 +6,23 @@ and writes its audit row inside that transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import IntegrityError, transaction
 
-from curtailment.metrics import CANDIDATES_EXCLUDED, EVENTS_STARTED, MAINTENANCE_OVERRIDES, START_REPLAYS
+from curtailment.metrics import (
+    CANDIDATES_EXCLUDED,
+    EVENTS_STARTED,
+    MAINTENANCE_OVERRIDES,
+    OPERATIONS,
+    START_REPLAYS,
+)
 from curtailment.models import (
     EVENT_NON_TERMINAL,
     EVENT_TERMINAL,
@@ -39,7 +47,7 @@ from fleetops.audit.models import ActorType
 from fleetops.audit.services import record
 from fleetops.lib import clock
 from fleetops.lib.cas import note_race_lost
-from fleetops.lib.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from fleetops.lib.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,28 @@ def curtailment_config_get(*, org: Organization) -> OrgCurtailmentConfig:
     """The organization's config, or the defaults (unsaved) when an admin never edited it: a read
     must not write."""
     return OrgCurtailmentConfig.objects.filter(org=org).first() or OrgCurtailmentConfig(org=org)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def counted(operation: str) -> Callable[[F], F]:
+    """Count every call of a service by outcome: ok, or the error code it raised."""
+
+    def decorator(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(*args, **kwargs)
+            except DomainError as exc:
+                OPERATIONS.labels(operation=operation, outcome=exc.code).inc()
+                raise
+            OPERATIONS.labels(operation=operation, outcome="ok").inc()
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
 
 
 def _is_admin(role: str) -> bool:
@@ -292,6 +322,7 @@ def trimmed_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in snapshot.items() if k != "skipped"}, "skipped_aggregate": aggregate}
 
 
+@counted("start")
 def curtailment_start(*, org: Organization, actor: Actor, role: str, req: StartRequest) -> StartResult:
     """Create a pending event and its targets, or replay the live event with the same key."""
     # 1. Validation and admin gates.
@@ -511,6 +542,7 @@ def event_begin_restore(
     return True
 
 
+@counted("stop")
 def curtailment_stop(
     *, event: CurtailmentEvent, actor: Actor, role: str, force: bool = False, reason: str = ""
 ) -> CurtailmentEvent:
@@ -551,6 +583,7 @@ def curtailment_stop(
 UPDATABLE = ("reason", "restore_batch_size", "restore_batch_interval_sec", "max_duration_seconds")
 
 
+@counted("update")
 def curtailment_update(
     *, event: CurtailmentEvent, actor: Actor, role: str, patch: dict[str, Any]
 ) -> CurtailmentEvent:
@@ -614,6 +647,7 @@ def curtailment_update(
     return event
 
 
+@counted("terminate")
 def curtailment_terminate(
     *, event: CurtailmentEvent, actor: Actor, role: str, target_state: str, reason: str
 ) -> tuple[CurtailmentEvent, bool]:
@@ -673,6 +707,7 @@ CONFIG_FIELDS = (
 )
 
 
+@counted("config_update")
 def curtailment_config_update(
     *, org: Organization, actor: Actor, role: str, values: dict[str, Any]
 ) -> OrgCurtailmentConfig:

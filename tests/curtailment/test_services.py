@@ -421,3 +421,34 @@ def test_the_list_snapshot_aggregates_skips_by_reason():
     }
     assert trimmed_snapshot(snapshot) == {"selected_count": 2, "skipped_aggregate": {"maintenance": 2}}
     assert trimmed_snapshot({"skipped": "odd"}) == {"skipped": "odd"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_duration_seconds", 604_801),
+        ("max_duration_seconds", -1),
+        ("restore_batch_interval_sec", 3601),
+        ("restore_batch_size", 10_001),
+        ("min_curtailed_duration_sec", -5),
+        ("idempotency_key", "k" * 257),
+        ("external_source", "s" * 257),
+        ("external_reference", "r" * 257),
+    ],
+)
+def test_each_start_cap_is_enforced_and_nothing_is_written(admin_member, fleet, field, value):
+    with pytest.raises(ValidationFailed):
+        start(admin_member, **{field: value})
+    assert not CurtailmentEvent.objects.exists()
+
+
+def test_every_service_call_is_counted_by_outcome(operator, fleet):
+    from curtailment.metrics import OPERATIONS
+
+    ok = OPERATIONS.labels(operation="start", outcome="ok")._value.get()
+    forbidden = OPERATIONS.labels(operation="start", outcome="permission_denied")._value.get()
+    start(operator)
+    with pytest.raises(Forbidden):
+        start(operator, allow_unbounded=True)
+    assert OPERATIONS.labels(operation="start", outcome="ok")._value.get() == ok + 1
+    assert OPERATIONS.labels(operation="start", outcome="permission_denied")._value.get() == forbidden + 1
