@@ -1,0 +1,209 @@
+"""Committing and rolling back indexed blocks.
+
+`blocks_commit` writes a contiguous batch of blocks in ONE transaction:
+1. fence: the writer's lease token must still hold the lease (a paused ex-leader fails here);
+2. lock the chain's IndexerState and check the batch starts right after `last_indexed_height`;
+3. linkage: the first block's parent hash must equal the stored hash below it, and each block's
+   parent the previous block's hash, else ReorgDetected and nothing is written;
+4. COPY blocks, transactions and events (set-based; one round trip per table);
+5. registered producers write their derived rows in the same transaction;
+6. advance `last_indexed_height` by compare-and-set.
+A crash anywhere leaves the database at the previous height, rows and height together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connection, transaction
+
+from fleetops.audit.actors import Actor
+from fleetops.audit.services import record
+from fleetops.lib.cas import cas_update
+from fleetops.lib.errors import Conflict, ValidationFailed
+from fleetops.observability.leases import LeaseGrant, lease_assert_held
+from indexer.models import Block, Chain, Event, IndexerState, Phase, Transaction
+from indexer.producers import producers
+from indexer.rpc import parse
+
+BATCH_NOT_CONTIGUOUS = "blocks must be contiguous, ascending, and each block paired with its own results"
+
+
+class ReorgDetected(Conflict):
+    code = "reorg_detected"
+
+    def __init__(self, *, height: int, expected_parent: str, got_parent: str):
+        super().__init__(
+            f"block {height} has parent {got_parent[:16]}… but the stored block {height - 1} is "
+            f"{expected_parent[:16]}…"
+        )
+        self.height = height
+
+
+class NotNextHeight(Conflict):
+    code = "not_next_height"
+
+
+@dataclass(frozen=True)
+class IndexedBlock:
+    block: parse.Block
+    results: parse.BlockResults
+
+    @property
+    def height(self) -> int:
+        return self.block.height
+
+
+def lease_name(chain: Chain) -> str:
+    return f"indexer:{chain.slug}"
+
+
+def _attributes(event: parse.Event) -> str:
+    return json.dumps([{"key": a.key, "value": a.value, "index": a.index} for a in event.attributes])
+
+
+def event_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
+    """Deterministic identities: (height, phase, tx_index, event_index), in node order."""
+    height, results = item.height, item.results
+    for phase, events in (
+        (Phase.BEGIN_BLOCK, results.begin_block_events),
+        (Phase.END_BLOCK, results.end_block_events),
+        (Phase.FINALIZE_BLOCK, results.finalize_block_events),
+    ):
+        for i, event in enumerate(events):
+            yield (chain_id, height, phase.value, None, i, event.type[:200], _attributes(event))
+    for tx in results.txs:
+        for i, event in enumerate(tx.events):
+            yield (chain_id, height, Phase.TX.value, tx.index, i, event.type[:200], _attributes(event))
+
+
+def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> int:
+    count = 0
+    with connection.cursor() as cursor:
+        raw = cursor.cursor  # psycopg's cursor: COPY is not part of the DB-API
+        with raw.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+                count += 1
+    return count
+
+
+def _check_batch(blocks: Sequence[IndexedBlock]) -> None:
+    if not blocks:
+        raise ValidationFailed(BATCH_NOT_CONTIGUOUS)
+    for prev, item in zip([None, *blocks[:-1]], blocks, strict=True):
+        if item.block.height != item.results.height:
+            raise ValidationFailed(BATCH_NOT_CONTIGUOUS)
+        if prev is not None:
+            if item.height != prev.height + 1:
+                raise ValidationFailed(BATCH_NOT_CONTIGUOUS)
+            if item.block.parent_hash != prev.block.hash:
+                raise ReorgDetected(
+                    height=item.height, expected_parent=prev.block.hash, got_parent=item.block.parent_hash
+                )
+
+
+def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseGrant) -> int:
+    """Write a contiguous batch of blocks atomically; returns the new last indexed height."""
+    _check_batch(blocks)
+    first = blocks[0]
+    with transaction.atomic():
+        lease_assert_held(name=lease.name, token=lease.token)
+        state = IndexerState.objects.select_for_update().get(chain=chain)
+        previous = state.last_indexed_height
+        if previous is not None:
+            if first.height != previous + 1:
+                raise NotNextHeight(f"next height is {previous + 1}, not {first.height}")
+            stored_parent = (
+                Block.objects.filter(chain=chain, height=previous).values_list("hash", flat=True).first()
+            )
+            if stored_parent is not None and stored_parent != first.block.parent_hash:
+                raise ReorgDetected(
+                    height=first.height, expected_parent=stored_parent, got_parent=first.block.parent_hash
+                )
+        _copy(
+            Block._meta.db_table,
+            ["chain_id", "height", "hash", "parent_hash", "time", "proposer", "tx_count"],
+            (
+                (
+                    chain.pk,
+                    b.height,
+                    b.block.hash,
+                    b.block.parent_hash,
+                    b.block.time,
+                    b.block.proposer,
+                    len(b.block.txs),
+                )
+                for b in blocks
+            ),
+        )
+        _copy(
+            Transaction._meta.db_table,
+            ["chain_id", "height", "index", "hash", "code", "gas_wanted", "gas_used"],
+            (
+                (
+                    chain.pk,
+                    b.height,
+                    tx.index,
+                    b.block.tx_hashes[tx.index] if tx.index < len(b.block.txs) else "",
+                    tx.code,
+                    tx.gas_wanted,
+                    tx.gas_used,
+                )
+                for b in blocks
+                for tx in b.results.txs
+            ),
+        )
+        _copy(
+            Event._meta.db_table,
+            ["chain_id", "height", "phase", "tx_index", "event_index", "type", "attributes"],
+            (row for b in blocks for row in event_rows(chain.pk, b)),
+        )
+        for producer in producers():
+            producer.write(chain, blocks)
+        last = blocks[-1].height
+        cas_update(
+            IndexerState.objects.filter(chain=chain, last_indexed_height=previous),
+            operation="indexer_advance",
+            last_indexed_height=last,
+            oldest_indexed_height=state.oldest_indexed_height
+            if state.oldest_indexed_height is not None
+            else first.height,
+            poison_height=None,
+            poison_attempts=0,
+        )
+    return last
+
+
+def blocks_rollback(*, chain: Chain, to_height: int, lease: LeaseGrant, actor: Actor, reason: str) -> int:
+    """Delete every derived row above `to_height` (producers' included) in one transaction and move
+    the indexed height back. Returns how many blocks were removed."""
+    with transaction.atomic():
+        lease_assert_held(name=lease.name, token=lease.token)
+        state = IndexerState.objects.select_for_update().get(chain=chain)
+        current = state.last_indexed_height
+        if current is None or to_height >= current:
+            return 0
+        for producer in producers():
+            producer.rollback(chain, to_height)
+        Event.objects.filter(chain=chain, height__gt=to_height).delete()
+        Transaction.objects.filter(chain=chain, height__gt=to_height).delete()
+        removed, _ = Block.objects.filter(chain=chain, height__gt=to_height).delete()
+        cas_update(
+            IndexerState.objects.filter(chain=chain, last_indexed_height=current),
+            operation="indexer_rollback",
+            last_indexed_height=to_height,
+        )
+        record(
+            action="indexer.rolled_back",
+            actor=actor,
+            org=chain.org,
+            target=chain,
+            reason=reason,
+            changes={"last_indexed_height": [current, to_height]},
+            metadata={"depth": current - to_height, "blocks_removed": removed},
+        )
+    return removed
