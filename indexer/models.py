@@ -13,6 +13,8 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
+from fleetops.lib import clock
+
 
 class Chain(models.Model):
     org = models.ForeignKey("access.Organization", on_delete=models.PROTECT, related_name="+")
@@ -63,6 +65,11 @@ class IndexerState(models.Model):
     poison_height = models.BigIntegerField(null=True, blank=True)
     poison_attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
+    # An operator's rollback (admin action or API) is a request the writer carries out under its
+    # lease on its next step, so it is fenced like every other write.
+    rollback_requested_to = models.BigIntegerField(null=True, blank=True)
+    rollback_requested_reason = models.TextField(blank=True, default="")
+    rollback_requested_by = models.CharField(max_length=200, blank=True, default="")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -134,7 +141,204 @@ class Event(models.Model):
                 nulls_distinct=False,
             ),
         ]
-        indexes = [models.Index(fields=["chain", "type", "height"], name="event_chain_type_height")]
+        # The API and the admin walk events newest first by id (keyset), optionally by type.
+        indexes = [
+            models.Index(fields=["chain", "type", "height"], name="event_chain_type_height"),
+            models.Index(fields=["chain", "id"], name="event_chain_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.height} {self.phase} {self.type}"
+
+
+class ChainLagSample(models.Model):
+    """Head and indexed height of a chain, sampled by the writer about once a minute (the admin's lag
+    chart); pruned after a week."""
+
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+")
+    at = models.DateTimeField()
+    head_height = models.BigIntegerField(null=True)
+    indexed_height = models.BigIntegerField(null=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["chain", "at"], name="lagsample_chain_at")]
+
+    def __str__(self) -> str:
+        lag = (self.head_height or 0) - (self.indexed_height or 0)
+        return f"{self.chain_id} {self.at:%Y-%m-%d %H:%M} lag {lag}"
+
+
+class ConnectionStatus(models.IntegerChoices):
+    """A source's connection, as in seed 002 (the gauge exports the number).
+
+    disconnected(0) -> connecting(1) -> syncing(2) -> connected(3)
+                                            └────────> connected_degraded(4): a range it had to serve
+                                                       failed (pruned or missing blocks); live ingest runs
+    any -> disconnecting(5) -> disconnected(0)   (disabled by an operator, or the process stops)
+    """
+
+    DISCONNECTED = 0, "disconnected"
+    CONNECTING = 1, "connecting"
+    SYNCING = 2, "syncing"
+    CONNECTED = 3, "connected"
+    CONNECTED_DEGRADED = 4, "connected (degraded)"
+    DISCONNECTING = 5, "disconnecting"
+
+
+CONNECTION_TRANSITIONS: dict[int, frozenset[int]] = {
+    ConnectionStatus.DISCONNECTED: frozenset({ConnectionStatus.CONNECTING}),
+    ConnectionStatus.CONNECTING: frozenset(
+        {ConnectionStatus.SYNCING, ConnectionStatus.CONNECTED, ConnectionStatus.DISCONNECTED}
+    ),
+    ConnectionStatus.SYNCING: frozenset(
+        {ConnectionStatus.CONNECTED, ConnectionStatus.CONNECTED_DEGRADED, ConnectionStatus.DISCONNECTING}
+    ),
+    ConnectionStatus.CONNECTED: frozenset(
+        {ConnectionStatus.CONNECTED_DEGRADED, ConnectionStatus.SYNCING, ConnectionStatus.DISCONNECTING}
+    ),
+    ConnectionStatus.CONNECTED_DEGRADED: frozenset(
+        {ConnectionStatus.CONNECTED, ConnectionStatus.SYNCING, ConnectionStatus.DISCONNECTING}
+    ),
+    ConnectionStatus.DISCONNECTING: frozenset({ConnectionStatus.DISCONNECTED}),
+}
+
+
+class DegradedReason(models.TextChoices):
+    HISTORIC_RANGE_FAILED = "historic_range_failed", "historic range failed (partial data)"
+    LAGGING_HEAD = "lagging_head", "head lags the other sources"
+    ERROR_RATE = "error_rate", "error rate"
+    LATENCY = "latency", "latency"
+    FLAPPING = "flapping", "flapping"
+
+
+class SourceHealth(models.IntegerChoices):
+    """Derived from the timestamps on the row (never stored): see `SyncSource.health`."""
+
+    HEALTHY = 1, "healthy"
+    DISCONNECTED = 2, "disconnected"
+    DEGRADED = 3, "degraded"
+    DEAD = 4, "dead"
+    RATE_LIMITED = 5, "rate limited"
+
+
+DEAD_AFTER_SECONDS = 24 * 3600
+DEGRADED_AFTER_RECOVERY_SECONDS = 5 * 60
+
+
+class SyncSource(models.Model):
+    """An RPC endpoint of a chain. Lower priority numbers are preferred; the client fails over by
+    health. The connection status is a state machine (`CONNECTION_TRANSITIONS`); health is derived
+    from the failure and success timestamps the indexer writes after every request round."""
+
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="sources")
+    name = models.CharField(max_length=60)
+    rpc_url = models.URLField()
+    websocket_url = models.CharField(max_length=300, blank=True, default="")
+    priority = models.PositiveIntegerField(default=100)
+    enabled = models.BooleanField(default=True)
+
+    connection_status = models.PositiveSmallIntegerField(
+        choices=ConnectionStatus.choices, default=ConnectionStatus.DISCONNECTED
+    )
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    degraded_reasons = models.JSONField(default=list, blank=True, help_text="DegradedReason values.")
+    degraded_detail = models.TextField(blank=True, default="")
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    first_failure_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    recovered_at = models.DateTimeField(null=True, blank=True)
+    next_retry_at = models.DateTimeField(null=True, blank=True)
+    rate_limited_until = models.DateTimeField(null=True, blank=True)
+    head_height = models.BigIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["chain", "priority", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["chain", "name"], name="syncsource_name_per_chain"),
+            models.CheckConstraint(
+                condition=Q(connection_status__in=ConnectionStatus.values),
+                name="syncsource_connection_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.chain_id}/{self.name}"
+
+    @property
+    def health(self) -> SourceHealth:
+        now = clock.now()
+        if self.rate_limited_until and self.rate_limited_until > now:
+            return SourceHealth.RATE_LIMITED
+        if self.consecutive_failures:
+            since = self.first_failure_at or self.last_failure_at or now
+            if (now - since).total_seconds() >= DEAD_AFTER_SECONDS:
+                return SourceHealth.DEAD
+            return SourceHealth.DEGRADED
+        if self.last_success_at is None:
+            return SourceHealth.DISCONNECTED
+        if self.recovered_at and (now - self.recovered_at).total_seconds() < DEGRADED_AFTER_RECOVERY_SECONDS:
+            return SourceHealth.DEGRADED
+        return SourceHealth.HEALTHY
+
+
+class EnrichmentStatus(models.TextChoices):
+    """pending -> ok | retrying -> ... -> failed (max attempts) ; any -> undecodable (permanent error).
+    failed / undecodable -> pending by an operator's re-queue."""
+
+    PENDING = "pending"
+    OK = "ok"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    UNDECODABLE = "undecodable"
+
+
+ENRICHMENT_CLAIMABLE = (EnrichmentStatus.PENDING, EnrichmentStatus.RETRYING)
+ENRICHMENT_REQUEUEABLE = (EnrichmentStatus.FAILED, EnrichmentStatus.UNDECODABLE)
+
+
+class Enrichment(models.Model):
+    """An event whose payload needs the external decoder. Written in the block transaction with the
+    event (same identity columns), removed with it on rollback; decoded later by enrichment workers,
+    so a decoder outage never slows ingest."""
+
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+")
+    height = models.BigIntegerField()
+    phase = models.CharField(max_length=16, choices=Phase.choices)
+    tx_index = models.PositiveIntegerField(null=True, blank=True)
+    event_index = models.PositiveIntegerField()
+    encoding = models.CharField(max_length=40, blank=True, default="")
+    payload = models.TextField(help_text="The encoded data as the chain emitted it.")
+    status = models.CharField(
+        max_length=12, choices=EnrichmentStatus.choices, default=EnrichmentStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    decoded = models.JSONField(null=True, blank=True)
+    updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["chain", "height", "phase", "tx_index", "event_index"],
+                name="enrichment_identity",
+                nulls_distinct=False,
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=EnrichmentStatus.values), name="enrichment_status_valid"
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["chain", "next_attempt_at"],
+                name="enrichment_claimable",
+                condition=Q(status__in=ENRICHMENT_CLAIMABLE),
+            ),
+            models.Index(fields=["chain", "status"], name="enrichment_chain_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.height} {self.phase} #{self.event_index} ({self.status})"
