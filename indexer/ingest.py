@@ -5,9 +5,11 @@
 2. lock the chain's IndexerState and check the batch starts right after `last_indexed_height`;
 3. linkage: the first block's parent hash must equal the stored hash below it, and each block's
    parent the previous block's hash, else ReorgDetected and nothing is written;
-4. COPY blocks, transactions and events (set-based; one round trip per table);
+4. COPY blocks, transactions, events and pending enrichment rows (set-based; one round trip per
+   table);
 5. registered producers write their derived rows in the same transaction;
-6. advance `last_indexed_height` by compare-and-set.
+6. advance `last_indexed_height` by compare-and-set (and store the chain's fingerprint, the hash of
+   the first block ever indexed, on the first commit).
 A crash anywhere leaves the database at the previous height, rows and height together.
 """
 
@@ -25,10 +27,12 @@ from fleetops.audit.services import record
 from fleetops.lib.cas import cas_update
 from fleetops.lib.errors import Conflict, ValidationFailed
 from fleetops.observability.leases import LeaseGrant, lease_assert_held
-from indexer.models import Block, Chain, Event, IndexerState, Phase, Transaction
+from indexer.metrics import ROWS
+from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Phase, Transaction
 from indexer.producers import producers
 from indexer.rpc import parse
 
+REWRITE_NOT_INDEXED = "only indexed heights can be re-indexed (last indexed height: {last})"
 BATCH_NOT_CONTIGUOUS = "blocks must be contiguous, ascending, and each block paired with its own results"
 
 
@@ -61,23 +65,46 @@ def lease_name(chain: Chain) -> str:
     return f"indexer:{chain.slug}"
 
 
+BLOCK_COLUMNS = ["chain_id", "height", "hash", "parent_hash", "time", "proposer", "tx_count"]
+TX_COLUMNS = ["chain_id", "height", "index", "hash", "code", "gas_wanted", "gas_used"]
+EVENT_COLUMNS = ["chain_id", "height", "phase", "tx_index", "event_index", "type", "attributes"]
+
+
+def attributes_value(event: parse.Event) -> list[dict[str, Any]]:
+    return [{"key": a.key, "value": a.value, "index": a.index} for a in event.attributes]
+
+
 def _attributes(event: parse.Event) -> str:
-    return json.dumps([{"key": a.key, "value": a.value, "index": a.index} for a in event.attributes])
+    return json.dumps(attributes_value(event))
 
 
-def event_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
-    """Deterministic identities: (height, phase, tx_index, event_index), in node order."""
+def block_row(chain_id: int, item: IndexedBlock) -> tuple[Any, ...]:
+    b = item.block
+    return (chain_id, b.height, b.hash, b.parent_hash, b.time, b.proposer, len(b.txs))
+
+
+def tx_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
+    hashes = item.block.tx_hashes  # computed once per block: it hashes every tx
+    for tx in item.results.txs:
+        tx_hash = hashes[tx.index] if tx.index < len(hashes) else ""
+        yield (chain_id, item.height, tx.index, tx_hash, tx.code, tx.gas_wanted, tx.gas_used)
+
+
+def event_rows(chain_id: int, item: IndexedBlock, *, encode: bool = True) -> Iterable[tuple[Any, ...]]:
+    """Deterministic identities: (height, phase, tx_index, event_index), in node order. With
+    `encode=False` the attributes stay Python values (for checksums against stored rows)."""
     height, results = item.height, item.results
+    attrs: Any = _attributes if encode else attributes_value
     for phase, events in (
         (Phase.BEGIN_BLOCK, results.begin_block_events),
         (Phase.END_BLOCK, results.end_block_events),
         (Phase.FINALIZE_BLOCK, results.finalize_block_events),
     ):
         for i, event in enumerate(events):
-            yield (chain_id, height, phase.value, None, i, event.type[:200], _attributes(event))
+            yield (chain_id, height, phase.value, None, i, event.type[:200], attrs(event))
     for tx in results.txs:
         for i, event in enumerate(tx.events):
-            yield (chain_id, height, Phase.TX.value, tx.index, i, event.type[:200], _attributes(event))
+            yield (chain_id, height, Phase.TX.value, tx.index, i, event.type[:200], attrs(event))
 
 
 def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> int:
@@ -89,6 +116,12 @@ def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -
                 copy.write_row(row)
                 count += 1
     return count
+
+
+def _enrichment_ready() -> bool:  # TEMP-WIRING until indexer.enrichment lands
+    import importlib.util
+
+    return importlib.util.find_spec("indexer.enrichment") is not None
 
 
 def _check_batch(blocks: Sequence[IndexedBlock]) -> None:
@@ -124,44 +157,24 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
                 raise ReorgDetected(
                     height=first.height, expected_parent=stored_parent, got_parent=first.block.parent_hash
                 )
-        _copy(
-            Block._meta.db_table,
-            ["chain_id", "height", "hash", "parent_hash", "time", "proposer", "tx_count"],
-            (
-                (
-                    chain.pk,
-                    b.height,
-                    b.block.hash,
-                    b.block.parent_hash,
-                    b.block.time,
-                    b.block.proposer,
-                    len(b.block.txs),
-                )
-                for b in blocks
-            ),
+        rows: dict[str, int] = {}
+        rows["block"] = _copy(Block._meta.db_table, BLOCK_COLUMNS, (block_row(chain.pk, b) for b in blocks))
+        rows["transaction"] = _copy(
+            Transaction._meta.db_table, TX_COLUMNS, (row for b in blocks for row in tx_rows(chain.pk, b))
         )
-        _copy(
-            Transaction._meta.db_table,
-            ["chain_id", "height", "index", "hash", "code", "gas_wanted", "gas_used"],
-            (
-                (
-                    chain.pk,
-                    b.height,
-                    tx.index,
-                    b.block.tx_hashes[tx.index] if tx.index < len(b.block.txs) else "",
-                    tx.code,
-                    tx.gas_wanted,
-                    tx.gas_used,
-                )
-                for b in blocks
-                for tx in b.results.txs
-            ),
-        )
-        _copy(
+        rows["event"] = _copy(
             Event._meta.db_table,
-            ["chain_id", "height", "phase", "tx_index", "event_index", "type", "attributes"],
+            EVENT_COLUMNS,
             (row for b in blocks for row in event_rows(chain.pk, b)),
         )
+        if chain.enrichment_enabled and _enrichment_ready():  # TEMP-WIRING
+            from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
+
+            rows["enrichment"] = _copy(
+                Enrichment._meta.db_table,
+                ENRICHMENT_COPY_COLUMNS,
+                (row for b in blocks for row in enrichment_rows_for(chain.pk, b)),
+            )
         for producer in producers():
             producer.write(chain, blocks)
         last = blocks[-1].height
@@ -175,6 +188,10 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
             poison_height=None,
             poison_attempts=0,
         )
+        if previous is None:
+            Chain.objects.filter(pk=chain.pk, fingerprint="").update(fingerprint=first.block.hash)
+    for table, count in rows.items():
+        ROWS.labels(chain=chain.slug, table=table).inc(count)
     return last
 
 
@@ -189,6 +206,7 @@ def blocks_rollback(*, chain: Chain, to_height: int, lease: LeaseGrant, actor: A
             return 0
         for producer in producers():
             producer.rollback(chain, to_height)
+        Enrichment.objects.filter(chain=chain, height__gt=to_height).delete()
         Event.objects.filter(chain=chain, height__gt=to_height).delete()
         Transaction.objects.filter(chain=chain, height__gt=to_height).delete()
         removed, _ = Block.objects.filter(chain=chain, height__gt=to_height).delete()
@@ -207,3 +225,40 @@ def blocks_rollback(*, chain: Chain, to_height: int, lease: LeaseGrant, actor: A
             metadata={"depth": current - to_height, "blocks_removed": removed},
         )
     return removed
+
+
+def blocks_rewrite(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseGrant) -> int:
+    """Re-write the rows of already indexed heights whose blocks are unchanged (same hashes) but
+    whose stored rows differ from the source (`indexer_reindex`). One fenced transaction; the
+    indexed height does not move. Returns the number of heights rewritten."""
+    if not blocks:
+        return 0
+    heights = [b.height for b in blocks]
+    with transaction.atomic():
+        lease_assert_held(name=lease.name, token=lease.token)
+        state = IndexerState.objects.select_for_update().get(chain=chain)
+        last = state.last_indexed_height
+        if last is None or max(heights) > last:
+            raise ValidationFailed(REWRITE_NOT_INDEXED.format(last=last))
+        stored = dict(Block.objects.filter(chain=chain, height__in=heights).values_list("height", "hash"))
+        for b in blocks:
+            if stored.get(b.height, b.block.hash) != b.block.hash:
+                raise ReorgDetected(
+                    height=b.height, expected_parent=stored[b.height], got_parent=b.block.hash
+                )
+        Enrichment.objects.filter(chain=chain, height__in=heights).delete()
+        Event.objects.filter(chain=chain, height__in=heights).delete()
+        Transaction.objects.filter(chain=chain, height__in=heights).delete()
+        Block.objects.filter(chain=chain, height__in=heights).delete()
+        _copy(Block._meta.db_table, BLOCK_COLUMNS, (block_row(chain.pk, b) for b in blocks))
+        _copy(Transaction._meta.db_table, TX_COLUMNS, (r for b in blocks for r in tx_rows(chain.pk, b)))
+        _copy(Event._meta.db_table, EVENT_COLUMNS, (r for b in blocks for r in event_rows(chain.pk, b)))
+        if chain.enrichment_enabled and _enrichment_ready():  # TEMP-WIRING
+            from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
+
+            _copy(
+                Enrichment._meta.db_table,
+                ENRICHMENT_COPY_COLUMNS,
+                (r for b in blocks for r in enrichment_rows_for(chain.pk, b)),
+            )
+    return len(blocks)

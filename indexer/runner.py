@@ -1,16 +1,23 @@
 """The ingest loop of one chain. `IndexerRunner.step()` is one iteration; `run()` loops it.
 
-1. Lease: only the holder writes (standbys return at once and try again next step).
-2. Identity: the source's chain id, and the stored fingerprint (hash of the first indexed block),
+1. Lease: only the holder writes (standbys return at once and try again next step). A paused chain
+   gives its lease up, so `indexer_reindex` / `indexer_rollback` can take it.
+2. An operator's rollback request (admin action, API) is carried out first, under the lease.
+3. Identity: the source's chain id, and the stored fingerprint (hash of the first indexed block),
    must match before any write; a mismatch halts.
-3. Target = head - head lag (or --stop-at). Heights are fetched with bounded concurrency and
+4. Target = head - head lag (or --stop-at). The head comes from the WebSocket head watcher when it
+   is connected and from `/status` otherwise (and at least every `STATUS_EVERY` seconds, for the
+   identity and the source's own catching-up flag). Heights are fetched with bounded concurrency and
    committed strictly in order: catch-up batches of `catchup_batch_size` per transaction, one block
    per transaction at the tip.
-4. A parent mismatch walks back to the fork point. Within the finality depth, with rollback
+5. A parent mismatch walks back to the fork point. Within the finality depth, with rollback
    automation on and a source that is not itself catching up (false-reorg guard), the rows above
    the fork point are rolled back and re-ingested; otherwise the indexer halts and writes nothing.
-5. A height whose commit fails for another reason `POISON_LIMIT` times is recorded as the poison
+6. A height whose commit fails for another reason `POISON_LIMIT` times is recorded as the poison
    height and the indexer waits there (degraded) instead of looping.
+7. Halt vs stall: the head flat for more than `IDLE_AFTER_BLOCK_TIMES` block times while a source
+   answers is `idle` (the chain halted; nothing is wrong here). Steps failing while the head moves
+   on is `degraded` (the indexer is stalled).
 """
 
 from __future__ import annotations
@@ -25,18 +32,30 @@ from datetime import timedelta
 
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
+from fleetops.lib.errors import RaceLost
 from fleetops.observability.heartbeats import heartbeat_beat
 from fleetops.observability.leases import LeaseGrant, LeaseLost, lease_acquire, lease_release, lease_renew
 from indexer.ingest import IndexedBlock, ReorgDetected, blocks_commit, blocks_rollback, lease_name
-from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK
-from indexer.models import Block, Chain, IndexerState, Mode
-from indexer.rpc.client import CometRpc, RpcError, SourceConfig
+from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
+from indexer.models import Block, Chain, ChainLagSample, IndexerState, Mode
+from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError, SourceConfig
+
+try:  # TEMP-WIRING: until indexer.sources and indexer.rpc.ws land
+    from indexer import sources
+    from indexer.rpc.ws import HeadWatcher
+except ImportError:  # pragma: no cover
+    sources = None  # type: ignore[assignment]
+    HeadWatcher = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 ACTOR = Actor.system("indexer")
 POISON_LIMIT = 3
+STALLED_AFTER_FAILED_STEPS = 3
 LEASE_TTL = timedelta(seconds=30)
 IDLE_AFTER_BLOCK_TIMES = 5
+STATUS_EVERY = 10.0
+LAG_SAMPLE_EVERY = 60.0
+LAG_SAMPLE_RETENTION = timedelta(days=7)
 
 
 @dataclass
@@ -50,94 +69,158 @@ class StepResult:
 
 
 def rpc_for(chain: Chain) -> CometRpc:
-    sources = [
+    configs = [
         SourceConfig(s.name, s.rpc_url, s.priority)
         for s in chain.sources.filter(enabled=True).order_by("priority")
     ]
-    return CometRpc(sources)
+    return CometRpc(configs)
+
+
+def fetch_blocks(rpc: CometRpc, heights: range, *, max_in_flight: int) -> list[IndexedBlock]:
+    """`/block` + `/block_results` for each height, at most `max_in_flight` heights at once, returned
+    in height order whatever order they arrive in."""
+
+    def one(height: int) -> IndexedBlock:
+        return IndexedBlock(rpc.block(height), rpc.block_results(height))
+
+    if len(heights) == 1:
+        return [one(heights[0])]
+    with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(heights)))) as pool:
+        return list(pool.map(one, heights))  # map keeps height order
+
+
+def head_watcher_for(chain: Chain) -> HeadWatcher | None:
+    """Subscribe to new block headers on the best source that has a WebSocket URL."""
+    source = chain.sources.filter(enabled=True).exclude(websocket_url="").order_by("priority").first()
+    if HeadWatcher is None:  # TEMP-WIRING
+        return None
+    return HeadWatcher(source.websocket_url) if source is not None else None
 
 
 class IndexerRunner:
-    def __init__(self, chain: Chain, rpc: CometRpc, *, holder: str, stop_at: int | None = None):
+    def __init__(
+        self,
+        chain: Chain,
+        rpc: CometRpc,
+        *,
+        holder: str,
+        stop_at: int | None = None,
+        watcher: HeadWatcher | None = None,
+    ):
         self.chain = chain
         self.rpc = rpc
         self.holder = holder
         self.stop_at = stop_at
+        self.watcher = watcher
         self.grant: LeaseGrant | None = None
         self.identity_checked = False
+        self.failed_steps = 0
+        self._status_at = 0.0
+        self._status_head = 0
+        self._source_catching_up = False
+        self._earliest = 1
+        self._status_chain_id = ""
+        self._lag_sampled_at = 0.0
 
     # --- one iteration ---------------------------------------------------------------------------------
 
     def step(self) -> StepResult:
         started = time.monotonic()
-        result = self._step()
+        try:
+            result = self._step()
+        except Exception as exc:
+            self.failed_steps += 1
+            STEP_FAILURES.labels(chain=self.chain.slug, error=exc.__class__.__name__).inc()
+            self._note_stall(exc)
+            heartbeat_beat(
+                name=f"indexer.{self.chain.slug}",
+                ok=False,
+                duration=time.monotonic() - started,
+                error=f"{exc.__class__.__name__}: {exc}"[:500],
+            )
+            raise
+        finally:
+            self._observe_sources()
+        self.failed_steps = 0
+        bad = result.mode in (Mode.HALTED, Mode.DEGRADED)
         heartbeat_beat(
             name=f"indexer.{self.chain.slug}",
-            ok=result.mode not in (Mode.HALTED, Mode.DEGRADED),
+            ok=not bad,
             duration=time.monotonic() - started,
-            error=result.note if result.mode in (Mode.HALTED, Mode.DEGRADED) else "",
+            error=result.note if bad else "",
             details={
                 "leader": result.leader,
                 "head": result.head,
                 "indexed": result.indexed,
                 "committed": result.committed,
+                "mode": result.mode,
             },
         )
         return result
 
     def _step(self) -> StepResult:
+        state = IndexerState.objects.get(chain=self.chain)
+        if state.paused and state.rollback_requested_to is None:
+            self.release()  # so the reindex / rollback commands can take the lease
+            return StepResult(False, head=state.head_height, indexed=state.last_indexed_height, note="paused")
         if not self._hold_lease():
             return StepResult(leader=False, note="standby: another process holds the writer lease")
-        state = IndexerState.objects.get(chain=self.chain)
-        if state.paused or state.mode == Mode.HALTED:
+        if state.rollback_requested_to is not None:
+            return self._operator_rollback(state)
+        if state.mode == Mode.HALTED:
             return StepResult(
-                True,
-                head=state.head_height,
-                indexed=state.last_indexed_height,
-                mode=state.mode,
-                note=state.last_error or "paused",
-            )
-        status = self.rpc.status()
-        if not self._identity_ok(status.chain_id, state):
+                True, head=state.head_height, indexed=state.last_indexed_height, mode=state.mode,
+                note=state.last_error or "halted",
+            )  # fmt: skip
+        head = self._head()
+        if not self._identity_ok(state):
             return StepResult(True, mode=Mode.HALTED, note="chain identity mismatch")
-        self._note_head(state, status.latest_height)
-        target = status.latest_height - self.chain.head_lag
+        self._note_head(state, head)
+        self._sample_lag(head, state.last_indexed_height)
+        target = head - self.chain.head_lag
         if self.stop_at is not None:
             target = min(target, self.stop_at)
-        start = (state.last_indexed_height or max(status.earliest_height or 1, 1) - 1) + 1
+        start = (state.last_indexed_height or max(self._earliest, 1) - 1) + 1
         if start > target:
+            if sources is not None:  # TEMP-WIRING
+                sources.sources_mark_syncing(chain=self.chain, catching_up=False)
             mode = self._idle_or_normal(state)
-            return StepResult(True, head=status.latest_height, indexed=state.last_indexed_height, mode=mode)
+            return StepResult(True, head=head, indexed=state.last_indexed_height, mode=mode)
         if (
             state.poison_height is not None
             and state.poison_height == start
             and state.poison_attempts >= POISON_LIMIT
         ):
             return StepResult(
-                True,
-                head=status.latest_height,
-                indexed=state.last_indexed_height,
-                mode=Mode.DEGRADED,
-                note=f"poison height {start}",
-            )
-        size = self.chain.catchup_batch_size if target - start + 1 > self.chain.catchup_batch_size else 1
+                True, head=head, indexed=state.last_indexed_height, mode=Mode.DEGRADED,
+                note=f"poison height {start}: {state.last_error}",
+            )  # fmt: skip
+        behind = target - start + 1
+        size = self.chain.catchup_batch_size if behind > self.chain.catchup_batch_size else 1
         end = min(start + size - 1, target)
-        blocks = self._fetch(range(start, end + 1))
+        if sources is not None:  # TEMP-WIRING
+            sources.sources_mark_syncing(chain=self.chain, catching_up=behind > 1)
+        try:
+            blocks = self._fetch(range(start, end + 1))
+        except HeightUnavailable as exc:
+            return self._unavailable(state, head, start, end, exc)
         mode = Mode.CATCHING_UP if end < target else Mode.NORMAL
         try:
             with BLOCK_COMMIT.labels(chain=self.chain.slug).time():
                 last = blocks_commit(chain=self.chain, blocks=blocks, lease=self._lease())
         except ReorgDetected as reorg:
-            return self._handle_reorg(reorg, status.catching_up, status.latest_height)
+            return self._handle_reorg(reorg, head)
         except LeaseLost:
             self.grant = None
             return StepResult(False, note="lost the writer lease")
+        except RaceLost:
+            raise  # someone else moved the state row (a rollback): re-read next step
         except Exception as exc:
             self._poison(start, exc)
             raise
         BLOCKS.labels(chain=self.chain.slug).inc(len(blocks))
         IndexerState.objects.filter(chain=self.chain).update(mode=mode, last_error="")
-        return StepResult(True, committed=len(blocks), head=status.latest_height, indexed=last, mode=mode)
+        return StepResult(True, committed=len(blocks), head=head, indexed=last, mode=mode)
 
     # --- pieces ----------------------------------------------------------------------------------------
 
@@ -150,6 +233,7 @@ class IndexerRunner:
             self.grant = lease_renew(grant=self.grant, ttl=LEASE_TTL)
         if self.grant is None:
             self.grant = lease_acquire(name=lease_name(self.chain), holder=self.holder, ttl=LEASE_TTL)
+            self.identity_checked = False  # someone else may have written meanwhile
         return self.grant is not None
 
     def release(self) -> None:
@@ -157,16 +241,35 @@ class IndexerRunner:
             lease_release(grant=self.grant)
             self.grant = None
 
-    def _identity_ok(self, chain_id: str, state: IndexerState) -> bool:
+    def _head(self) -> int:
+        """The best known head: the WebSocket's when it is live, `/status` otherwise and at least
+        every STATUS_EVERY seconds (its catching-up flag guards rollbacks)."""
+        now = time.monotonic()
+        ws = self.watcher.latest() if self.watcher is not None and self.watcher.connected else None
+        if ws is None or now - self._status_at >= STATUS_EVERY or not self.identity_checked:
+            status = self.rpc.status()
+            self._status_at = now
+            self._status_head = status.latest_height
+            self._source_catching_up = status.catching_up
+            self._earliest = status.earliest_height or 1
+            self._status_chain_id = status.chain_id
+        return max(self._status_head, ws[0] if ws is not None else 0)
+
+    def _identity_ok(self, state: IndexerState) -> bool:
         if self.identity_checked:
             return True
         problem = ""
+        chain_id = self._status_chain_id
+        self.chain.refresh_from_db(fields=["fingerprint"])
         if chain_id != self.chain.chain_id:
             problem = f"source reports chain {chain_id!r}, expected {self.chain.chain_id!r}"
         elif self.chain.fingerprint and state.oldest_indexed_height is not None:
             first = self.rpc.block(state.oldest_indexed_height)
             if first.hash != self.chain.fingerprint:
-                problem = f"block {state.oldest_indexed_height} is {first.hash[:16]}…, fingerprint differs"
+                problem = (
+                    f"block {state.oldest_indexed_height} is {first.hash[:16]}…, but the stored "
+                    f"fingerprint is {self.chain.fingerprint[:16]}…"
+                )
         if problem:
             IndexerState.objects.filter(chain=self.chain).update(mode=Mode.HALTED, last_error=problem)
             log.critical("indexer %s halted: %s", self.chain.slug, problem)
@@ -176,8 +279,18 @@ class IndexerRunner:
 
     def _note_head(self, state: IndexerState, head: int) -> None:
         if state.head_height != head:
-            IndexerState.objects.filter(chain=self.chain).update(head_height=head, head_moved_at=clock.now())
-            state.head_height, state.head_moved_at = head, clock.now()
+            now = clock.now()
+            IndexerState.objects.filter(chain=self.chain).update(head_height=head, head_moved_at=now)
+            state.head_height, state.head_moved_at = head, now
+
+    def _sample_lag(self, head: int, indexed: int | None) -> None:
+        now = time.monotonic()
+        if self._lag_sampled_at and now - self._lag_sampled_at < LAG_SAMPLE_EVERY:
+            return
+        self._lag_sampled_at = now
+        at = clock.now()
+        ChainLagSample.objects.create(chain=self.chain, at=at, head_height=head, indexed_height=indexed)
+        ChainLagSample.objects.filter(chain=self.chain, at__lt=at - LAG_SAMPLE_RETENTION).delete()
 
     def _idle_or_normal(self, state: IndexerState) -> str:
         quiet_for = (clock.now() - state.head_moved_at).total_seconds() if state.head_moved_at else 0.0
@@ -186,19 +299,26 @@ class IndexerRunner:
             if quiet_for > IDLE_AFTER_BLOCK_TIMES * self.chain.expected_block_time_seconds
             else Mode.NORMAL
         )
-        IndexerState.objects.filter(chain=self.chain).update(mode=mode)
+        if state.mode != mode or state.last_error:
+            IndexerState.objects.filter(chain=self.chain).update(mode=mode, last_error="")
         return mode
 
     def _fetch(self, heights: range) -> list[IndexedBlock]:
-        def one(height: int) -> IndexedBlock:
-            return IndexedBlock(self.rpc.block(height), self.rpc.block_results(height))
+        return fetch_blocks(self.rpc, heights, max_in_flight=self.chain.max_in_flight)
 
-        if len(heights) == 1:
-            return [one(heights[0])]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.chain.max_in_flight, len(heights)))) as pool:
-            return list(pool.map(one, heights))  # map keeps height order
+    def _unavailable(
+        self, state: IndexerState, head: int, first: int, last: int, exc: HeightUnavailable
+    ) -> StepResult:
+        """No source can serve the range (pruned everywhere): wait here, degraded, and say why."""
+        for name in getattr(exc, "sources", None) or [s.config.name for s in self.rpc.ranked_sources()]:
+            sources.source_range_failed(
+                chain=self.chain, source_name=name, first=first, last=last, error=str(exc)
+            )
+        note = f"heights {first}-{last} are unavailable on every source: {exc}"
+        IndexerState.objects.filter(chain=self.chain).update(mode=Mode.DEGRADED, last_error=note[:2000])
+        return StepResult(True, head=head, indexed=state.last_indexed_height, mode=Mode.DEGRADED, note=note)
 
-    def _handle_reorg(self, reorg: ReorgDetected, source_catching_up: bool, head: int) -> StepResult:
+    def _handle_reorg(self, reorg: ReorgDetected, head: int) -> StepResult:
         state = IndexerState.objects.get(chain=self.chain)
         last = state.last_indexed_height or 0
         floor = max(last - self.chain.finality_depth, (state.oldest_indexed_height or 1) - 1)
@@ -215,12 +335,12 @@ class IndexerRunner:
             reason = f"reorg deeper than the finality depth {self.chain.finality_depth}"
         elif not self.chain.rollback_automation:
             reason = "reorg found but rollback automation is off"
-        elif source_catching_up:
+        elif self._source_catching_up:
             reason = "the source is catching up itself: not trusted for a rollback (false-reorg guard)"
         if reason:
             REORGS.labels(chain=self.chain.slug, outcome="halted").inc()
             IndexerState.objects.filter(chain=self.chain).update(
-                mode=Mode.HALTED, last_error=f"{reorg}; {reason}"
+                mode=Mode.HALTED, last_error=f"{reorg}; {reason}"[:2000]
             )
             log.critical("indexer %s halted: %s", self.chain.slug, reason)
             return StepResult(True, head=head, indexed=last, mode=Mode.HALTED, note=reason)
@@ -235,8 +355,28 @@ class IndexerRunner:
         REORGS.labels(chain=self.chain.slug, outcome="rolled_back").inc()
         ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
         return StepResult(
-            True, head=head, indexed=fork, mode=Mode.NORMAL, note=f"rolled back {removed} blocks"
+            True, head=head, indexed=fork, mode=Mode.NORMAL, note=f"reorg: rolled back {removed} blocks"
         )
+
+    def _operator_rollback(self, state: IndexerState) -> StepResult:
+        to = state.rollback_requested_to
+        assert to is not None
+        removed = blocks_rollback(
+            chain=self.chain,
+            to_height=to,
+            lease=self._lease(),
+            actor=ACTOR,
+            reason=f"requested by {state.rollback_requested_by}: {state.rollback_requested_reason}",
+        )
+        ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
+        # Clear only the request we carried out; a newer one stays for the next step.
+        IndexerState.objects.filter(chain=self.chain, rollback_requested_to=to).update(
+            rollback_requested_to=None, rollback_requested_reason="", rollback_requested_by=""
+        )
+        return StepResult(
+            True, head=state.head_height, indexed=min(to, state.last_indexed_height or to),
+            mode=state.mode, note=f"operator rollback to {to}: removed {removed} blocks",
+        )  # fmt: skip
 
     def _poison(self, height: int, exc: Exception) -> None:
         state = IndexerState.objects.get(chain=self.chain)
@@ -248,23 +388,66 @@ class IndexerRunner:
             last_error=f"height {height}: {exc.__class__.__name__}: {exc}"[:2000],
         )
 
+    def _note_stall(self, exc: Exception) -> None:
+        """Steps keep failing (sources unreachable, database errors): the indexer is stalled."""
+        if self.failed_steps >= STALLED_AFTER_FAILED_STEPS:
+            IndexerState.objects.filter(chain=self.chain).exclude(mode=Mode.HALTED).update(
+                mode=Mode.DEGRADED, last_error=f"{exc.__class__.__name__}: {exc}"[:2000]
+            )
+
+    def _observe_sources(self) -> None:
+        if sources is None:  # TEMP-WIRING
+            return
+        try:
+            sources.sources_observe(
+                chain=self.chain,
+                rpc=self.rpc,
+                ws_connected=self.watcher.connected if self.watcher is not None else None,
+            )
+        except Exception:
+            log.exception("indexer %s: recording source health failed", self.chain.slug)
+
     # --- the loop --------------------------------------------------------------------------------------
 
     def run(
-        self, stop: threading.Event, *, poll: float = 1.0, on_step: Callable[[StepResult], None] | None = None
+        self,
+        stop: threading.Event,
+        *,
+        poll: float = 1.0,
+        on_step: Callable[[StepResult], None] | None = None,
     ) -> None:
+        """Step until `stop` is set (or `stop_at` is indexed). Errors never end the loop: they are
+        logged, counted, and the next step waits a little longer (capped)."""
+        if self.watcher is not None:
+            self.watcher.start()
         try:
             while not stop.is_set():
                 try:
                     result = self.step()
                 except RpcError as exc:
                     log.warning("indexer %s: %s", self.chain.slug, exc)
-                    result = StepResult(self.grant is not None, note=str(exc))
+                    result = StepResult(self.grant is not None, note=f"error: {exc}")
+                except Exception as exc:
+                    log.exception("indexer %s: step failed", self.chain.slug)
+                    result = StepResult(
+                        self.grant is not None, note=f"error: {exc.__class__.__name__}: {exc}"
+                    )
                 if on_step:
                     on_step(result)
                 if self.stop_at is not None and (result.indexed or 0) >= self.stop_at:
                     return
                 if result.committed == 0:
-                    stop.wait(poll)
+                    self._wait(stop, poll * min(2**self.failed_steps, 30), result.indexed)
         finally:
             self.release()
+            if self.watcher is not None:
+                self.watcher.stop()
+
+    def _wait(self, stop: threading.Event, seconds: float, indexed: int | None) -> None:
+        """Sleep until the next step; a new head on the WebSocket ends the wait early."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            latest = self.watcher.latest() if self.watcher is not None and self.watcher.connected else None
+            if latest is not None and indexed is not None and latest[0] - self.chain.head_lag > indexed:
+                return
+            stop.wait(min(0.05 if latest is not None else 0.2, max(deadline - time.monotonic(), 0)))

@@ -134,10 +134,15 @@ def metrics(request: HttpRequest) -> HttpResponse:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not constant_time_compare(supplied, expected):
             return HttpResponse("metrics token required\n", status=401, content_type="text/plain")
+    return HttpResponse(metrics_exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_exposition() -> bytes:
+    """The scrape body, also served by processes with their own port (`indexer_run`)."""
     scrape = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(scrape)
     else:
         scrape.register(_DefaultRegistry())
     scrape.register(_DatabaseCollectors())
-    return HttpResponse(generate_latest(scrape), content_type=CONTENT_TYPE_LATEST)
+    return bytes(generate_latest(scrape))

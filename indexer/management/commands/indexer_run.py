@@ -5,45 +5,126 @@ import signal
 import socket
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections
 
+from fleetops.lib import clock
+from fleetops.observability.context import bound
+from fleetops.observability.models import Lease
+from indexer.ingest import lease_name
 from indexer.models import Chain, IndexerState
-from indexer.runner import IndexerRunner, StepResult, rpc_for
+from indexer.runner import IndexerRunner, StepResult, head_watcher_for, rpc_for
+
+READY_STALE_SECONDS = 60
 
 
 class Command(BaseCommand):
-    help = "Index a chain forever (or up to --stop-at): one writer per chain, elected by a lease."
+    help = (
+        "Index a chain forever (or up to --stop-at): one writer per chain, elected by a lease; "
+        "standbys wait and take over. Also runs the enrichment workers unless --ingest-only."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--chain", required=True, help="chain slug")
+        only = parser.add_mutually_exclusive_group()
+        only.add_argument("--ingest-only", action="store_true", help="no enrichment workers here")
+        only.add_argument("--enrich-only", action="store_true", help="only the enrichment workers")
         parser.add_argument("--stop-at", type=int, default=None, help="stop once this height is indexed")
-        parser.add_argument("--once", action="store_true", help="run one step and exit")
-        parser.add_argument("--poll", type=float, default=1.0, help="seconds between steps when at the tip")
+        parser.add_argument("--once", action="store_true", help="run one ingest step and exit")
+        parser.add_argument("--poll", type=float, default=1.0, help="seconds between steps at the tip")
+        parser.add_argument(
+            "--health-port", type=int, default=None, help="serve /health/live, /health/ready, /metrics here"
+        )
+        parser.add_argument("--no-websocket", action="store_true", help="poll /status only")
 
     def handle(self, *args: Any, **options: Any) -> None:
         chain = Chain.objects.filter(slug=options["chain"]).first()
         if chain is None:
-            raise CommandError(f"no chain {options['chain']!r}")
+            known = ", ".join(Chain.objects.values_list("slug", flat=True)) or "none"
+            raise CommandError(f"no chain {options['chain']!r} (known: {known})")
         if not chain.sources.filter(enabled=True).exists():
             raise CommandError(f"chain {chain.slug} has no enabled sync source")
+        if options["stop_at"] is not None and options["stop_at"] < 1:
+            raise CommandError("--stop-at must be a positive height")
         IndexerState.objects.get_or_create(chain=chain)
         holder = f"{socket.gethostname()}:{os.getpid()}"
-        with rpc_for(chain) as rpc:
-            runner = IndexerRunner(chain, rpc, holder=holder, stop_at=options["stop_at"])
+        stop = threading.Event()
+
+        def on_signal(*_: Any) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        with rpc_for(chain) as rpc, bound(actor=f"command:indexer_run:{chain.slug}"):
+            watcher = None if options["no_websocket"] or options["enrich_only"] else head_watcher_for(chain)
+            runner = IndexerRunner(chain, rpc, holder=holder, stop_at=options["stop_at"], watcher=watcher)
             if options["once"]:
                 try:
                     self._report(runner.step(), time.monotonic(), [0])
                 finally:
                     runner.release()
                 return
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *a: stop.set())
-            signal.signal(signal.SIGINT, lambda *a: stop.set())
+            ingest = not options["enrich_only"]
+            if options["health_port"] is not None:
+                self._serve_health(options["health_port"], chain, holder, ingest)
+            threads = []
+            if not options["ingest_only"] and chain.enrichment_enabled:
+                threads.append(
+                    threading.Thread(
+                        target=self._enrich, args=(chain, stop), name="indexer-enrich", daemon=True
+                    )
+                )
+            for thread in threads:
+                thread.start()
             started, total = time.monotonic(), [0]
-            runner.run(stop, poll=options["poll"], on_step=lambda r: self._report(r, started, total))
+            if ingest:
+                runner.run(stop, poll=options["poll"], on_step=lambda r: self._report(r, started, total))
+                stop.set()
+            else:
+                stop.wait()
+            for thread in threads:
+                thread.join(timeout=10)
         self.stdout.write(self.style.SUCCESS(f"stopped; {total[0]} blocks indexed in this run"))
+
+    def _enrich(self, chain: Chain, stop: threading.Event) -> None:
+        from indexer.enrichment import decoder_for, enrichment_loop
+
+        try:
+            enrichment_loop(chain=chain, stop=stop, decoder_factory=lambda: decoder_for(chain))
+        finally:
+            close_old_connections()
+
+    def _serve_health(self, port: int, chain: Chain, holder: str, ingest: bool) -> None:
+        from indexer.health import HealthServer
+
+        def ready() -> dict[str, str]:
+            problems: dict[str, str] = {}
+            state: Any = (
+                IndexerState.objects.filter(chain=chain).values("mode", "paused").first() or {}
+            )
+            if state.get("mode") == "halted":
+                problems["mode"] = "halted"
+            if not ingest:
+                return problems
+            lease = Lease.objects.filter(name=lease_name(chain)).values("holder", "expires_at").first()
+            if state.get("paused"):
+                return problems  # a paused chain gives its lease up on purpose
+            if lease is None or lease["holder"] != holder or lease["expires_at"] <= clock.now():
+                problems["lease"] = "standby: the writer lease is held elsewhere"
+            fresh = chain.sources.filter(
+                enabled=True, last_success_at__gt=clock.now() - timedelta(seconds=READY_STALE_SECONDS)
+            )
+            if not fresh.exists():
+                problems["sources"] = f"no source answered in the last {READY_STALE_SECONDS} s"
+            return problems
+
+        server = HealthServer(port, ready)
+        server.start()
+        self.stdout.write(f"health on http://127.0.0.1:{port}/health/ready")
 
     def _report(self, result: StepResult, started: float, total: list[int]) -> None:
         total[0] += result.committed
@@ -52,8 +133,10 @@ class Command(BaseCommand):
             return
         if result.committed or result.note:
             lag = (result.head or 0) - (result.indexed or 0)
-            rate = total[0] / max(time.monotonic() - started, 1e-6)
+            elapsed = max(time.monotonic() - started, 1e-6)
+            rate = total[0] / elapsed
+            eta = f", ETA {lag / rate:,.0f}s" if rate > 0 and lag > 0 else ""
             self.stdout.write(
-                f"indexed {result.indexed} / head {result.head} (lag {lag}) mode={result.mode} "
+                f"indexed {result.indexed} / head {result.head} (lag {lag}{eta}) mode={result.mode} "
                 f"+{result.committed} blocks, {rate:,.1f} blocks/s {result.note}".rstrip()
             )

@@ -1,0 +1,276 @@
+"""The ingest loop against the chain simulator on loopback, on real PostgreSQL: catch-up and tip
+commits, reorgs within and beyond the finality depth, the false-reorg guard, halt vs stall, poison
+heights, operator rollback requests, identity checks and malformed responses."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from fleetops.audit.models import AuditEvent
+from fleetops.lib import clock
+from fleetops.observability.leases import lease_acquire
+from indexer.ingest import lease_name
+from indexer.models import Block, Chain, Event, IndexerState, Mode, SyncSource, Transaction
+from indexer.rpc.client import CometRpc, SourceConfig
+from indexer.runner import IndexerRunner
+from indexer.verify import digests_stored, range_checksum
+from simulators.chain.server import serve_in_thread
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def control(url: str, what: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(f"{url}/control/{what}", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def sim() -> Iterator[tuple[Any, str]]:
+    server, simulator, url = serve_in_thread(seed=7)
+    try:
+        yield simulator, url
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def chain(org, sim) -> Chain:
+    _, url = sim
+    chain = Chain.objects.create(
+        org=org, slug="sim", chain_id="fleetops-sim-1", catchup_batch_size=10, finality_depth=16,
+        expected_block_time_seconds=1.0,
+    )  # fmt: skip
+    IndexerState.objects.create(chain=chain)
+    SyncSource.objects.create(chain=chain, name="primary", rpc_url=url, priority=1)
+    return chain
+
+
+def runner_for(chain: Chain, url: str, holder: str = "test-writer", **kwargs: Any) -> IndexerRunner:
+    rpc = CometRpc([SourceConfig("primary", url, 1)], attempts=1, retry_base=0.01)
+    return IndexerRunner(chain, rpc, holder=holder, **kwargs)
+
+
+def run_until_caught_up(runner: IndexerRunner, steps: int = 200) -> None:
+    for _ in range(steps):
+        result = runner.step()
+        if result.mode == Mode.HALTED:
+            return
+        if (
+            result.committed == 0
+            and result.mode in (Mode.NORMAL, Mode.IDLE)
+            and result.indexed == result.head
+        ):
+            return
+    raise AssertionError("did not catch up")
+
+
+def produce(url: str, blocks: int) -> int:
+    """Produce blocks; returns the new head."""
+    control(url, "produce", {"blocks": blocks})
+    return int(control(url, "state", {})["head"])
+
+
+def state(chain: Chain) -> IndexerState:
+    return IndexerState.objects.get(chain=chain)
+
+
+def test_it_catches_up_in_batches_then_commits_one_block_per_step_at_the_tip(chain, sim):
+    _, url = sim
+    head = produce(url, 35)
+    runner = runner_for(chain, url)
+    first = runner.step()
+    assert (first.committed, first.mode) == (10, Mode.CATCHING_UP)
+    run_until_caught_up(runner)
+    assert state(chain).last_indexed_height == head
+    assert Block.objects.filter(chain=chain).count() == head
+    produce(url, 1)
+    tip = runner.step()
+    assert (tip.committed, tip.indexed, tip.mode) == (1, head + 1, Mode.NORMAL)
+    chain.refresh_from_db()
+    assert chain.fingerprint == Block.objects.get(chain=chain, height=1).hash
+
+
+@pytest.mark.parametrize("depth", [1, 10])
+def test_a_reorg_within_the_finality_depth_is_rolled_back_and_reingested(chain, sim, depth):
+    _simulator, url = sim
+    head = produce(url, 30)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    before = Block.objects.get(chain=chain, height=head).hash
+    control(url, "reorg", {"depth": depth})
+    produce(url, 1)
+    run_until_caught_up(runner)
+    assert state(chain).last_indexed_height == head + 1
+    assert Block.objects.get(chain=chain, height=head).hash != before
+    # The stored chain now equals a fresh index of the new branch.
+    hashes = list(Block.objects.filter(chain=chain).order_by("height").values_list("hash", "parent_hash"))
+    assert all(child[1] == parent[0] for parent, child in itertools.pairwise(hashes))
+    audit = AuditEvent.objects.get(action="indexer.rolled_back")
+    assert audit.metadata["depth"] == depth
+
+
+def test_a_reorg_deeper_than_the_finality_depth_halts_and_writes_nothing(chain, sim):
+    _, url = sim
+    head = produce(url, 40)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    rows = (Block.objects.count(), Transaction.objects.count(), Event.objects.count())
+    control(url, "reorg", {"depth": 20})  # finality depth is 16
+    produce(url, 1)
+    result = runner.step()
+    assert result.mode == Mode.HALTED
+    assert "finality" in state(chain).last_error
+    assert (Block.objects.count(), Transaction.objects.count(), Event.objects.count()) == rows
+    assert runner.step().committed == 0  # halted stays halted
+    assert state(chain).last_indexed_height == head
+
+
+def test_a_source_that_is_catching_up_is_not_trusted_for_a_rollback(chain, sim, monkeypatch):
+    _simulator, url = sim
+    head = produce(url, 20)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    control(url, "reorg", {"depth": 2})
+    control(url, "produce", {"blocks": 1})
+    real_status = runner.rpc.status
+
+    def catching_up_status() -> Any:
+        status = real_status()
+        return type(status)(**{**status.__dict__, "catching_up": True})
+
+    monkeypatch.setattr(runner.rpc, "status", catching_up_status)
+    runner._status_at = 0.0  # force a fresh /status on this step
+    result = runner.step()
+    assert result.mode == Mode.HALTED
+    assert "false-reorg guard" in state(chain).last_error
+    assert not AuditEvent.objects.filter(action="indexer.rolled_back").exists()
+    assert state(chain).last_indexed_height == head
+
+
+def test_a_halted_chain_makes_the_indexer_idle_and_it_resumes_by_itself(chain, sim):
+    _, url = sim
+    control(url, "produce", {"blocks": 5})
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    assert runner.step().mode == Mode.NORMAL
+    control(url, "halt", {"halted": True})
+    with clock.frozen(clock.now() + timedelta(seconds=30)):
+        assert runner.step().mode == Mode.IDLE
+    assert state(chain).mode == Mode.IDLE
+    control(url, "halt", {"halted": False})
+    control(url, "produce", {"blocks": 1})
+    result = runner.step()
+    assert (result.committed, result.mode) == (1, Mode.NORMAL)
+
+
+def test_a_chain_id_mismatch_halts_before_any_write(org, sim):
+    _, url = sim
+    control(url, "produce", {"blocks": 3})
+    chain = Chain.objects.create(org=org, slug="wrong", chain_id="someone-else-1")
+    IndexerState.objects.create(chain=chain)
+    result = runner_for(chain, url).step()
+    assert result.mode == Mode.HALTED
+    assert "expected 'someone-else-1'" in state(chain).last_error
+    assert not Block.objects.filter(chain=chain).exists()
+
+
+def test_a_fingerprint_mismatch_halts(chain, sim):
+    _, url = sim
+    control(url, "produce", {"blocks": 3})
+    first = runner_for(chain, url)
+    run_until_caught_up(first)
+    first.release()
+    Chain.objects.filter(pk=chain.pk).update(fingerprint="F" * 64)
+    result = runner_for(chain, url, holder="second").step()
+    assert result.mode == Mode.HALTED
+    assert "fingerprint" in state(chain).last_error
+
+
+def test_a_standby_does_not_write_while_another_holds_the_lease(chain, sim):
+    _, url = sim
+    control(url, "produce", {"blocks": 3})
+    assert lease_acquire(name=lease_name(chain), holder="someone-else", ttl=timedelta(seconds=30))
+    result = runner_for(chain, url).step()
+    assert not result.leader
+    assert not Block.objects.filter(chain=chain).exists()
+
+
+def test_a_height_that_keeps_failing_becomes_the_poison_height_and_the_indexer_waits(chain, sim, monkeypatch):
+    _, url = sim
+    head = produce(url, 4)
+    runner = runner_for(chain, url)
+    import indexer.runner as runner_module
+
+    def broken_commit(**kwargs: Any) -> int:
+        raise ValueError("cannot store this block")
+
+    monkeypatch.setattr(runner_module, "blocks_commit", broken_commit)
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            runner.step()
+    result = runner.step()
+    assert result.mode == Mode.DEGRADED and "poison height 1" in result.note
+    assert (state(chain).poison_height, state(chain).poison_attempts) == (1, 3)
+    monkeypatch.undo()
+    IndexerState.objects.filter(chain=chain).update(poison_attempts=0)  # what retry-poison does
+    run_until_caught_up(runner)
+    assert state(chain).last_indexed_height == head
+    assert state(chain).poison_height is None
+
+
+def test_an_operator_rollback_request_is_carried_out_by_the_writer_and_reingested(chain, sim):
+    _, url = sim
+    head = produce(url, 12)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    checksum = range_checksum(digests_stored(chain=chain, first=1, last=head).values())
+    IndexerState.objects.filter(chain=chain).update(
+        rollback_requested_to=5, rollback_requested_reason="bad decoder", rollback_requested_by="ada"
+    )
+    result = runner.step()
+    assert "operator rollback to 5" in result.note
+    assert state(chain).last_indexed_height == 5 and state(chain).rollback_requested_to is None
+    assert Block.objects.filter(chain=chain, height__gt=5).count() == 0
+    audit = AuditEvent.objects.get(action="indexer.rolled_back")
+    assert "ada" in audit.reason and "bad decoder" in audit.reason
+    run_until_caught_up(runner)
+    assert range_checksum(digests_stored(chain=chain, first=1, last=head).values()) == checksum
+
+
+def test_a_paused_chain_gives_up_the_lease_and_writes_nothing(chain, sim):
+    _, url = sim
+    control(url, "produce", {"blocks": 3})
+    runner = runner_for(chain, url)
+    runner.step()
+    IndexerState.objects.filter(chain=chain).update(paused=True)
+    control(url, "produce", {"blocks": 3})
+    result = runner.step()
+    assert not result.leader and result.note == "paused"
+    assert lease_acquire(name=lease_name(chain), holder="reindex", ttl=timedelta(seconds=5)) is not None
+
+
+def test_malformed_responses_and_errors_do_not_end_the_loop(chain, sim):
+    import threading
+
+    _, url = sim
+    head = produce(url, 5)
+    control(url, "knobs", {"error_rate": 0.5})
+    runner = runner_for(chain, url, stop_at=head)
+    stop = threading.Event()
+    results: list[Any] = []
+    timer = threading.Timer(60, stop.set)
+    timer.start()
+    try:
+        runner.run(stop, poll=0.01, on_step=results.append)
+    finally:
+        timer.cancel()
+    assert state(chain).last_indexed_height == head
+    assert any(r.note.startswith("error") for r in results)
