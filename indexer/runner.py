@@ -106,12 +106,14 @@ class IndexerRunner:
         holder: str,
         stop_at: int | None = None,
         watcher: HeadWatcher | None = None,
+        lease_ttl: timedelta = LEASE_TTL,
     ):
         self.chain = chain
         self.rpc = rpc
         self.holder = holder
         self.stop_at = stop_at
         self.watcher = watcher
+        self.lease_ttl = lease_ttl
         self.grant: LeaseGrant | None = None
         self.identity_checked = False
         self.failed_steps = 0
@@ -230,9 +232,9 @@ class IndexerRunner:
 
     def _hold_lease(self) -> bool:
         if self.grant is not None:
-            self.grant = lease_renew(grant=self.grant, ttl=LEASE_TTL)
+            self.grant = lease_renew(grant=self.grant, ttl=self.lease_ttl)
         if self.grant is None:
-            self.grant = lease_acquire(name=lease_name(self.chain), holder=self.holder, ttl=LEASE_TTL)
+            self.grant = lease_acquire(name=lease_name(self.chain), holder=self.holder, ttl=self.lease_ttl)
             self.identity_checked = False  # someone else may have written meanwhile
         return self.grant is not None
 

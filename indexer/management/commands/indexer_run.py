@@ -16,7 +16,7 @@ from fleetops.observability.context import bound
 from fleetops.observability.models import Lease
 from indexer.ingest import lease_name
 from indexer.models import Chain, IndexerState
-from indexer.runner import IndexerRunner, StepResult, head_watcher_for, rpc_for
+from indexer.runner import LEASE_TTL, IndexerRunner, StepResult, head_watcher_for, rpc_for
 
 READY_STALE_SECONDS = 60
 
@@ -39,6 +39,12 @@ class Command(BaseCommand):
             "--health-port", type=int, default=None, help="serve /health/live, /health/ready, /metrics here"
         )
         parser.add_argument("--no-websocket", action="store_true", help="poll /status only")
+        parser.add_argument(
+            "--lease-ttl",
+            type=float,
+            default=LEASE_TTL.total_seconds(),
+            help="writer lease TTL in seconds: a standby takes over this long after the writer dies",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         chain = Chain.objects.filter(slug=options["chain"]).first()
@@ -47,6 +53,8 @@ class Command(BaseCommand):
             raise CommandError(f"no chain {options['chain']!r} (known: {known})")
         if not chain.sources.filter(enabled=True).exists():
             raise CommandError(f"chain {chain.slug} has no enabled sync source")
+        if options["lease_ttl"] < 1:
+            raise CommandError("--lease-ttl must be at least 1 second")
         if options["stop_at"] is not None and options["stop_at"] < 1:
             raise CommandError("--stop-at must be a positive height")
         IndexerState.objects.get_or_create(chain=chain)
@@ -61,7 +69,14 @@ class Command(BaseCommand):
 
         with rpc_for(chain) as rpc, bound(actor=f"command:indexer_run:{chain.slug}"):
             watcher = None if options["no_websocket"] or options["enrich_only"] else head_watcher_for(chain)
-            runner = IndexerRunner(chain, rpc, holder=holder, stop_at=options["stop_at"], watcher=watcher)
+            runner = IndexerRunner(
+                chain,
+                rpc,
+                holder=holder,
+                stop_at=options["stop_at"],
+                watcher=watcher,
+                lease_ttl=timedelta(seconds=options["lease_ttl"]),
+            )
             if options["once"]:
                 try:
                     self._report(runner.step(), time.monotonic(), [0])
@@ -103,9 +118,7 @@ class Command(BaseCommand):
 
         def ready() -> dict[str, str]:
             problems: dict[str, str] = {}
-            state: Any = (
-                IndexerState.objects.filter(chain=chain).values("mode", "paused").first() or {}
-            )
+            state: Any = IndexerState.objects.filter(chain=chain).values("mode", "paused").first() or {}
             if state.get("mode") == "halted":
                 problems["mode"] = "halted"
             if not ingest:
