@@ -118,12 +118,6 @@ def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -
     return count
 
 
-def _enrichment_ready() -> bool:  # TEMP-WIRING until indexer.enrichment lands
-    import importlib.util
-
-    return importlib.util.find_spec("indexer.enrichment") is not None
-
-
 def _check_batch(blocks: Sequence[IndexedBlock]) -> None:
     if not blocks:
         raise ValidationFailed(BATCH_NOT_CONTIGUOUS)
@@ -167,7 +161,8 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
             EVENT_COLUMNS,
             (row for b in blocks for row in event_rows(chain.pk, b)),
         )
-        if chain.enrichment_enabled and _enrichment_ready():  # TEMP-WIRING
+        if chain.enrichment_enabled:
+            # Imported here: indexer.enrichment builds on IndexedBlock from this module.
             from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
 
             rows["enrichment"] = _copy(
@@ -253,7 +248,8 @@ def blocks_rewrite(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: Lease
         _copy(Block._meta.db_table, BLOCK_COLUMNS, (block_row(chain.pk, b) for b in blocks))
         _copy(Transaction._meta.db_table, TX_COLUMNS, (r for b in blocks for r in tx_rows(chain.pk, b)))
         _copy(Event._meta.db_table, EVENT_COLUMNS, (r for b in blocks for r in event_rows(chain.pk, b)))
-        if chain.enrichment_enabled and _enrichment_ready():  # TEMP-WIRING
+        if chain.enrichment_enabled:
+            # Imported here: indexer.enrichment builds on IndexedBlock from this module.
             from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
 
             _copy(

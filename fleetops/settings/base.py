@@ -206,6 +206,12 @@ FLEETOPS_GATEWAY_TIMEOUT_SECONDS = env_int("FLEET_GATEWAY_TIMEOUT_SECONDS", 10, 
 FLEETOPS_GATEWAY_CONCURRENCY = env_int("FLEET_GATEWAY_CONCURRENCY", 4, min_value=1, max_value=64)
 FLEETOPS_CURTAIL_CHUNK_SIZE = env_int("CURTAIL_CHUNK_SIZE", 100, min_value=1, max_value=5000)
 FLEETOPS_TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7, min_value=1)
+# Indexer enrichment: the payload decoder (unset: the chain's best source serves /decode), decode
+# attempts before `failed`, and how long a claim holds a row before a crashed worker's rows return.
+FLEETOPS_INDEXER_DECODER_URL = env_str("INDEXER_DECODER_URL", "")
+FLEETOPS_INDEXER_DECODER_TIMEOUT_SECONDS = env_int("INDEXER_DECODER_TIMEOUT_SECONDS", 5, min_value=1)
+FLEETOPS_INDEXER_ENRICHMENT_MAX_ATTEMPTS = env_int("INDEXER_ENRICHMENT_MAX_ATTEMPTS", 5, min_value=1)
+FLEETOPS_INDEXER_ENRICHMENT_LEASE_SECONDS = env_int("INDEXER_ENRICHMENT_LEASE_SECONDS", 300, min_value=10)
 
 # --- Logging --------------------------------------------------------------------------------------
 LOG_FORMAT = env_choice("LOG_FORMAT", ("json", "text"), "json")

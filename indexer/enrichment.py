@@ -1,0 +1,478 @@
+"""Enrichment: events whose payload needs the external decoder, decoded after ingest by workers.
+
+Ingest writes one `pending` row per such event inside the block transaction (`enrichment_rows_for`,
+same identity as the event) and never waits for the decoder, so an outage never slows ingest.
+
+A worker round (`enrichment_run_once`):
+1. claim: in one short transaction, lock due rows with SKIP LOCKED and push their `next_attempt_at`
+   to now + lease. That timestamp is the claim's token: other workers skip the rows (not due) until
+   the lease runs out, which is also how a crashed worker's rows come back;
+2. decode outside any transaction, with bounded concurrency;
+3. verdicts in one set-based UPDATE per chunk, each row compare-and-set on (id, status, attempts,
+   token): ok | retrying (attempts + 1, backoff with jitter) | failed (max attempts) | undecodable.
+   A row refused by the CAS was taken over or deleted by a rollback: counted as race_lost, never
+   written. Rows the open breaker refused without HTTP are released without counting an attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Count, F
+
+from fleetops.lib import clock
+from fleetops.lib.backoff import backoff_delay
+from fleetops.lib.cas import note_race_lost
+from fleetops.lib.errors import ValidationFailed
+from fleetops.observability.heartbeats import heartbeat_beat
+from indexer.decoder import BreakerOpen, BreakerState, DecoderClient, DecoderUnavailable, Undecodable
+from indexer.ingest import IndexedBlock
+from indexer.metrics import ENRICHMENT, ENRICHMENT_ROUND, ENRICHMENT_ROUND_FAILURES
+from indexer.models import ENRICHMENT_CLAIMABLE, Chain, Enrichment, EnrichmentStatus, Phase
+from indexer.rpc import parse
+
+log = logging.getLogger(__name__)
+
+ENRICHMENT_COPY_COLUMNS: tuple[str, ...] = (
+    "chain_id",
+    "height",
+    "phase",
+    "tx_index",
+    "event_index",
+    "encoding",
+    "payload",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "decoded",
+    "updated_at",
+)
+# Event types whose `data` attribute only the external decoder understands (the simulator's
+# `payload` events carry `encoding=sim-hex`).
+DECODER_EVENT_TYPES = frozenset({"payload"})
+
+BACKOFF_BASE_SECONDS = 10.0
+BACKOFF_CAP_SECONDS = 3600.0
+MIN_RETRY_SECONDS = 1.0
+VERDICT_CHUNK = 500
+TICK_BUDGET_SECONDS = 5.0
+ERROR_LIMIT = 1000
+
+NO_DECODER_URL = "no decoder: set INDEXER_DECODER_URL or give the chain an enabled sync source"
+OUTCOMES = ("claimed", "ok", "retrying", "failed", "undecodable", "released", "race_lost", "breaker_open")
+
+_rng = random.Random()  # noqa: S311 - jitter, not cryptography
+
+
+# --- ingest side --------------------------------------------------------------------------------------
+
+
+def _decoder_input(event: parse.Event) -> tuple[str, str] | None:
+    """(encoding, data) when the event needs the decoder."""
+    if event.type not in DECODER_EVENT_TYPES:
+        return None
+    attributes: dict[str, str] = {}
+    for attribute in event.attributes:
+        attributes.setdefault(attribute.key, attribute.value)
+    data = attributes.get("data", "")
+    if not data:
+        return None
+    return attributes.get("encoding", "")[:40], data
+
+
+def enrichment_rows_for(
+    chain_id: int, item: IndexedBlock, *, now: datetime | None = None
+) -> list[tuple[Any, ...]]:
+    """Pending Enrichment rows (in `ENRICHMENT_COPY_COLUMNS` order) for the block's events that need
+    the decoder. Identities (height, phase, tx_index, event_index) walk the events exactly like
+    `indexer.ingest.event_rows`, so each row points at its stored event."""
+    # Due at once: a set `next_attempt_at` keeps the claim query a range scan on the partial index.
+    at = now or clock.now()
+    height, results = item.height, item.results
+    located: list[tuple[str, int | None, int, parse.Event]] = [
+        (phase.value, None, i, event)
+        for phase, events in (
+            (Phase.BEGIN_BLOCK, results.begin_block_events),
+            (Phase.END_BLOCK, results.end_block_events),
+            (Phase.FINALIZE_BLOCK, results.finalize_block_events),
+        )
+        for i, event in enumerate(events)
+    ]
+    located += [
+        (Phase.TX.value, tx.index, i, event) for tx in results.txs for i, event in enumerate(tx.events)
+    ]
+    rows: list[tuple[Any, ...]] = []
+    for phase, tx_index, event_index, event in located:
+        wanted = _decoder_input(event)
+        if wanted is None:
+            continue
+        encoding, data = wanted
+        identity = (chain_id, height, phase, tx_index, event_index)
+        rows.append((*identity, encoding, data, EnrichmentStatus.PENDING.value, 0, at, "", None, at))
+    return rows
+
+
+# --- claim ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    status: str
+    attempts: int
+    payload: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    chain_id: int
+    token: datetime  # the next_attempt_at this claim wrote; verdicts are fenced on it
+    rows: list[ClaimedRow]
+
+
+def _lease_seconds(lease_seconds: float | None) -> float:
+    return float(
+        lease_seconds if lease_seconds is not None else settings.FLEETOPS_INDEXER_ENRICHMENT_LEASE_SECONDS
+    )
+
+
+def enrichment_claim(
+    *, chain: Chain, limit: int = 200, now: datetime | None = None, lease_seconds: float | None = None
+) -> Claim:
+    """Claim up to `limit` due rows for one worker, committed before any decoding starts."""
+    at = now or clock.now()
+    token = at + timedelta(seconds=_lease_seconds(lease_seconds))
+    fields = ("id", "status", "attempts", "payload")
+    due = Enrichment.objects.select_for_update(skip_locked=True).filter(
+        chain=chain, status__in=ENRICHMENT_CLAIMABLE
+    )
+    with transaction.atomic():
+        # Two range scans on the partial index instead of one `ORDER BY ... NULLS FIRST` it cannot
+        # serve: never-scheduled rows (NULL) first, then the most overdue.
+        picked = list(
+            due.filter(next_attempt_at__isnull=True)
+            # The order is moot among NULLs; it steers the planner to the partial index's NULL end
+            # instead of filtering every pending row of the chain.
+            .order_by(F("next_attempt_at").desc(nulls_first=True))
+            .values_list(*fields)[:limit]
+        )
+        if len(picked) < limit:
+            picked += list(
+                due.filter(next_attempt_at__lte=at)
+                .order_by("next_attempt_at", "id")
+                .values_list(*fields)[: limit - len(picked)]
+            )
+        if picked:
+            Enrichment.objects.filter(id__in=[row[0] for row in picked]).update(next_attempt_at=token)
+    return Claim(chain_id=chain.pk, token=token, rows=[ClaimedRow(*row) for row in picked])
+
+
+# --- decode ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    row: ClaimedRow
+    outcome: str  # ok | unavailable | undecodable | released
+    decoded: dict[str, Any] | None = None
+    error: str = ""
+
+
+def _decode_one(decoder: DecoderClient, row: ClaimedRow) -> Verdict:
+    try:
+        return Verdict(row, "ok", decoded=decoder.decode(row.payload))
+    except BreakerOpen as exc:
+        return Verdict(row, "released", error=str(exc))
+    except Undecodable as exc:
+        return Verdict(row, "undecodable", error=str(exc))
+    except DecoderUnavailable as exc:
+        return Verdict(row, "unavailable", error=str(exc))
+    except Exception as exc:
+        # A bug must not strand the claim until the lease runs out: the row retries and, if it keeps
+        # failing, ends `failed` where an operator sees it.
+        log.exception("decoding enrichment %s failed unexpectedly", row.id)
+        return Verdict(row, "unavailable", error=f"{exc.__class__.__name__}: {exc}")
+
+
+def enrichment_decode(
+    *, decoder: DecoderClient, rows: Sequence[ClaimedRow], concurrency: int = 4
+) -> list[Verdict]:
+    """Decode outside any transaction, at most `concurrency` requests at a time."""
+    if not rows:
+        return []
+    verdicts: list[Verdict] = []
+    rest = list(rows)
+    if decoder.breaker.state is not BreakerState.CLOSED:
+        # Half-open: one probe decides whether the others go out at all.
+        verdicts.append(_decode_one(decoder, rest.pop(0)))
+    if len(rest) <= 1 or concurrency <= 1:
+        verdicts += [_decode_one(decoder, row) for row in rest]
+        return verdicts
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(rest)), thread_name_prefix="decode") as pool:
+        verdicts += pool.map(lambda row: _decode_one(decoder, row), rest)
+    return verdicts
+
+
+# --- verdicts -----------------------------------------------------------------------------------------
+
+_VERDICT_ROW = "(%s::bigint, %s::varchar, %s::integer, %s::varchar, %s::timestamptz, %s::text, %s::jsonb)"
+_VERDICT_SQL = """
+UPDATE {table} AS e
+SET status = v.status, attempts = e.attempts + 1, next_attempt_at = v.next_attempt_at,
+    last_error = v.last_error, decoded = v.decoded, updated_at = %s
+FROM (VALUES {rows})
+    AS v(id, expected_status, expected_attempts, status, next_attempt_at, last_error, decoded)
+WHERE e.id = v.id AND e.chain_id = %s AND e.status = v.expected_status
+  AND e.attempts = v.expected_attempts AND e.next_attempt_at = %s
+RETURNING e.id, e.status
+"""
+
+
+def _written_row(verdict: Verdict, *, at: datetime, max_attempts: int, rng: random.Random) -> tuple[Any, ...]:
+    row = verdict.row
+    attempt = row.attempts + 1
+    decoded = None
+    next_at: datetime | None = None
+    if verdict.outcome == "ok":
+        status, error = EnrichmentStatus.OK, ""
+        decoded = json.dumps(verdict.decoded)
+    elif verdict.outcome == "undecodable":
+        status, error = EnrichmentStatus.UNDECODABLE, verdict.error
+    elif attempt >= max_attempts:
+        status, error = EnrichmentStatus.FAILED, verdict.error
+    else:
+        status, error = EnrichmentStatus.RETRYING, verdict.error
+        delay = backoff_delay(attempt, base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS, rng=rng)
+        next_at = at + timedelta(seconds=max(MIN_RETRY_SECONDS, delay))
+    return (row.id, row.status, row.attempts, status.value, next_at, error[:ERROR_LIMIT], decoded)
+
+
+def enrichment_record(
+    *,
+    chain: Chain,
+    claim: Claim,
+    verdicts: Sequence[Verdict],
+    now: datetime | None = None,
+    max_attempts: int | None = None,
+    release_at: datetime | None = None,
+    rng: random.Random | None = None,
+) -> dict[str, int]:
+    """Write the verdicts of one claim by compare-and-set; returns counts by outcome."""
+    at = now or clock.now()
+    limit = max_attempts if max_attempts is not None else settings.FLEETOPS_INDEXER_ENRICHMENT_MAX_ATTEMPTS
+    counts = dict.fromkeys(OUTCOMES, 0)
+    released = [v.row.id for v in verdicts if v.outcome == "released"]
+    written = [
+        _written_row(v, at=at, max_attempts=limit, rng=rng or _rng)
+        for v in verdicts
+        if v.outcome != "released"
+    ]
+    table = Enrichment._meta.db_table
+    with connection.cursor() as cursor:
+        for start in range(0, len(written), VERDICT_CHUNK):
+            chunk = written[start : start + VERDICT_CHUNK]
+            sql = _VERDICT_SQL.format(table=table, rows=", ".join([_VERDICT_ROW] * len(chunk)))
+            params: list[Any] = [at, *(value for row in chunk for value in row), claim.chain_id, claim.token]
+            cursor.execute(sql, params)
+            for _, status in cursor.fetchall():
+                counts[status] += 1
+    if released:
+        # Back when this worker's breaker lets calls through again; another worker's breaker may
+        # already be closed, so the rows do not wait for the whole lease.
+        counts["released"] = Enrichment.objects.filter(
+            id__in=released, next_attempt_at=claim.token, status__in=ENRICHMENT_CLAIMABLE
+        ).update(next_attempt_at=max(release_at or at, at))
+    lost = len(verdicts) - sum(counts[k] for k in ("ok", "retrying", "failed", "undecodable", "released"))
+    if lost:
+        note_race_lost("enrichment_verdict", expected=len(verdicts), changed=len(verdicts) - lost)
+        counts["race_lost"] = lost
+    for outcome in ("ok", "retrying", "failed", "undecodable", "released", "race_lost"):
+        if counts[outcome]:
+            ENRICHMENT.labels(chain=chain.slug, outcome=outcome).inc(counts[outcome])
+    return counts
+
+
+# --- one round, the loop, the tick --------------------------------------------------------------------
+
+
+def enrichment_run_once(
+    *,
+    chain: Chain,
+    decoder: DecoderClient,
+    limit: int = 200,
+    concurrency: int = 4,
+    now: datetime | None = None,
+    max_attempts: int | None = None,
+    lease_seconds: float | None = None,
+) -> dict[str, int]:
+    """One claim-decode-verdict round over up to `limit` due rows; counts by outcome (`OUTCOMES`).
+    Safe with any number of workers at once: claims are disjoint and verdicts fenced."""
+    started = time.monotonic()
+    counts = dict.fromkeys(OUTCOMES, 0)
+    if decoder.breaker.state is BreakerState.OPEN:
+        # Claiming only to release again would churn rows; the breaker's cool-down is the wait.
+        counts["breaker_open"] = 1
+        return counts
+    claim = enrichment_claim(chain=chain, limit=limit, now=now, lease_seconds=lease_seconds)
+    if claim.rows:
+        verdicts = enrichment_decode(decoder=decoder, rows=claim.rows, concurrency=concurrency)
+        at = now or clock.now()
+        counts.update(
+            enrichment_record(
+                chain=chain,
+                claim=claim,
+                verdicts=verdicts,
+                now=at,
+                max_attempts=max_attempts,
+                release_at=at + timedelta(seconds=decoder.breaker.retry_in()),
+            )
+        )
+    counts["claimed"] = len(claim.rows)
+    counts["breaker_open"] = int(decoder.breaker.state is BreakerState.OPEN)
+    ENRICHMENT_ROUND.labels(chain=chain.slug).observe(time.monotonic() - started)
+    return counts
+
+
+def enrichment_backlog(*, chain: Chain, include_ok: bool = False) -> dict[str, int]:
+    """Rows per status, every status present. `ok` (which grows forever) only when asked for: the
+    backlog is what still needs work or an operator."""
+    statuses = [s for s in EnrichmentStatus.values if include_ok or s != EnrichmentStatus.OK]
+    backlog = dict.fromkeys(statuses, 0)
+    rows = (
+        Enrichment.objects.filter(chain=chain, status__in=statuses)
+        .values_list("status")
+        .annotate(n=Count("*"))
+        .order_by()
+    )
+    backlog.update(dict(rows))
+    return backlog
+
+
+def decoder_url_for(chain: Chain) -> str:
+    configured: str = settings.FLEETOPS_INDEXER_DECODER_URL
+    if configured:
+        return configured
+    source = chain.sources.filter(enabled=True).order_by("priority", "name").first()
+    if source is None:
+        raise ValidationFailed(NO_DECODER_URL)
+    return source.rpc_url
+
+
+def decoder_for(chain: Chain) -> DecoderClient:
+    """A new client for the chain's decoder (the caller closes it)."""
+    return DecoderClient(
+        decoder_url_for(chain),
+        timeout=float(settings.FLEETOPS_INDEXER_DECODER_TIMEOUT_SECONDS),
+        name=chain.slug,
+    )
+
+
+def enrichment_round(
+    *, chain: Chain, decoder: DecoderClient, limit: int = 200, concurrency: int = 4
+) -> dict[str, int]:
+    """`enrichment_run_once` plus the loop's heartbeat; a failing round is logged, counted and
+    reported (`error` = 1), never raised, so the loop keeps going."""
+    started = time.monotonic()
+    try:
+        counts = enrichment_run_once(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+    except DatabaseError as exc:
+        log.exception("enrichment round for %s failed", chain.slug)
+        ENRICHMENT_ROUND_FAILURES.labels(chain=chain.slug).inc()
+        # A broken connection must not poison every later round of a long-running loop.
+        connection.close_if_unusable_or_obsolete()
+        try:
+            heartbeat_beat(
+                name=f"indexer.enrich.{chain.slug}",
+                ok=False,
+                duration=time.monotonic() - started,
+                error=repr(exc),
+            )
+        except DatabaseError:
+            connection.close_if_unusable_or_obsolete()
+        return {**dict.fromkeys(OUTCOMES, 0), "error": 1}
+    heartbeat_beat(
+        name=f"indexer.enrich.{chain.slug}",
+        ok=True,
+        duration=time.monotonic() - started,
+        details={k: v for k, v in counts.items() if v},
+    )
+    return counts
+
+
+def enrichment_loop(
+    *,
+    chain: Chain,
+    stop: threading.Event,
+    decoder_factory: Callable[[], DecoderClient],
+    poll: float = 1.0,
+    on_round: Callable[[dict[str, int]], None] | None = None,
+    limit: int = 200,
+    concurrency: int = 4,
+) -> None:
+    """Run rounds until `stop` is set: back to back while rounds come back full, `poll` apart
+    otherwise. Pausing enrichment on the chain (`enrichment_enabled`) is honoured every round."""
+    decoder = decoder_factory()
+    try:
+        while not stop.is_set():
+            chain.refresh_from_db(fields=["enrichment_enabled"])
+            if not chain.enrichment_enabled:
+                stop.wait(poll)
+                continue
+            counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+            if on_round is not None:
+                on_round(counts)
+            if counts["claimed"] < limit or counts.get("error"):
+                stop.wait(poll)
+    finally:
+        decoder.close()
+
+
+_shared: dict[str, DecoderClient] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_decoder(chain: Chain) -> DecoderClient:
+    """One client per decoder URL per process, so a Celery worker's breaker outlives a single task."""
+    url = decoder_url_for(chain)
+    with _shared_lock:
+        if url not in _shared:
+            _shared[url] = DecoderClient(
+                url, timeout=float(settings.FLEETOPS_INDEXER_DECODER_TIMEOUT_SECONDS), name=chain.slug
+            )
+        return _shared[url]
+
+
+def enrichment_tick(
+    *, limit: int = 200, concurrency: int = 4, budget_seconds: float = TICK_BUDGET_SECONDS
+) -> dict[str, dict[str, int]]:
+    """Short enrichment work for every chain with enrichment on (the beat task). Rounds repeat
+    while they come back full, within `budget_seconds` per chain. Safe to run twice at once."""
+    totals: dict[str, dict[str, int]] = {}
+    for chain in Chain.objects.filter(enrichment_enabled=True).order_by("slug"):
+        try:
+            decoder = shared_decoder(chain)
+        except ValidationFailed:
+            log.warning("enrichment for %s skipped: %s", chain.slug, NO_DECODER_URL)
+            continue
+        total = dict.fromkeys(OUTCOMES, 0)
+        deadline = time.monotonic() + budget_seconds
+        while True:
+            counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+            for key, value in counts.items():
+                total[key] = total.get(key, 0) + value
+            if counts["claimed"] < limit or counts.get("error") or time.monotonic() >= deadline:
+                break
+        totals[chain.slug] = total
+    return totals
