@@ -35,17 +35,12 @@ from fleetops.lib import clock
 from fleetops.lib.errors import RaceLost
 from fleetops.observability.heartbeats import heartbeat_beat
 from fleetops.observability.leases import LeaseGrant, LeaseLost, lease_acquire, lease_release, lease_renew
+from indexer import sources
 from indexer.ingest import IndexedBlock, ReorgDetected, blocks_commit, blocks_rollback, lease_name
 from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
 from indexer.models import Block, Chain, ChainLagSample, IndexerState, Mode
 from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError, SourceConfig
-
-try:  # TEMP-WIRING: until indexer.sources and indexer.rpc.ws land
-    from indexer import sources
-    from indexer.rpc.ws import HeadWatcher
-except ImportError:  # pragma: no cover
-    sources = None  # type: ignore[assignment]
-    HeadWatcher = None  # type: ignore[assignment,misc]
+from indexer.rpc.ws import HeadWatcher
 
 log = logging.getLogger(__name__)
 ACTOR = Actor.system("indexer")
@@ -92,8 +87,6 @@ def fetch_blocks(rpc: CometRpc, heights: range, *, max_in_flight: int) -> list[I
 def head_watcher_for(chain: Chain) -> HeadWatcher | None:
     """Subscribe to new block headers on the best source that has a WebSocket URL."""
     source = chain.sources.filter(enabled=True).exclude(websocket_url="").order_by("priority").first()
-    if HeadWatcher is None:  # TEMP-WIRING
-        return None
     return HeadWatcher(source.websocket_url) if source is not None else None
 
 
@@ -121,6 +114,7 @@ class IndexerRunner:
         self._status_head = 0
         self._source_catching_up = False
         self._earliest = 1
+        self._fresh_start = 1
         self._status_chain_id = ""
         self._lag_sampled_at = 0.0
 
@@ -182,10 +176,13 @@ class IndexerRunner:
         target = head - self.chain.head_lag
         if self.stop_at is not None:
             target = min(target, self.stop_at)
-        start = (state.last_indexed_height or max(self._earliest, 1) - 1) + 1
+        # A fresh index starts at height 1 and fails over to an archive source when the preferred one
+        # is pruned; only when every source lacks the history does it start at the lowest they have.
+        start = (state.last_indexed_height or self._fresh_start - 1) + 1
         if start > target:
-            if sources is not None:  # TEMP-WIRING
-                sources.sources_mark_syncing(chain=self.chain, catching_up=False)
+            sources.sources_mark_syncing(
+                chain=self.chain, catching_up=False, source_name=self.rpc.last_source
+            )
             mode = self._idle_or_normal(state)
             return StepResult(True, head=head, indexed=state.last_indexed_height, mode=mode)
         if (
@@ -200,8 +197,9 @@ class IndexerRunner:
         behind = target - start + 1
         size = self.chain.catchup_batch_size if behind > self.chain.catchup_batch_size else 1
         end = min(start + size - 1, target)
-        if sources is not None:  # TEMP-WIRING
-            sources.sources_mark_syncing(chain=self.chain, catching_up=behind > 1)
+        sources.sources_mark_syncing(
+            chain=self.chain, catching_up=behind > 1, source_name=self.rpc.last_source
+        )
         try:
             blocks = self._fetch(range(start, end + 1))
         except HeightUnavailable as exc:
@@ -311,7 +309,13 @@ class IndexerRunner:
     def _unavailable(
         self, state: IndexerState, head: int, first: int, last: int, exc: HeightUnavailable
     ) -> StepResult:
-        """No source can serve the range (pruned everywhere): wait here, degraded, and say why."""
+        """No source can serve the range (pruned everywhere): wait here, degraded, and say why. A
+        fresh index moves its start up to the lowest height a source still has instead."""
+        if state.last_indexed_height is None and exc.lowest is not None and exc.lowest > first:
+            self._fresh_start = exc.lowest
+            note = f"history below {exc.lowest} is pruned on every source: indexing from {exc.lowest}"
+            log.warning("indexer %s: %s", self.chain.slug, note)
+            return StepResult(True, head=head, indexed=None, mode=Mode.CATCHING_UP, note=note)
         for name in getattr(exc, "sources", None) or [s.config.name for s in self.rpc.ranked_sources()]:
             sources.source_range_failed(
                 chain=self.chain, source_name=name, first=first, last=last, error=str(exc)
@@ -371,13 +375,22 @@ class IndexerRunner:
             reason=f"requested by {state.rollback_requested_by}: {state.rollback_requested_reason}",
         )
         ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
-        # Clear only the request we carried out; a newer one stays for the next step.
+        # Clear only the request we carried out; a newer one stays for the next step. An operator's
+        # rollback is also the way out of `halted` (a reorg deeper than finality): ingest resumes
+        # from the chosen height, and the identity is checked again first.
         IndexerState.objects.filter(chain=self.chain, rollback_requested_to=to).update(
             rollback_requested_to=None, rollback_requested_reason="", rollback_requested_by=""
         )
+        mode = state.mode
+        if mode == Mode.HALTED:
+            IndexerState.objects.filter(chain=self.chain, mode=Mode.HALTED).update(
+                mode=Mode.CATCHING_UP, last_error=""
+            )
+            self.identity_checked = False
+            mode = Mode.CATCHING_UP
         return StepResult(
             True, head=state.head_height, indexed=min(to, state.last_indexed_height or to),
-            mode=state.mode, note=f"operator rollback to {to}: removed {removed} blocks",
+            mode=mode, note=f"operator rollback to {to}: removed {removed} blocks",
         )  # fmt: skip
 
     def _poison(self, height: int, exc: Exception) -> None:
@@ -398,13 +411,15 @@ class IndexerRunner:
             )
 
     def _observe_sources(self) -> None:
-        if sources is None:  # TEMP-WIRING
-            return
+        if self.grant is None:
+            return  # the writer records source health; a standby would race it
+        latest = self.watcher.latest() if self.watcher is not None else None
         try:
             sources.sources_observe(
                 chain=self.chain,
                 rpc=self.rpc,
                 ws_connected=self.watcher.connected if self.watcher is not None else None,
+                ws_head=latest[0] if latest is not None else None,
             )
         except Exception:
             log.exception("indexer %s: recording source health failed", self.chain.slug)
@@ -422,6 +437,7 @@ class IndexerRunner:
         logged, counted, and the next step waits a little longer (capped)."""
         if self.watcher is not None:
             self.watcher.start()
+        sources.sources_ensure_rows(chain=self.chain, rpc=self.rpc)
         try:
             while not stop.is_set():
                 try:
@@ -441,6 +457,8 @@ class IndexerRunner:
                 if result.committed == 0:
                     self._wait(stop, poll * min(2**self.failed_steps, 30), result.indexed)
         finally:
+            if self.grant is not None:
+                sources.sources_release(chain=self.chain)
             self.release()
             if self.watcher is not None:
                 self.watcher.stop()

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "fleetops.access",
     "fleetops.audit",
     "fleetops.api",
+    "fleetops.notifications",
     "curtailment",
     "migrations_app.apps.MigrationsAppConfig",
     "indexer",
@@ -212,6 +213,24 @@ FLEETOPS_INDEXER_DECODER_URL = env_str("INDEXER_DECODER_URL", "")
 FLEETOPS_INDEXER_DECODER_TIMEOUT_SECONDS = env_int("INDEXER_DECODER_TIMEOUT_SECONDS", 5, min_value=1)
 FLEETOPS_INDEXER_ENRICHMENT_MAX_ATTEMPTS = env_int("INDEXER_ENRICHMENT_MAX_ATTEMPTS", 5, min_value=1)
 FLEETOPS_INDEXER_ENRICHMENT_LEASE_SECONDS = env_int("INDEXER_ENRICHMENT_LEASE_SECONDS", 300, min_value=10)
+# Key re-stake lifecycle (migrations_app.keys): attempt limit, retry backoff (base x2, capped, full
+# jitter), claim batch and lease, verification window, and the cool-down auto-reset of failed keys
+# (0 = off: failed keys wait for an operator's retry).
+FLEETOPS_KEYS_MAX_ATTEMPTS = env_int("KEYS_MAX_ATTEMPTS", 5, min_value=1, max_value=100)
+FLEETOPS_KEYS_BACKOFF_BASE_SECONDS = env_int("KEYS_BACKOFF_BASE_SECONDS", 30, min_value=1)
+FLEETOPS_KEYS_BACKOFF_CAP_SECONDS = env_int("KEYS_BACKOFF_CAP_SECONDS", 1800, min_value=1)
+FLEETOPS_KEYS_CLAIM_BATCH = env_int("KEYS_CLAIM_BATCH", 100, min_value=1, max_value=5000)
+FLEETOPS_KEYS_CLAIM_LEASE_SECONDS = env_int("KEYS_CLAIM_LEASE_SECONDS", 120, min_value=5)
+FLEETOPS_KEYS_BROADCAST_CONCURRENCY = env_int("KEYS_BROADCAST_CONCURRENCY", 4, min_value=1, max_value=64)
+FLEETOPS_KEYS_TX_EXPIRATION_BLOCKS = env_int("KEYS_TX_EXPIRATION_BLOCKS", 30, min_value=1)
+FLEETOPS_KEYS_VERIFY_BATCH = env_int("KEYS_VERIFY_BATCH", 500, min_value=1, max_value=10000)
+FLEETOPS_KEYS_COOLDOWN_RESET_SECONDS = env_int("KEYS_COOLDOWN_RESET_SECONDS", 0, min_value=0)
+FLEETOPS_KEYS_STUCK_SECONDS = env_int("KEYS_STUCK_SECONDS", 600, min_value=1)
+FLEETOPS_KEYS_RPC_TIMEOUT_SECONDS = env_int("KEYS_RPC_TIMEOUT_SECONDS", 10, min_value=1)
+# Notifications: webhook timeout and send attempts before a delivery is marked `error`.
+FLEETOPS_NOTIFICATION_TIMEOUT_SECONDS = env_int("NOTIFICATION_TIMEOUT_SECONDS", 5, min_value=1)
+FLEETOPS_NOTIFICATION_MAX_ATTEMPTS = env_int("NOTIFICATION_MAX_ATTEMPTS", 5, min_value=1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "fleetops@localhost")
 
 # --- Logging --------------------------------------------------------------------------------------
 LOG_FORMAT = env_choice("LOG_FORMAT", ("json", "text"), "json")
@@ -240,6 +259,10 @@ def build_logging(fmt: str, level: str) -> dict[str, object]:
         "loggers": {
             "django.db.backends": {"level": "WARNING"},
             "axes": {"level": "WARNING"},
+            # One INFO line per HTTP request to a fleet gateway, RPC node or decoder drowns the log;
+            # the clients log their own failures and count every request in metrics.
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
         },
     }
 

@@ -5,6 +5,11 @@ A source that fails is backed off (5 s doubling to 1 h) and the next best source
 a 429 parks the source for its Retry-After. `height ... is not available` is a fact about that
 source's history (pruned, or not there yet), not an outage: the next source is asked, and if none
 has it the caller gets HeightUnavailable.
+
+Per-source health stays in memory (monotonic times drive the backoff; wall-clock times from
+`fleetops.lib.clock` are kept beside them for the SyncSource rows that `indexer.sources` writes after
+every step), together with each source's head from `/status` and the pruned heights it could not
+serve, so the status machine can tell a lagging or pruned source from a healthy one.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
 
+from fleetops.lib import clock as wallclock
 from fleetops.lib.backoff import backoff_delay
 from indexer.metrics import RPC_LATENCY, RPC_REQUESTS
 from indexer.rpc import parse
@@ -29,7 +36,13 @@ T = TypeVar("T")
 
 SOURCE_BACKOFF_BASE = 5.0
 SOURCE_BACKOFF_CAP = 3600.0
+PROBE_INTERVAL = 5.0  # seconds between /status probes of one source (head tracking of every source)
+RECENT_WINDOW = 50  # request outcomes kept per source for the error rate
+LATENCY_SMOOTHING = 0.3  # weight of the newest sample in the moving average
 _HEIGHT_UNAVAILABLE = re.compile(r"(is not available|must be less than or equal to|lowest height is)", re.I)
+# Below the source's history (pruned), as opposed to above its head (not there yet).
+_PRUNED = re.compile(r"is not available|lowest height is", re.I)
+_LOWEST = re.compile(r"lowest height is (\d+)", re.I)
 
 
 class RpcError(Exception):
@@ -47,7 +60,19 @@ class RpcRateLimited(RpcUnavailable):
 
 
 class HeightUnavailable(RpcError):
-    """No source can serve the height (pruned below, or above its head)."""
+    """No source can serve the height (pruned below, or above its head). `sources` names the sources
+    that answered without it; `lowest` is the lowest height one of them said it still has."""
+
+    def __init__(self, message: str, *, sources: Sequence[str] = (), lowest: int | None = None):
+        super().__init__(message)
+        self.sources = tuple(sources)
+        self.lowest = lowest
+
+
+def lowest_available(error_text: str) -> int | None:
+    """The `lowest height is N` a node names when a height is pruned, if it names one."""
+    match = _LOWEST.search(error_text)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,7 @@ class SourceConfig:
 
 @dataclass
 class SourceHealth:
+    # Monotonic (the client's clock): they drive backoff and ranking.
     consecutive_failures: int = 0
     last_failure_at: float | None = None
     last_success_at: float | None = None
@@ -66,6 +92,30 @@ class SourceHealth:
     rate_limited_until: float = 0.0
     last_latency: float | None = None
     last_error: str = ""
+    # Wall clock (fleetops.lib.clock) for the SyncSource row: a monotonic value means nothing to
+    # another process, and re-deriving wall times from it every step would move them with the clock.
+    first_failure_wall: datetime | None = None
+    last_failure_wall: datetime | None = None
+    last_success_wall: datetime | None = None
+    recovered_wall: datetime | None = None
+    latency_avg: float | None = None
+    recent: tuple[bool, ...] = ()  # newest last; True = answered
+    head_height: int | None = None
+    earliest_height: int | None = None
+    status_at: float | None = None  # monotonic time of the last /status answer
+    status_count: int = 0  # /status answers so far: tells a newer answer from an older one
+    # Pruned heights this source could not serve since the last take_range_failures():
+    # (lowest, highest, error text).
+    missing_range: tuple[int, int, str] | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.recent.count(False) / len(self.recent) if self.recent else 0.0
+
+    @property
+    def active(self) -> bool:
+        """Asked at least once by this client."""
+        return self.last_success_at is not None or self.last_failure_at is not None
 
 
 @dataclass
@@ -87,6 +137,7 @@ class CometRpc:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        wall: Callable[[], datetime] | None = None,
     ):
         if not sources:
             raise ValueError("at least one RPC source is required")
@@ -97,7 +148,9 @@ class CometRpc:
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.wall = wall or wallclock.now
         self._lock = threading.Lock()
+        self._last_source: str | None = None
 
     def close(self) -> None:
         for source in self._sources:
@@ -134,6 +187,90 @@ class CometRpc:
         with self._lock:
             return {s.config.name: SourceHealth(**s.health.__dict__) for s in self._sources}
 
+    @property
+    def source_names(self) -> list[str]:
+        return [s.config.name for s in self._sources]
+
+    @property
+    def last_source(self) -> str | None:
+        """The source that answered the latest successful request."""
+        with self._lock:
+            return self._last_source
+
+    def heads(self) -> dict[str, int | None]:
+        """Each source's latest height from its last `/status` answer (None if never asked)."""
+        with self._lock:
+            return {s.config.name: s.health.head_height for s in self._sources}
+
+    def probe_heads(self, *, min_interval: float = PROBE_INTERVAL) -> dict[str, int | None]:
+        """Ask `/status` of every source that is not backed off and was not asked within
+        `min_interval`: once each, no retries, no failover. This is how standby sources are watched
+        (their head, their reachability) while the best one serves the ingest."""
+        now = self.clock()
+        with self._lock:
+            due = [
+                s
+                for s in self._sources
+                if s.health.next_retry_at <= now
+                and s.health.rate_limited_until <= now
+                and (s.health.status_at is None or now - s.health.status_at >= min_interval)
+            ]
+        for source in due:
+            try:
+                self._once(source, "status", {}, parse.parse_status)
+            except (RpcError, parse.MalformedResponse):
+                pass  # recorded in the source's health by _once
+        return self.heads()
+
+    def mark_rate_limited(self, name: str, seconds: float) -> None:
+        """Park a source for `seconds` (a 429 seen elsewhere, or an operator's cooldown)."""
+        with self._lock:
+            source = self._by_name(name)
+            source.health.rate_limited_until = max(source.health.rate_limited_until, self.clock() + seconds)
+
+    def take_range_failures(self) -> dict[str, tuple[int, int, str]]:
+        """The pruned ranges each source failed to serve since the last call, and forget them."""
+        taken: dict[str, tuple[int, int, str]] = {}
+        with self._lock:
+            for source in self._sources:
+                if source.health.missing_range is not None:
+                    taken[source.config.name] = source.health.missing_range
+                    source.health.missing_range = None
+        return taken
+
+    def adopt_streak(
+        self, name: str, *, consecutive_failures: int, first_failure_at: datetime | None
+    ) -> None:
+        """Continue a failure streak a previous process recorded (SyncSource row), so a restart
+        neither resets the backoff nor the 24 h until the source counts as dead. A source this
+        client has already heard from keeps what it saw."""
+        with self._lock:
+            health = self._by_name(name).health
+            if consecutive_failures <= 0 or health.last_success_at is not None:
+                return
+            health.consecutive_failures += consecutive_failures
+            if first_failure_at is not None and (
+                health.first_failure_wall is None or first_failure_at < health.first_failure_wall
+            ):
+                health.first_failure_wall = first_failure_at
+            now = self.clock()
+            health.next_retry_at = max(
+                health.next_retry_at,
+                (health.last_failure_at or now)
+                + backoff_delay(
+                    health.consecutive_failures,
+                    base=SOURCE_BACKOFF_BASE,
+                    cap=SOURCE_BACKOFF_CAP,
+                    jitter=False,
+                ),
+            )
+
+    def _by_name(self, name: str) -> _Source:
+        for source in self._sources:
+            if source.config.name == name:
+                return source
+        raise KeyError(name)
+
     # --- machinery ------------------------------------------------------------------------------------
 
     def ranked_sources(self) -> list[_Source]:
@@ -161,6 +298,7 @@ class CometRpc:
     ) -> T:
         last_error: Exception | None = None
         missing_height: list[str] = []
+        lowest: int | None = None
         for attempt in range(1, (attempts or self.attempts) + 1):
             candidates = self.ranked_sources()
             for source in candidates if failover else candidates[:1]:
@@ -171,6 +309,8 @@ class CometRpc:
                 except HeightUnavailable as exc:
                     missing_height.append(source.config.name)
                     last_error = exc
+                    if exc.lowest is not None:
+                        lowest = exc.lowest if lowest is None else min(lowest, exc.lowest)
                 except (RpcUnavailable, parse.MalformedResponse) as exc:
                     last_error = exc  # fail over to the next source at once
             if len(missing_height) == len(self._sources):
@@ -178,7 +318,9 @@ class CometRpc:
             if attempt < (attempts or self.attempts):
                 self.sleep(backoff_delay(attempt, base=self.retry_base, cap=self.retry_cap, rng=self.rng))
         if len(missing_height) == len(self._sources):
-            raise HeightUnavailable(f"{method} {params}: no source has it ({last_error})")
+            raise HeightUnavailable(
+                f"{method} {params}: no source has it ({last_error})", sources=missing_height, lowest=lowest
+            )
         raise RpcUnavailable(f"{method} {params}: every attempt failed: {last_error}") from last_error
 
     def _once(self, source: _Source, method: str, params: dict[str, str], parser: Callable[[Any], T]) -> T:
@@ -196,6 +338,7 @@ class CometRpc:
             retry_after = _retry_after(response.headers.get("Retry-After"))
             with self._lock:
                 source.health.rate_limited_until = self.clock() + retry_after
+                source.health.last_error = f"HTTP 429 (retry after {retry_after:g} s)"
             RPC_REQUESTS.labels(source=name, method=method, result="rate_limited").inc()
             raise RpcRateLimited(f"{name}: HTTP 429", retry_after)
         body: Any = None
@@ -207,7 +350,10 @@ class CometRpc:
         if error_text and _HEIGHT_UNAVAILABLE.search(error_text):
             RPC_REQUESTS.labels(source=name, method=method, result="height_unavailable").inc()
             self._succeeded(source, latency)  # the source answered; it just lacks that height
-            raise HeightUnavailable(f"{name}: {error_text}")
+            lowest = lowest_available(error_text)
+            if _PRUNED.search(error_text) and params.get("height", "").isdigit():
+                self._missing(source, int(params["height"]), error_text)
+            raise HeightUnavailable(f"{name}: {error_text}", sources=(name,), lowest=lowest)
         if response.status_code >= 500 or body is None:
             self._failed(source, f"HTTP {response.status_code}")
             RPC_REQUESTS.labels(source=name, method=method, result="unavailable").inc()
@@ -218,29 +364,64 @@ class CometRpc:
             self._failed(source, f"malformed: {exc}")
             RPC_REQUESTS.labels(source=name, method=method, result="malformed").inc()
             raise
-        self._succeeded(source, latency)
+        self._succeeded(source, latency, served=True)
+        if isinstance(parsed, parse.Status):
+            with self._lock:
+                source.health.head_height = parsed.latest_height
+                source.health.earliest_height = parsed.earliest_height
+                source.health.status_at = self.clock()
+                source.health.status_count += 1
         RPC_REQUESTS.labels(source=name, method=method, result="ok").inc()
         return parsed
 
+    def _missing(self, source: _Source, height: int, error: str) -> None:
+        with self._lock:
+            # What an older /status said about its history is contradicted; the error names the
+            # floor (or not), and the next /status tells again.
+            source.health.earliest_height = lowest_available(error)
+            known = source.health.missing_range
+            if known is None:
+                source.health.missing_range = (height, height, error[:500])
+            else:
+                source.health.missing_range = (min(known[0], height), max(known[1], height), error[:500])
+
     def _failed(self, source: _Source, error: str) -> None:
         now = self.clock()
+        wall = self.wall()
         with self._lock:
             health = source.health
+            if health.consecutive_failures == 0 or health.first_failure_wall is None:
+                health.first_failure_wall = wall
             health.consecutive_failures += 1
             health.last_failure_at = now
+            health.last_failure_wall = wall
+            health.recent = (*health.recent, False)[-RECENT_WINDOW:]
             health.last_error = error[:500]
             health.next_retry_at = now + backoff_delay(
                 health.consecutive_failures, base=SOURCE_BACKOFF_BASE, cap=SOURCE_BACKOFF_CAP, jitter=False
             )
         log.warning("rpc source %s failed: %s", source.config.name, error)
 
-    def _succeeded(self, source: _Source, latency: float) -> None:
+    def _succeeded(self, source: _Source, latency: float, *, served: bool = False) -> None:
+        wall = self.wall()
         with self._lock:
             health = source.health
+            if health.consecutive_failures:
+                health.recovered_wall = wall
             health.consecutive_failures = 0
+            health.first_failure_wall = None
             health.last_success_at = self.clock()
+            health.last_success_wall = wall
             health.next_retry_at = 0.0
             health.last_latency = latency
+            health.latency_avg = (
+                latency
+                if health.latency_avg is None
+                else LATENCY_SMOOTHING * latency + (1 - LATENCY_SMOOTHING) * health.latency_avg
+            )
+            health.recent = (*health.recent, True)[-RECENT_WINDOW:]
+            if served:
+                self._last_source = source.config.name
 
 
 def _retry_after(value: str | None) -> float:

@@ -131,6 +131,14 @@ def test_a_reorg_deeper_than_the_finality_depth_halts_and_writes_nothing(chain, 
     assert (Block.objects.count(), Transaction.objects.count(), Event.objects.count()) == rows
     assert runner.step().committed == 0  # halted stays halted
     assert state(chain).last_indexed_height == head
+    # The way out is an operator's rollback below the fork point: the writer re-ingests the branch.
+    IndexerState.objects.filter(chain=chain).update(
+        rollback_requested_to=head - 25, rollback_requested_reason="deep reorg", rollback_requested_by="ada"
+    )
+    run_until_caught_up(runner)
+    assert (state(chain).mode, state(chain).last_indexed_height) == (Mode.NORMAL, head + 1)
+    hashes = list(Block.objects.filter(chain=chain).order_by("height").values_list("hash", "parent_hash"))
+    assert all(child[1] == parent[0] for parent, child in zip(hashes, hashes[1:], strict=False))
 
 
 def test_a_source_that_is_catching_up_is_not_trusted_for_a_rollback(chain, sim, monkeypatch):
@@ -274,3 +282,85 @@ def test_malformed_responses_and_errors_do_not_end_the_loop(chain, sim):
         timer.cancel()
     assert state(chain).last_indexed_height == head
     assert any(r.note.startswith("error") for r in results)
+
+
+def test_losing_the_websocket_never_stalls_ingest_it_polls_instead(chain, sim):
+    import threading
+
+    from indexer.rpc.ws import HeadWatcher
+
+    _, url = sim
+    head = produce(url, 3)
+    watcher = HeadWatcher(url.replace("http", "ws") + "/websocket", reconnect_base=5.0, reconnect_cap=5.0)
+    runner = runner_for(chain, url, watcher=watcher)
+    stop = threading.Event()
+
+    def run() -> None:
+        from django.db import connection
+
+        try:
+            runner.run(stop, poll=0.05)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = clock_deadline(20)
+        while not watcher.connected and not deadline():
+            stop.wait(0.05)
+        assert watcher.connected
+        control(url, "knobs", {"drop_websocket": True})
+        head = produce(url, 4)
+        while not deadline() and state(chain).last_indexed_height != head:
+            stop.wait(0.05)
+        assert state(chain).last_indexed_height == head
+        assert not watcher.connected  # still down (reconnect backoff): the blocks came by polling
+    finally:
+        stop.set()
+        thread.join(20)
+
+
+def test_a_source_with_pruned_history_is_connected_degraded_with_the_reason(org, sim):
+    from indexer.models import ConnectionStatus, DegradedReason
+
+    _, url = sim
+    pruned_server, _, pruned_url = serve_in_thread(seed=7)
+    try:
+        produce(url, 30)
+        produce(pruned_url, 30)
+        control(pruned_url, "knobs", {"pruned_below": 20})
+        chain = Chain.objects.create(org=org, slug="two", chain_id="fleetops-sim-1", catchup_batch_size=10)
+        IndexerState.objects.create(chain=chain)
+        SyncSource.objects.create(chain=chain, name="pruned", rpc_url=pruned_url, priority=1)
+        SyncSource.objects.create(chain=chain, name="archive", rpc_url=url, priority=2)
+        rpc = CometRpc([SourceConfig("pruned", pruned_url, 1), SourceConfig("archive", url, 2)], attempts=1)
+        runner = IndexerRunner(chain, rpc, holder="w")
+        run_until_caught_up(runner)
+        assert state(chain).last_indexed_height == 31  # the archive served what the pruned one lacks
+        pruned = SyncSource.objects.get(chain=chain, name="pruned")
+        assert pruned.connection_status == ConnectionStatus.CONNECTED_DEGRADED
+        assert DegradedReason.HISTORIC_RANGE_FAILED in pruned.degraded_reasons
+        assert "pruned" in pruned.degraded_detail
+        archive = SyncSource.objects.get(chain=chain, name="archive")
+        assert archive.connection_status == ConnectionStatus.CONNECTED
+    finally:
+        pruned_server.shutdown()
+
+
+def test_a_fresh_index_of_a_chain_pruned_everywhere_starts_at_the_lowest_height_a_source_has(chain, sim):
+    _, url = sim
+    head = produce(url, 30)
+    control(url, "knobs", {"pruned_below": 12})
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    current = state(chain)
+    assert (current.oldest_indexed_height, current.last_indexed_height) == (12, head)
+    assert Block.objects.filter(chain=chain).count() == head - 11
+
+
+def clock_deadline(seconds: float) -> Any:
+    import time
+
+    end = time.monotonic() + seconds
+    return lambda: time.monotonic() > end

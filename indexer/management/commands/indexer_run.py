@@ -38,6 +38,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--health-port", type=int, default=None, help="serve /health/live, /health/ready, /metrics here"
         )
+        parser.add_argument(
+            "--health-host", default="127.0.0.1", help="address for --health-port (0.0.0.0: every interface)"
+        )
         parser.add_argument("--no-websocket", action="store_true", help="poll /status only")
         parser.add_argument(
             "--lease-ttl",
@@ -85,7 +88,7 @@ class Command(BaseCommand):
                 return
             ingest = not options["enrich_only"]
             if options["health_port"] is not None:
-                self._serve_health(options["health_port"], chain, holder, ingest)
+                self._serve_health(options["health_host"], options["health_port"], chain, holder, ingest)
             threads = []
             if not options["ingest_only"] and chain.enrichment_enabled:
                 threads.append(
@@ -113,7 +116,7 @@ class Command(BaseCommand):
         finally:
             close_old_connections()
 
-    def _serve_health(self, port: int, chain: Chain, holder: str, ingest: bool) -> None:
+    def _serve_health(self, host: str, port: int, chain: Chain, holder: str, ingest: bool) -> None:
         from indexer.health import HealthServer
 
         def ready() -> dict[str, str]:
@@ -135,9 +138,9 @@ class Command(BaseCommand):
                 problems["sources"] = f"no source answered in the last {READY_STALE_SECONDS} s"
             return problems
 
-        server = HealthServer(port, ready)
+        server = HealthServer(port, ready, host=host)
         server.start()
-        self.stdout.write(f"health on http://127.0.0.1:{port}/health/ready")
+        self.stdout.write(f"health on http://{host}:{port}/health/ready")
 
     def _report(self, result: StepResult, started: float, total: list[int]) -> None:
         total[0] += result.committed

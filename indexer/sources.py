@@ -1,0 +1,606 @@
+"""Sync sources (seed 002): each RPC source's connection status machine and its persisted health.
+
+The RPC client (`indexer.rpc.client.CometRpc`) keeps each source's health in memory while it works;
+after every runner step `sources_observe` writes that health to the SyncSource rows in one
+set-based UPDATE and derives the connection status:
+
+    disconnected -> connecting -> connected            a source that answers
+    connected <-> connected_degraded                   while any degraded reason holds
+    connected -> syncing -> connected(_degraded)       the best source while the indexer catches up
+    any live -> disconnecting -> disconnected          failing for a while, disabled, or the process stops
+
+Status changes are compare-and-set over the allowed from-states of `CONNECTION_TRANSITIONS`; a jump
+the map does not allow in one step (disconnected -> connected) walks the shortest legal path, so the
+machine never skips a state. Degraded reasons:
+
+- historic_range_failed: the source could not serve a range the indexer asked for (pruned or
+  missing blocks). Sticky: it holds until the source serves that range again (its earliest height
+  drops to the range) or an operator clears it; this is the "degraded (partial data)" of seed 002.
+- lagging_head: its head is more than `lag_blocks` behind the best source's head.
+- error_rate: it is failing now, or a quarter of its recent requests failed.
+- latency: its smoothed latency is over the threshold.
+- flapping: it dropped to disconnected `FLAP_LOSSES` times within `FLAP_WINDOW`.
+
+Health (healthy | disconnected | degraded | dead | rate_limited) is derived from the row's
+timestamps by `SyncSource.health`; this module only writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+
+from fleetops.audit.actors import Actor
+from fleetops.audit.services import record
+from fleetops.lib import clock
+from fleetops.lib.cas import note_race_lost
+from fleetops.lib.errors import ValidationFailed
+from indexer.metrics import SOURCE_TRANSITIONS
+from indexer.models import CONNECTION_TRANSITIONS, Chain, ConnectionStatus, DegradedReason, SyncSource
+from indexer.rpc.client import CometRpc, SourceHealth, lowest_available
+
+log = logging.getLogger(__name__)
+
+S = ConnectionStatus
+LIVE = frozenset({S.SYNCING, S.CONNECTED, S.CONNECTED_DEGRADED})
+
+LAGGING_HEAD_BLOCKS = 10
+ERROR_RATE_THRESHOLD = 0.25
+ERROR_RATE_MIN_SAMPLES = 8
+LATENCY_THRESHOLD_SECONDS = 2.0
+HEAD_FRESH_SECONDS = 60.0  # a head older than this (monotonic) is not compared
+DISCONNECT_AFTER_FAILURES = 3  # with the 5 s doubling backoff: about 15 s of failures
+DISCONNECT_AFTER_SECONDS = 60.0
+FLAP_LOSSES = 3
+FLAP_WINDOW = timedelta(minutes=10)
+
+REASON_ORDER = [r.value for r in DegradedReason]
+HEALTH_FIELDS = [
+    "consecutive_failures",
+    "first_failure_at",
+    "last_failure_at",
+    "last_success_at",
+    "recovered_at",
+    "next_retry_at",
+    "rate_limited_until",
+    "head_height",
+    "latency_ms",
+    "last_error",
+    "degraded_reasons",
+    "degraded_detail",
+]
+WS_DOWN_NOTE = "websocket down: head polled from /status"
+REASON_REQUIRED = "reason is required (1-256 characters, not blank)"
+NOTHING_TO_CLEAR = "the source has no historic range failure to clear"
+
+# "blocks 1\u2013199 unavailable (pruned below 200)" (an en dash, as operators read ranges): written
+# by _range_fragment and read back by _historic_range, so the failed range survives a restart without
+# a schema field of its own.
+DASH = "\u2013"
+_ABOVE_HEAD = re.compile(r"must be less than or equal to", re.I)
+_BELOW_HISTORY = re.compile(r"is not available|lowest height is|not found|pruned", re.I)
+_RANGE_FRAGMENT = re.compile(rf"blocks (\d+){DASH}(\d+) unavailable \(([^()]*)\)")
+
+
+# --- the state machine ----------------------------------------------------------------------------
+
+
+def _allowed_from(to: int) -> frozenset[int]:
+    return frozenset(frm for frm, targets in CONNECTION_TRANSITIONS.items() if to in targets)
+
+
+_ALLOWED_FROM = {status: _allowed_from(status) for status in S.values}
+
+
+def _hop_preference(status: int) -> tuple[bool, bool, int]:
+    # Walks avoid syncing and disconnecting unless they are the goal: a source that merely answers
+    # is connected, not syncing, and a jump between live states never passes through a disconnect.
+    return (status == S.SYNCING, status == S.DISCONNECTING, status)
+
+
+def transition_path(frm: int, to: int) -> list[int]:
+    """The states after `frm` on the shortest legal way to `to` ([] when already there)."""
+    if frm == to:
+        return []
+    previous: dict[int, int] = {}
+    queue: deque[int] = deque([frm])
+    seen = {frm}
+    while queue:
+        state = queue.popleft()
+        for nxt in sorted(CONNECTION_TRANSITIONS.get(state, frozenset()), key=_hop_preference):
+            if nxt in seen:
+                continue
+            seen.add(nxt)
+            previous[nxt] = state
+            if nxt == to:
+                path = [to]
+                while path[-1] in previous and previous[path[-1]] != frm:
+                    path.append(previous[path[-1]])
+                return path[::-1]
+            queue.append(nxt)
+    raise ValueError(f"no transition path from {S(frm).label} to {S(to).label}")
+
+
+def _ordered(reasons: Iterable[str]) -> list[str]:
+    wanted = {str(r) for r in reasons}
+    unknown = wanted - set(REASON_ORDER)
+    if unknown:
+        raise ValueError(f"unknown degraded reasons: {sorted(unknown)}")
+    return [r for r in REASON_ORDER if r in wanted]
+
+
+def _chain_label(source: SyncSource) -> str:
+    if SyncSource.chain.is_cached(source):
+        return source.chain.slug
+    return str(source.chain_id)
+
+
+def source_transition(*, source: SyncSource, to: int, reasons: Iterable[str] = (), detail: str = "") -> bool:
+    """Move `source` to status `to`, walking intermediate states where the map needs them; the last
+    step also sets the degraded reasons and detail. Every step is a compare-and-set over the allowed
+    from-states, so of two writers racing one transition exactly one wins; the loser gets False
+    (counted as race_lost) and the instance keeps the last state it reached.
+
+    Already at `to`: only the reasons and detail are brought up to date, and the result is False
+    (no transition happened)."""
+    target = S(to)
+    ordered = _ordered(reasons)
+    detail = detail[:2000]
+    label = _chain_label(source)
+    if source.connection_status == target:
+        if (source.degraded_reasons or []) != ordered or source.degraded_detail != detail:
+            changed = SyncSource.objects.filter(pk=source.pk, connection_status=target).update(
+                degraded_reasons=ordered, degraded_detail=detail
+            )
+            if changed:
+                source.degraded_reasons, source.degraded_detail = ordered, detail
+        return False
+    for hop in transition_path(source.connection_status, target):
+        now = clock.now()
+        updates: dict[str, object] = {"connection_status": hop, "status_changed_at": now}
+        if hop == target:
+            updates.update(degraded_reasons=ordered, degraded_detail=detail)
+        changed = SyncSource.objects.filter(pk=source.pk, connection_status__in=_ALLOWED_FROM[hop]).update(
+            **updates
+        )
+        if changed != 1:
+            SOURCE_TRANSITIONS.labels(
+                chain=label, source=source.name, to=S(hop).label, result="race_lost"
+            ).inc()
+            note_race_lost("source_transition")
+            log.info(
+                "source %s/%s: lost the race to %s (another writer moved it first)",
+                label,
+                source.name,
+                S(hop).label,
+            )
+            return False
+        SOURCE_TRANSITIONS.labels(chain=label, source=source.name, to=S(hop).label, result="changed").inc()
+        log.info(
+            "source %s/%s: %s -> %s %s",
+            label,
+            source.name,
+            S(source.connection_status).label,
+            S(hop).label,
+            ",".join(ordered) if hop == target else "",
+        )
+        source.connection_status, source.status_changed_at = hop, now
+    source.degraded_reasons, source.degraded_detail = ordered, detail
+    return True
+
+
+# --- degraded reasons -----------------------------------------------------------------------------
+
+
+def _why(error: str) -> str:
+    lowest = lowest_available(error)
+    if lowest is not None:
+        return f"pruned below {lowest}"
+    text = re.sub(r"[()\s;]+", " ", error).strip()
+    return (text or "not served")[:200]
+
+
+def _range_fragment(first: int, last: int, why: str) -> str:
+    return f"blocks {first}{DASH}{last} unavailable ({why})"
+
+
+def _historic_range(detail: str) -> tuple[int, int, str] | None:
+    match = _RANGE_FRAGMENT.search(detail or "")
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
+def _merged_range(detail: str, first: int, last: int, error: str) -> tuple[int, int, str]:
+    # Catch-up asks batch after batch; consecutive failed batches read as one range.
+    known = _historic_range(detail)
+    why = _why(error)
+    if known is not None:
+        first, last = min(first, known[0]), max(last, known[1])
+    return first, last, why
+
+
+@dataclass
+class _Verdict:
+    status: int | None  # None: leave the status as it is
+    reasons: list[str]
+    detail: str
+    lost: bool = False  # a live source dropped to disconnected (counts towards flapping)
+
+
+# Losses per source id, for the flapping reason. In memory: only the lease-holding writer observes
+# sources, and a restart forgetting a few minutes of history errs towards "not flapping".
+_losses: dict[int, deque[datetime]] = {}
+_losses_lock = threading.Lock()
+# Sources whose range failure was reported directly (source_range_failed): the earliest height the
+# client knows may predate the failure, so only a /status answered after the next observation may
+# clear it. Source id -> the client's status_count at that observation (None until then).
+_await_status: dict[int, int | None] = {}
+# CometRpc objects whose failure streaks were already continued from the rows.
+_adopted: weakref.WeakSet[CometRpc] = weakref.WeakSet()
+
+
+def _status_since_failure(source_id: int, health: SourceHealth) -> bool:
+    if source_id not in _await_status:
+        return True
+    seen = _await_status[source_id]
+    if seen is None:
+        _await_status[source_id] = health.status_count
+        return False
+    return health.status_count > seen
+
+
+def _note_loss(source_id: int, at: datetime) -> None:
+    with _losses_lock:
+        _losses.setdefault(source_id, deque(maxlen=FLAP_LOSSES * 4)).append(at)
+
+
+def _recent_losses(source_id: int, now: datetime) -> int:
+    with _losses_lock:
+        return sum(1 for at in _losses.get(source_id, ()) if now - at <= FLAP_WINDOW)
+
+
+def _judge(
+    row: SyncSource,
+    health: SourceHealth | None,
+    *,
+    now: datetime,
+    mono: float,
+    range_failure: tuple[int, int, str] | None,
+    best_head: int | None,
+    lag_blocks: int,
+    latency_threshold: float,
+    error_rate_threshold: float,
+    ws_down: bool,
+) -> _Verdict:
+    fragments: dict[str, str] = {}
+    historic = (
+        _historic_range(row.degraded_detail)
+        if DegradedReason.HISTORIC_RANGE_FAILED in (row.degraded_reasons or [])
+        else None
+    )
+    if historic is None and DegradedReason.HISTORIC_RANGE_FAILED in (row.degraded_reasons or []):
+        historic = (0, 0, "")  # set by hand or by an older writer: keep the reason, no range known
+    if range_failure is not None:
+        first, last, error = range_failure
+        historic = _merged_range(row.degraded_detail, first, last, error)
+    elif (
+        historic is not None
+        and health is not None
+        and _status_since_failure(row.pk, health)
+        and health.earliest_height is not None
+        and historic[1] > 0
+        and health.earliest_height <= historic[0]
+    ):
+        log.info("source %s: serves blocks %s-%s again", row.name, historic[0], historic[1])
+        historic = None  # the range is there again
+        _await_status.pop(row.pk, None)
+    if historic is not None:
+        fragments[DegradedReason.HISTORIC_RANGE_FAILED] = (
+            _range_fragment(*historic) if historic[1] else "historic range failed"
+        )
+
+    flaps = _recent_losses(row.pk, now)
+
+    current = row.connection_status
+
+    def verdict(status: int | None, lost: bool = False) -> _Verdict:
+        losses = flaps + (1 if lost else 0)
+        if losses >= FLAP_LOSSES:
+            fragments[DegradedReason.FLAPPING] = f"dropped {losses} times in {FLAP_WINDOW.seconds // 60} min"
+        reasons = _ordered(fragments)
+        parts = [fragments[r] for r in reasons]
+        if ws_down:
+            parts.append(WS_DOWN_NOTE)
+        effective = current if status is None else status
+        if effective == S.CONNECTED and reasons:
+            effective = S.CONNECTED_DEGRADED
+        elif effective == S.CONNECTED_DEGRADED and not reasons:
+            effective = S.CONNECTED
+        return _Verdict(effective, reasons, "; ".join(parts), lost)
+
+    if health is None:  # disabled, or not among the client's sources: nobody is connected to it
+        return verdict(S.DISCONNECTED)
+    if not health.active:
+        # This client has not heard from it yet: nothing new is known, the row stays as it is.
+        return _Verdict(None, list(row.degraded_reasons or []), row.degraded_detail)
+    if health.consecutive_failures:
+        since = health.first_failure_wall or now
+        if (
+            current == S.CONNECTING
+            or health.consecutive_failures >= DISCONNECT_AFTER_FAILURES
+            or (now - since).total_seconds() >= DISCONNECT_AFTER_SECONDS
+        ):
+            lost = current in LIVE
+            return verdict(S.DISCONNECTED, lost)
+        if current not in LIVE:
+            return verdict(None)  # still down; it has not answered yet
+        fragments[DegradedReason.ERROR_RATE] = (
+            f"failing ({health.consecutive_failures} in a row): {health.last_error}"[:300]
+        )
+        return verdict(S.SYNCING if current == S.SYNCING else S.CONNECTED_DEGRADED)
+
+    # It answers.
+    if len(health.recent) >= ERROR_RATE_MIN_SAMPLES and health.error_rate >= error_rate_threshold:
+        fragments[DegradedReason.ERROR_RATE] = (
+            f"{health.error_rate:.0%} of the last {len(health.recent)} requests failed"
+        )
+    if health.latency_avg is not None and health.latency_avg > latency_threshold:
+        fragments[DegradedReason.LATENCY] = (
+            f"latency {health.latency_avg * 1000:.0f} ms (over {latency_threshold * 1000:.0f} ms)"
+        )
+    head_fresh = health.status_at is not None and mono - health.status_at <= HEAD_FRESH_SECONDS
+    if head_fresh and health.head_height is not None and best_head is not None:
+        behind = best_head - health.head_height
+        if behind > lag_blocks:
+            fragments[DegradedReason.LAGGING_HEAD] = (
+                f"head {health.head_height} is {behind} blocks behind {best_head}"
+            )
+    return verdict(S.SYNCING if current == S.SYNCING else S.CONNECTED)
+
+
+def _wall_after(mono_at: float, mono_now: float, now: datetime) -> datetime | None:
+    if mono_at <= mono_now:
+        return None
+    return now + timedelta(seconds=mono_at - mono_now)
+
+
+def _apply_health(row: SyncSource, health: SourceHealth, *, now: datetime, mono: float) -> None:
+    if health.consecutive_failures == 0 and row.consecutive_failures and health.recovered_wall is None:
+        # The failure streak a previous process left on the row ended with this client's first
+        # answer: that answer is the recovery.
+        row.recovered_at = health.last_success_wall
+    row.consecutive_failures = health.consecutive_failures
+    row.first_failure_at = health.first_failure_wall if health.consecutive_failures else None
+    row.last_failure_at = health.last_failure_wall or row.last_failure_at
+    row.last_success_at = health.last_success_wall or row.last_success_at
+    row.recovered_at = health.recovered_wall or row.recovered_at
+    row.next_retry_at = _wall_after(health.next_retry_at, mono, now)
+    row.rate_limited_until = _wall_after(health.rate_limited_until, mono, now)
+    if health.head_height is not None:
+        row.head_height = health.head_height
+    if health.latency_avg is not None:
+        row.latency_ms = round(health.latency_avg * 1000, 3)
+    row.last_error = health.last_error
+
+
+def _adopt_streaks(rpc: CometRpc, rows: Iterable[SyncSource]) -> None:
+    if rpc in _adopted:
+        return
+    names = set(rpc.source_names)
+    for row in rows:
+        if row.name in names and row.consecutive_failures:
+            rpc.adopt_streak(
+                row.name, consecutive_failures=row.consecutive_failures, first_failure_at=row.first_failure_at
+            )
+    _adopted.add(rpc)
+
+
+def _walk(row: SyncSource, verdict: _Verdict) -> None:
+    status = row.connection_status if verdict.status is None else verdict.status
+    if verdict.lost and status == S.DISCONNECTED and row.connection_status != S.DISCONNECTED:
+        _note_loss(row.pk, clock.now())
+    if status != row.connection_status:
+        source_transition(source=row, to=status, reasons=verdict.reasons, detail=verdict.detail)
+
+
+# --- what the runner calls ------------------------------------------------------------------------
+
+
+def sources_ensure_rows(*, chain: Chain, rpc: CometRpc | None = None) -> list[SyncSource]:
+    """At process start: disabled sources left in a live status go to disconnected (through
+    disconnecting), and failure streaks on the rows are continued in `rpc` (so a restart does not
+    reset the backoff or the 24 h to dead). Returns the chain's sources."""
+    rows = list(chain.sources.all())
+    for row in rows:
+        if not row.enabled and row.connection_status != S.DISCONNECTED:
+            source_transition(
+                source=row, to=S.DISCONNECTED, reasons=row.degraded_reasons, detail=row.degraded_detail
+            )
+    if rpc is not None:
+        _adopt_streaks(rpc, rows)
+    return rows
+
+
+def sources_observe(
+    *,
+    chain: Chain,
+    rpc: CometRpc,
+    ws_connected: bool | None,
+    ws_source: str | None = None,
+    ws_head: int | None = None,
+    probe: bool = True,
+    lag_blocks: int = LAGGING_HEAD_BLOCKS,
+    latency_threshold: float = LATENCY_THRESHOLD_SECONDS,
+    error_rate_threshold: float = ERROR_RATE_THRESHOLD,
+) -> list[SyncSource]:
+    """Persist `rpc`'s in-memory health to the chain's SyncSource rows and move their statuses.
+
+    Call after every runner step, outside any transaction (with `probe`, each source not backed off
+    gets one `/status` at most every PROBE_INTERVAL seconds, which is how standby sources are seen
+    to come and go, and how their heads are compared). `ws_connected` is the head watcher's socket
+    state (None: no watcher); when False the WebSocket source (`ws_source`, default the preferred
+    source with a WebSocket URL) notes that heads are polled. `ws_head` joins the best head.
+
+    One SELECT ... FOR UPDATE and one bulk UPDATE per call; status changes (rare) add a
+    compare-and-set each. The row lock keeps an operator's clear from being overwritten."""
+    if probe:
+        rpc.probe_heads()
+    healths = rpc.health()
+    range_failures = rpc.take_range_failures()
+    mono = rpc.clock()
+    heads = [
+        h.head_height
+        for h in healths.values()
+        if h.head_height is not None
+        and h.consecutive_failures == 0
+        and h.status_at is not None
+        and mono - h.status_at <= HEAD_FRESH_SECONDS
+    ]
+    if ws_head is not None and ws_connected:
+        heads.append(ws_head)
+    best_head = max(heads) if heads else None
+    with transaction.atomic():
+        rows = list(chain.sources.select_for_update().order_by("pk"))
+        _adopt_streaks(rpc, rows)
+        if ws_source is None:
+            with_ws = sorted(
+                (r for r in rows if r.enabled and r.websocket_url), key=lambda r: (r.priority, r.name)
+            )
+            ws_source = with_ws[0].name if with_ws else None
+        now = clock.now()
+        verdicts: list[tuple[SyncSource, _Verdict]] = []
+        for row in rows:
+            health = healths.get(row.name) if row.enabled else None
+            if health is not None and (health.active or health.rate_limited_until > 0):
+                _apply_health(row, health, now=now, mono=mono)
+            verdict = _judge(
+                row,
+                health,
+                now=now,
+                mono=mono,
+                range_failure=range_failures.get(row.name) if row.enabled else None,
+                best_head=best_head,
+                lag_blocks=lag_blocks,
+                latency_threshold=latency_threshold,
+                error_rate_threshold=error_rate_threshold,
+                ws_down=ws_connected is False and row.name == ws_source,
+            )
+            row.degraded_reasons, row.degraded_detail = verdict.reasons, verdict.detail[:2000]
+            verdicts.append((row, verdict))
+        SyncSource.objects.bulk_update(rows, HEALTH_FIELDS)
+        for row, verdict in verdicts:
+            _walk(row, verdict)
+    return rows
+
+
+def source_range_failed(
+    *, chain: Chain, source_name: str, first: int, last: int, error: str
+) -> SyncSource | None:
+    """`source_name` could not serve blocks first..last (pruned or missing): it is
+    connected_degraded with reason historic_range_failed and a detail such as
+    "blocks 1\u2013199 unavailable (pruned below 200)". A source that is syncing keeps syncing and turns
+    connected_degraded when the catch-up ends (seed 002: the failure shows when its sync completes).
+    `sources_observe` does the same for the ranges the client recorded, so the runner needs this only
+    for failures it learns of itself (HeightUnavailable.sources)."""
+    if _ABOVE_HEAD.search(error) and not _BELOW_HISTORY.search(error):
+        # "must be less than or equal to the current blockchain height": not there yet, which is
+        # no gap in the source's history.
+        return None
+    with transaction.atomic():
+        row = chain.sources.select_for_update().filter(name=source_name).first()
+        if row is None:
+            return None
+        merged = _merged_range(row.degraded_detail, first, last, error)
+        reasons = [*(row.degraded_reasons or []), DegradedReason.HISTORIC_RANGE_FAILED]
+        kept = [p for p in (row.degraded_detail or "").split("; ") if p and not _RANGE_FRAGMENT.search(p)]
+        detail = "; ".join([_range_fragment(*merged), *kept])
+        status = row.connection_status
+        to = status if status in (S.SYNCING, S.DISCONNECTING) else S.CONNECTED_DEGRADED
+        log.warning("source %s/%s: %s", chain.slug, source_name, _range_fragment(*merged))
+        _await_status[row.pk] = None
+        source_transition(source=row, to=to, reasons=reasons, detail=detail)
+        return row
+
+
+def _best(rows: list[SyncSource], source_name: str | None) -> SyncSource | None:
+    if source_name is not None:
+        return next((r for r in rows if r.name == source_name), None)
+    live = [r for r in rows if r.connection_status in LIVE | {S.CONNECTING}]
+    live.sort(key=lambda r: (r.consecutive_failures > 0, r.priority, r.name))
+    return live[0] if live else None
+
+
+def sources_mark_syncing(
+    *, chain: Chain, catching_up: bool, source_name: str | None = None
+) -> SyncSource | None:
+    """While the indexer catches up, the source it catches up from is `syncing`; once caught up (or
+    when another source takes over) it is connected, or connected_degraded if a reason holds (such as
+    a range it failed to serve). `source_name` is that source (CometRpc.last_source); without it the
+    preferred live source is taken. Cheap to call every step: it writes only on a change. Returns
+    the syncing source, if any."""
+    with transaction.atomic():
+        rows = list(chain.sources.select_for_update().filter(enabled=True).order_by("pk"))
+        best = _best(rows, source_name) if catching_up else None
+        if best is not None and best.connection_status == S.DISCONNECTING:
+            best = None
+        for row in rows:
+            if row is best and row.connection_status != S.SYNCING:
+                source_transition(
+                    source=row, to=S.SYNCING, reasons=row.degraded_reasons, detail=row.degraded_detail
+                )
+            elif row is not best and row.connection_status == S.SYNCING:
+                to = S.CONNECTED_DEGRADED if row.degraded_reasons else S.CONNECTED
+                source_transition(source=row, to=to, reasons=row.degraded_reasons, detail=row.degraded_detail)
+        return best if best is not None and best.connection_status == S.SYNCING else None
+
+
+def sources_release(*, chain: Chain) -> int:
+    """The process stops: every source it was connected to goes disconnecting -> disconnected.
+    Reasons stay (a pruned source is still pruned). Returns how many moved."""
+    moved = 0
+    rows = list(chain.sources.exclude(connection_status=S.DISCONNECTED))
+    for row in rows:
+        moved += source_transition(
+            source=row, to=S.DISCONNECTED, reasons=row.degraded_reasons, detail=row.degraded_detail
+        )
+    return moved
+
+
+def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> bool:
+    """An operator accepts a source's historic range failure (say, it is a pruned node by design):
+    the sticky reason goes, the other reasons are recomputed by the next observation. One
+    transaction, one AuditEvent. The role gate (operator or above) is the caller's edge."""
+    reason = (reason or "").strip()
+    if not reason or len(reason) > 256:
+        raise ValidationFailed(REASON_REQUIRED, fields={"reason": [REASON_REQUIRED]})
+    with transaction.atomic():
+        row = SyncSource.objects.select_for_update().select_related("chain").get(pk=source.pk)
+        before = list(row.degraded_reasons or [])
+        if DegradedReason.HISTORIC_RANGE_FAILED not in before:
+            raise ValidationFailed(NOTHING_TO_CLEAR)
+        reasons = [r for r in before if r != DegradedReason.HISTORIC_RANGE_FAILED]
+        kept = [p for p in (row.degraded_detail or "").split("; ") if p and not _RANGE_FRAGMENT.search(p)]
+        to = row.connection_status
+        if to == S.CONNECTED_DEGRADED and not reasons:
+            to = S.CONNECTED
+        source_transition(source=row, to=to, reasons=reasons, detail="; ".join(kept))
+        record(
+            action="indexer.source.clear_degraded",
+            actor=actor,
+            org=row.chain.org,
+            target=row,
+            reason=reason,
+            changes={"degraded_reasons": {"before": before, "after": reasons}},
+        )
+    source.connection_status, source.degraded_reasons = row.connection_status, row.degraded_reasons
+    source.degraded_detail = row.degraded_detail
+    return True
