@@ -13,6 +13,7 @@ api_v1 = [
     path("audit/", include("fleetops.audit.api.urls")),
     # Domain apps are included by dotted path; fleetops imports none of them.
     path("curtailment/", include("curtailment.api.urls")),
+    path("indexer/", include("indexer.api.urls")),
 ]
 
 urlpatterns = [

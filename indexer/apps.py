@@ -8,3 +8,20 @@ class IndexerConfig(AppConfig):
 
     name = "indexer"
     verbose_name = "Indexer"
+
+    def ready(self) -> None:
+        from fleetops import schedules
+        from fleetops.observability import registry
+        from indexer import dashboard, metrics
+
+        registry.register_collector("indexer", metrics.collect_states)
+        registry.register_card(dashboard.CARD)
+        registry.register_status_check("indexer", dashboard.check_chains)
+
+        schedules.declare(
+            name="indexer.enrich",
+            task="indexer.tasks.enrich",
+            every_seconds=10,
+            expires_seconds=8,
+            description="Decode due enrichment rows of every chain with enrichment on (claims, SKIP LOCKED).",
+        )

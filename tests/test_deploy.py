@@ -25,6 +25,15 @@ def exported(client, db) -> set[str]:
     return names
 
 
+def _anchors(markdown: Path) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces -> '-'."""
+    return {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in markdown.read_text().splitlines()
+        if line.startswith("#")
+    }
+
+
 def _rule_files() -> list[Path]:
     return sorted((ROOT / "deploy" / "prometheus").glob("*.rules.yml"))
 
@@ -47,8 +56,10 @@ def test_alert_rules_parse_and_name_only_exported_metrics(path, exported):
         assert rule["alert"] and rule["expr"]
         assert rule["labels"]["severity"] in {"page", "warn", "info"}
         assert rule["annotations"]["summary"]
-        runbook = rule["annotations"]["runbook"].split("#")[0]
+        runbook, _, anchor = rule["annotations"]["runbook"].partition("#")
         assert (ROOT / runbook).exists(), f"{rule['alert']}: runbook {runbook} missing"
+        if anchor:
+            assert anchor in _anchors(ROOT / runbook), f"{rule['alert']}: no section #{anchor} in {runbook}"
         for metric in METRIC.findall(rule["expr"]):
             assert metric in exported, f"{rule['alert']} names {metric}, which /metrics does not export"
 

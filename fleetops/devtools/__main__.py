@@ -26,6 +26,9 @@ from fleetops.devtools.services import (
 )
 
 BIN = Path(sys.executable).parent
+# The demo chain produces a block this often (and the demo chain is seeded with the same expected
+# block time): fast enough that the smoke test sees the indexed height move within seconds.
+CHAIN_BLOCK_INTERVAL = 1.0
 
 
 def _run(title: str, argv: list[str], env: dict[str, str]) -> None:
@@ -112,22 +115,57 @@ def cmd_demo(port: int, smoke: bool) -> int:
     # first device sync has something to sync from.
     fleet_port = _free_port_near(port + 701)
     fleet_url = f"http://127.0.0.1:{fleet_port}"
+    # Candidates start above the ports already chosen, which may not be bound yet.
+    chain_port = _free_port_near(fleet_port + 1)
+    chain_url = f"http://127.0.0.1:{chain_port}"
     simulators = [
         subprocess.Popen(
             [python, "-m", "simulators.fleet", "--port", str(fleet_port), "--devices", "300", "--seed", "1"],
             cwd=ROOT,
             env=env,
-        )
+        ),
+        subprocess.Popen(
+            [
+                python,
+                "-m",
+                "simulators.chain",
+                "--port",
+                str(chain_port),
+                "--seed",
+                "1",
+                "--block-interval",
+                str(CHAIN_BLOCK_INTERVAL),
+            ],
+            cwd=ROOT,
+            env=env,
+        ),
     ]
     try:
         _wait_http(f"{fleet_url}/control/state")
+        _wait_http(f"{chain_url}/status")
         _run(
             "curtailment_demo_seed",
             [python, "manage.py", "curtailment_demo_seed", "--gateway-url", fleet_url],
             env,
         )
         _run("fleet_sync", [python, "manage.py", "fleet_sync", "--org", "demo"], env)
-        return _supervise(env, port, smoke, fleet_url)
+        _run(
+            "indexer_demo_seed",
+            [
+                python,
+                "manage.py",
+                "indexer_demo_seed",
+                "--rpc-url",
+                chain_url,
+                "--ws-url",
+                f"ws://127.0.0.1:{chain_port}/websocket",
+                "--block-time",
+                str(CHAIN_BLOCK_INTERVAL),
+            ],
+            env,
+        )
+        indexer_port = _free_port_near(chain_port + 1)
+        return _supervise(env, port, smoke, fleet_url, chain_url, indexer_port)
     finally:
         for proc in simulators:
             proc.terminate()
@@ -155,7 +193,9 @@ def _wait_http(url: str, timeout: float = 20) -> None:
             time.sleep(0.2)
 
 
-def _supervise(env: dict[str, str], port: int, smoke: bool, fleet_url: str) -> int:
+def _supervise(
+    env: dict[str, str], port: int, smoke: bool, fleet_url: str, chain_url: str, indexer_port: int
+) -> int:
     from honcho.manager import Manager
 
     manager = Manager()
@@ -194,6 +234,16 @@ def _supervise(env: dict[str, str], port: int, smoke: bool, fleet_url: str) -> i
             "--pidfile",
             str(VAR / "beat.pid"),
         ],
+        # The demo chain's single writer; its own port serves /health/live, /health/ready, /metrics.
+        "indexer": [
+            str(BIN / "python"),
+            "manage.py",
+            "indexer_run",
+            "--chain",
+            "sim",
+            "--health-port",
+            str(indexer_port),
+        ],
     }
     for name, argv in processes.items():
         manager.add_process(name, shlex.join(argv), env=env, cwd=str(ROOT))
@@ -209,13 +259,21 @@ def _supervise(env: dict[str, str], port: int, smoke: bool, fleet_url: str) -> i
     ):
         print(f"    {label:<16} {base}{path}", flush=True)
     print(f"    {'fleet simulator':<16} {fleet_url}/control/state", flush=True)
+    indexer_base = f"http://127.0.0.1:{indexer_port}"
+    for label, url in (
+        ("chain status", f"{base}/api/v1/indexer/chains/sim/status"),
+        ("indexer health", f"{indexer_base}/health/ready"),
+        ("indexer metrics", f"{indexer_base}/metrics"),
+        ("chain simulator", f"{chain_url}/control/state"),
+    ):
+        print(f"    {label:<16} {url}", flush=True)
 
     outcome: dict[str, bool] = {}
     if smoke:
         from fleetops.devtools.smoke import run_smoke
 
         def _smoke() -> None:
-            outcome["ok"] = run_smoke(base)
+            outcome["ok"] = run_smoke(base, indexer=indexer_base)
             os.kill(os.getpid(), signal.SIGTERM)
 
         threading.Thread(target=_smoke, daemon=True).start()
@@ -231,7 +289,7 @@ def _supervise(env: dict[str, str], port: int, smoke: bool, fleet_url: str) -> i
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetops.devtools")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the portal with web, worker and beat")
+    demo = sub.add_parser("demo", help="run the portal with web, worker, beat and the indexer")
     demo.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")))
     demo.add_argument("--smoke", action="store_true", help="start, check every entry point, stop")
     test = sub.add_parser("test", help="lint, type-check, migrations check, pytest")

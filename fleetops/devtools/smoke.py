@@ -1,5 +1,6 @@
 """Checks a running demo the way a new user would: every entry point answers, an admin can log in
-and see the dashboard, and beat -> broker -> worker -> database works (the worker heartbeat)."""
+and see the dashboard, beat -> broker -> worker -> database works (the worker heartbeat), and the
+indexer process answers on its own port and indexes the simulated chain live."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 from fleetops.devtools.services import VAR, say
 
@@ -41,7 +43,66 @@ def _wait_ready(base: str, timeout: float) -> bool:
     return False
 
 
-def run_smoke(base: str) -> bool:
+def _indexed_height(opener: urllib.request.OpenerDirector, url: str) -> tuple[int | None, str]:
+    """(last indexed height, what the status said) from the chain status API."""
+    request = urllib.request.Request(url, headers={"X-FleetOps-Org": "demo", "Accept": "application/json"})
+    try:
+        with opener.open(request, timeout=10) as response:
+            status = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return None, f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
+    detail = (
+        f"indexed {status.get('last_indexed_height')} head {status.get('head_height')} "
+        f"mode {status.get('mode')}"
+    )
+    if status.get("last_error"):
+        detail += f" ({status['last_error'][:200]})"
+    return status.get("last_indexed_height"), detail
+
+
+def _check_indexer(
+    check: Callable[[str, bool, str], None], opener: urllib.request.OpenerDirector, base: str, indexer: str
+) -> None:
+    plain, _ = _opener()
+    deadline = time.monotonic() + 60
+    status = 0
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _get(plain, f"{indexer}/health/live")
+        except OSError:
+            status = 0
+        if status == 200:
+            break
+        time.sleep(1)
+    check("indexer /health/live = 200 on its own port (≤ 60 s)", status == 200, str(status))
+    try:
+        status, body = _get(plain, f"{indexer}/metrics")
+    except OSError as exc:
+        status, body = 0, str(exc)
+    check(
+        "indexer /metrics = 200 with indexer metrics",
+        status == 200 and "fleetops_indexer_" in body,
+        str(status),
+    )
+    # Moves = a first indexed height, then a higher one: the simulator makes a block a second.
+    url = f"{base}/api/v1/indexer/chains/sim/status"
+    first: int | None = None
+    moved, detail = False, ""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not moved:
+        height, detail = _indexed_height(opener, url)
+        if height:
+            if first is None:
+                first = height
+            moved = height > first
+        if not moved:
+            time.sleep(2)
+    check("the chain's indexed height moves (≤ 90 s)", moved, detail)
+
+
+def run_smoke(base: str, indexer: str | None = None) -> bool:
     failures: list[str] = []
 
     def check(label: str, ok: bool, detail: str = "") -> None:
@@ -116,4 +177,6 @@ def run_smoke(base: str) -> bool:
         'fleetops_celery_tasks_total{state="success",task="fleetops.observability.tasks.worker_heartbeat"}'
         in body,
     )
+    if indexer:
+        _check_indexer(check, opener, base, indexer)
     return not failures

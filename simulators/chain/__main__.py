@@ -1,5 +1,5 @@
 """python -m simulators.chain --port 26657 --seed 1 --chain-id fleetops-sim-1 --block-interval 1.0
---shape 0.38 [--txs-per-block 5]"""
+--shape 0.38 [--txs-per-block 5] [--extra-tx-events 0] [--broadcast-reject-rate 0.0]"""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--shape", choices=SHAPES, default="0.38")
     parser.add_argument("--txs-per-block", type=int, default=5, help="mean txs per block (0..2x)")
+    parser.add_argument(
+        "--extra-tx-events", type=int, default=0, help="extra `message` events per successful tx"
+    )
+    parser.add_argument(
+        "--broadcast-reject-rate",
+        type=float,
+        default=0.0,
+        help="share of broadcast_tx_sync calls CheckTx refuses (code 13, no hash); the demo's re-stakes",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             chain_id=args.chain_id,
             shape=args.shape,
             txs_per_block=args.txs_per_block,
+            extra_tx_events=args.extra_tx_events,
         )
     except ValueError as exc:
         print(f"chain simulator: {exc}", file=sys.stderr)
@@ -59,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.broadcast_reject_rate:
+        try:
+            server.simulator.set_knobs({"broadcast_reject_rate": args.broadcast_reject_rate})
+        except ValueError as exc:
+            print(f"chain simulator: --broadcast-reject-rate: {exc}", file=sys.stderr)
+            server.server_close()
+            return 2
     host, port = server.server_address[:2]
     print(
         f"chain simulator listening on http://{host!s}:{port} (ws://{host!s}:{port}/websocket, "

@@ -25,6 +25,11 @@ Control (never delayed, never failed on purpose, answered while halted; JSON in 
   POST /control/halt {"halted": bool}
   POST /control/knobs  any of latency_ms, error_rate, rate_limit, pruned_below, drop_websocket,
                        decoder_outage -> the knobs; drop_websocket=true closes every current socket
+                       Broadcast faults (all 0 by default; drawn from their own seeded stream only
+                       when set): broadcast_reject_rate (CheckTx refuses: code 13, no hash, never
+                       lands), broadcast_drop_rate (accepted with a hash, never lands),
+                       broadcast_fail_rate (lands with code 11 "out of gas"), broadcast_delay_blocks
+                       (0 = the seeded 1-3; n = every broadcast lands exactly n blocks later)
   POST /control/shape {"shape": "0.34"|"0.38"}
 
 Determinism: block content is drawn from random.Random(f"{seed}|{height}|{fork salt}") plus the ledger
@@ -35,6 +40,7 @@ seeded streams. Same seed and same sequence of calls => the same chain.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import random
@@ -97,9 +103,12 @@ class Ledger:
     balances: dict[tuple[str, str], int] = field(default_factory=dict)  # (contract, account) -> amount
     nft_owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (class, token) -> owner
     next_token: int = 1
+    # nft_owners' keys kept sorted (tokens are only ever added), so picking one is not a sort per tx:
+    # sorting per NFT transfer made long chains (thousands of blocks x 100 txs) quadratic.
+    nft_keys: list[tuple[str, str]] = field(default_factory=list)
 
     def copy(self) -> Ledger:
-        return Ledger(dict(self.balances), dict(self.nft_owners), self.next_token)
+        return Ledger(dict(self.balances), dict(self.nft_owners), self.next_token, list(self.nft_keys))
 
 
 @dataclass
@@ -125,6 +134,10 @@ class Knobs:
     pruned_below: int = 0
     drop_websocket: bool = False
     decoder_outage: bool = False
+    broadcast_reject_rate: float = 0.0
+    broadcast_drop_rate: float = 0.0
+    broadcast_fail_rate: float = 0.0
+    broadcast_delay_blocks: int = 0
 
 
 def validate_knobs(values: Any) -> dict[str, Any]:
@@ -146,9 +159,11 @@ def validate_knobs(values: Any) -> dict[str, Any]:
             raise ValueError(f"{key} must be a finite non-negative number")
         if key in ("error_rate", "rate_limit") and value > 1:
             raise ValueError(f"{key} must be between 0 and 1")
-        if key == "pruned_below":
+        if key.startswith("broadcast_") and key.endswith("_rate") and value > 1:
+            raise ValueError(f"{key} must be between 0 and 1")
+        if key in ("pruned_below", "broadcast_delay_blocks"):
             if int(value) != value:
-                raise ValueError("pruned_below must be an integer")
+                raise ValueError(f"{key} must be an integer")
             checked[key] = int(value)
         else:
             checked[key] = float(value)
@@ -182,12 +197,17 @@ class ChainSimulator:
     chain_id: str = "fleetops-sim-1"
     shape: str = "0.38"
     txs_per_block: int = 5
+    # Extra Cosmos-SDK-style `message` events per successful tx (benchmarks want ~3 events per tx);
+    # derived from the tx itself, no random draws, so 0 (the default) leaves the chain unchanged.
+    extra_tx_events: int = 0
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {', '.join(SHAPES)}")
         if self.txs_per_block < 0:
             raise ValueError("txs_per_block must be non-negative")
+        if self.extra_tx_events < 0:
+            raise ValueError("extra_tx_events must be non-negative")
         self.lock = threading.RLock()
         self.knobs = Knobs()
         self.halted = False
@@ -196,6 +216,13 @@ class ChainSimulator:
         self.broadcasts = 0
         self.fault_rng = random.Random(f"{self.seed}|faults")
         self.broadcast_rng = random.Random(f"{self.seed}|broadcast")
+        # Broadcast faults draw from their own stream, and only while a fault knob is set, so the
+        # default chain (and the delays drawn above) stay exactly what they were without them.
+        self.broadcast_fault_rng = random.Random(f"{self.seed}|broadcast-faults")
+        self.failing_broadcasts: set[bytes] = set()
+        self.broadcast_outcomes: Counter[str] = Counter()
+        self.broadcast_counts: Counter[str] = Counter()  # tx hash -> broadcast_tx_sync calls with it
+        self.broadcast_log: list[bytes] = []  # every broadcast tx's bytes, in arrival order (tests)
         accounts_rng = random.Random(f"{self.seed}|accounts")
         self.accounts = [address(accounts_rng) for _ in range(ACCOUNT_COUNT)]
         self.validators = [accounts_rng.randbytes(20).hex().upper() for _ in range(4)]
@@ -271,9 +298,11 @@ class ChainSimulator:
             )
             if not failed:
                 ledger.next_token += 1
+                if (class_id, token_id) not in ledger.nft_owners:
+                    bisect.insort(ledger.nft_keys, (class_id, token_id))
                 ledger.nft_owners[(class_id, token_id)] = recipient
         else:  # nft_transfer
-            tokens = sorted(ledger.nft_owners)
+            tokens = ledger.nft_keys
             class_id, token_id = tokens[rng.randrange(len(tokens))]
             sender = ledger.nft_owners[(class_id, token_id)]
             recipient = rng.choice([a for a in self.accounts if a != sender])
@@ -298,6 +327,8 @@ class ChainSimulator:
                 inner = {"op": kind, "memo": f"memo-{rng.randint(0, 9999)}", "nonce": nonce}
                 data = json.dumps(inner, sort_keys=True).encode().hex()
             events.append(("payload", [("encoding", "sim-hex"), ("data", data)]))
+        for i in range(self.extra_tx_events):
+            events.append(("message", [("action", kind), ("module", "sim"), ("msg_index", str(i))]))
         tx = self._tx(payload, events, rng)
         if failed:
             tx.code, tx.codespace, tx.log, tx.events = 5, "sdk", "insufficient funds", []
@@ -320,6 +351,8 @@ class ChainSimulator:
         tx = SimTx(raw, sha256_hex(raw), 0, "", "", wanted, rng.randint(50_000, wanted), events, True)
         if rejected or ('"reject": true' in text or '"reject":true' in text):
             tx.code, tx.codespace, tx.log, tx.events = 4, "sdk", "rejected", []
+        elif raw in self.failing_broadcasts:
+            tx.code, tx.codespace, tx.log, tx.events = 11, "sdk", "out of gas", []
         return tx
 
     def _append_block(self, salt: int) -> SimBlock:
@@ -437,6 +470,7 @@ class ChainSimulator:
                 "halted": self.halted,
                 "knobs": self.knobs_dict(),
                 "broadcasts": self.broadcasts,
+                "broadcast_outcomes": dict(sorted(self.broadcast_outcomes.items())),
                 "pending": len(self.pending),
                 "forks": self.fork_counter,
                 "requests": dict(sorted(self.requests.items())),
@@ -603,7 +637,23 @@ class ChainSimulator:
             raise RpcError("tx is empty", code=-32602, message="Invalid params")
         with self.lock:
             self.broadcasts += 1
-            self.pending.append((self.head + self.broadcast_rng.randint(1, 3), tx))
+            self.broadcast_counts[sha256_hex(tx)] += 1
+            self.broadcast_log.append(tx)
+            knobs = self.knobs
+            if (
+                knobs.broadcast_reject_rate
+                and self.broadcast_fault_rng.random() < knobs.broadcast_reject_rate
+            ):
+                self.broadcast_outcomes["rejected"] += 1
+                return {"code": 13, "codespace": "sdk", "data": "", "hash": "", "log": "insufficient fee"}
+            if knobs.broadcast_drop_rate and self.broadcast_fault_rng.random() < knobs.broadcast_drop_rate:
+                self.broadcast_outcomes["dropped"] += 1
+                return {"code": 0, "codespace": "", "data": "", "hash": sha256_hex(tx), "log": ""}
+            if knobs.broadcast_fail_rate and self.broadcast_fault_rng.random() < knobs.broadcast_fail_rate:
+                self.broadcast_outcomes["failing"] += 1
+                self.failing_broadcasts.add(tx)
+            delay = int(knobs.broadcast_delay_blocks) or self.broadcast_rng.randint(1, 3)
+            self.pending.append((self.head + delay, tx))
         return {"code": 0, "codespace": "", "data": "", "hash": sha256_hex(tx), "log": ""}
 
     def decode(self, data: str) -> tuple[int, dict[str, Any]]:
@@ -695,6 +745,9 @@ class ChainRequestHandler(BaseHTTPRequestHandler):
     server: ChainHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "chain-simulator"
+    # Like a real node (Go sets TCP_NODELAY on every connection): with Nagle on, a large body after the
+    # header write waits on the client's delayed ACK, ~20 ms per /block_results.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: benchmarks send thousands
         pass

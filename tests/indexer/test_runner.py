@@ -138,7 +138,7 @@ def test_a_reorg_deeper_than_the_finality_depth_halts_and_writes_nothing(chain, 
     run_until_caught_up(runner)
     assert (state(chain).mode, state(chain).last_indexed_height) == (Mode.NORMAL, head + 1)
     hashes = list(Block.objects.filter(chain=chain).order_by("height").values_list("hash", "parent_hash"))
-    assert all(child[1] == parent[0] for parent, child in zip(hashes, hashes[1:], strict=False))
+    assert all(child[1] == parent[0] for parent, child in itertools.pairwise(hashes))
 
 
 def test_a_source_that_is_catching_up_is_not_trusted_for_a_rollback(chain, sim, monkeypatch):

@@ -1,0 +1,316 @@
+"""The indexer's REST API: chain status, blocks / transactions / events / enrichment lists with
+keyset pagination, and the operator actions. Chains belong to an organization; another
+organization's chain is a 404.
+
+Lists parse their filters with a FilterSet (which also documents them in the schema) and hand the
+cleaned values to the selectors, so every query is one the indexes answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django import forms
+from django.core.validators import RegexValidator
+from django.db.models import QuerySet
+from django.utils.functional import cached_property
+from django_filters.utils import translate_validation
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from fleetops.access.context import OrgAccess
+from fleetops.access.models import Role
+from fleetops.api.idempotency import HEADER as IDEMPOTENCY_HEADER
+from fleetops.api.idempotency import idempotent
+from fleetops.api.views import OrgScopedListView, OrgScopedMixin
+from indexer import selectors, services
+from indexer.api.serializers import (
+    ChainActionInput,
+    ChainActionOutput,
+    ChainBlockOutput,
+    ChainEventOutput,
+    ChainOutput,
+    ChainRollbackInput,
+    ChainStatusOutput,
+    ChainTransactionOutput,
+    EnrichmentOutput,
+    EnrichmentRequeueInput,
+    EnrichmentRequeueOutput,
+)
+from indexer.models import Block, Chain, Enrichment, EnrichmentStatus, Event, Transaction
+
+IDEMPOTENCY_PARAM = OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)
+HEIGHT_ORDER = "height_min must not be above height_max"
+TX_HASH_INVALID = "tx_hash must be 64 hexadecimal characters"
+
+
+# --- filters -----------------------------------------------------------------------------------------
+
+
+class IntegerFilter(django_filters.NumberFilter):
+    field_class = forms.IntegerField
+
+
+class HeightRangeForm(forms.Form):
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        low, high = data.get("height_min"), data.get("height_max")
+        if low is not None and high is not None and low > high:
+            self.add_error("height_max", HEIGHT_ORDER)
+        return data
+
+
+class HeightRangeFilter(django_filters.FilterSet):
+    height_min = IntegerFilter(field_name="height", lookup_expr="gte", min_value=0)
+    height_max = IntegerFilter(field_name="height", lookup_expr="lte", min_value=0)
+
+    class Meta:
+        form = HeightRangeForm
+        fields: list[str] = []
+
+
+TX_HASH_FIELD = {"validators": [RegexValidator(r"^[0-9A-Fa-f]{64}$", TX_HASH_INVALID)]}
+
+
+class BlockFilter(HeightRangeFilter):
+    class Meta(HeightRangeFilter.Meta):
+        model = Block
+
+
+class TransactionFilter(HeightRangeFilter):
+    hash = django_filters.CharFilter(field_name="hash", **TX_HASH_FIELD)
+
+    class Meta(HeightRangeFilter.Meta):
+        model = Transaction
+
+
+class EventFilter(HeightRangeFilter):
+    type = django_filters.CharFilter(field_name="type", max_length=200)
+    tx_hash = django_filters.CharFilter(
+        method="by_tx_hash",
+        help_text="Events of the transaction with this hash (resolved to its height and index).",
+        **TX_HASH_FIELD,
+    )
+
+    class Meta(HeightRangeFilter.Meta):
+        model = Event
+
+    def by_tx_hash(self, queryset: QuerySet[Event], name: str, value: str) -> QuerySet[Event]:
+        return queryset  # documentation only: the view hands the value to selectors.event_list
+
+
+class EnrichmentFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(choices=EnrichmentStatus.choices)
+
+    class Meta:
+        model = Enrichment
+        fields: list[str] = []
+
+
+# --- bases -------------------------------------------------------------------------------------------
+
+
+class ChainScopedMixin(OrgScopedMixin):
+    """Views under chains/<slug>/: the chain of the request's organization, or a 404."""
+
+    kwargs: dict[str, Any]
+
+    @cached_property
+    def chain(self) -> Chain:
+        return selectors.chain_get(org=self.org_access.org, slug=self.kwargs["slug"])
+
+
+class ChainListView(ChainScopedMixin, OrgScopedListView):
+    """Parse the filters, then let the selector build the query from the cleaned values."""
+
+    filterset_class: type[django_filters.FilterSet]
+
+    def cleaned_filters(self) -> dict[str, Any]:
+        filterset = self.filterset_class(self.request.query_params, queryset=self.queryset)
+        if not filterset.is_valid():
+            raise translate_validation(filterset.errors)
+        return {k: v for k, v in filterset.form.cleaned_data.items() if v not in (None, "")}
+
+    def filter_queryset(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset  # the selector already applied the filters
+
+    def scoped_queryset(self, access: OrgAccess) -> QuerySet[Any]:
+        return self.select(self.chain, **self.cleaned_filters())
+
+    def select(self, chain: Chain, **filters: Any) -> QuerySet[Any]:
+        raise NotImplementedError
+
+
+# --- chains ------------------------------------------------------------------------------------------
+
+
+class ChainList(OrgScopedListView):
+    """The organization's chains with the headline of their indexer state."""
+
+    queryset = Chain.objects.none()
+    serializer_class = ChainOutput
+    keyset_ordering = ("slug",)
+    required_roles = {"GET": Role.VIEWER}
+
+    def scoped_queryset(self, access: OrgAccess) -> QuerySet[Chain]:
+        return selectors.chain_list(org=access.org)
+
+
+class ChainStatusView(ChainScopedMixin, APIView):
+    """Head, indexed height, lag, mode, leader, poison height, sources with their connection status
+    and health, and the enrichment backlog by status."""
+
+    required_roles = {"GET": Role.VIEWER}
+
+    @extend_schema(responses=ChainStatusOutput)
+    def get(self, request: Request, slug: str) -> Response:
+        return Response(ChainStatusOutput(selectors.chain_status(chain=self.chain)).data)
+
+
+class BlockList(ChainListView):
+    """Blocks, newest first (keyset on height)."""
+
+    queryset = Block.objects.none()
+    serializer_class = ChainBlockOutput
+    filterset_class = BlockFilter
+    keyset_ordering = ("-height",)
+    required_roles = {"GET": Role.VIEWER}
+
+    def select(self, chain: Chain, **filters: Any) -> QuerySet[Block]:
+        return selectors.block_list(chain=chain, **filters)
+
+
+class TransactionList(ChainListView):
+    """Transactions, newest first (keyset on height, index)."""
+
+    queryset = Transaction.objects.none()
+    serializer_class = ChainTransactionOutput
+    filterset_class = TransactionFilter
+    keyset_ordering = ("-height", "-index")
+    required_roles = {"GET": Role.VIEWER}
+
+    def select(self, chain: Chain, **filters: Any) -> QuerySet[Transaction]:
+        if "hash" in filters:
+            filters["tx_hash"] = filters.pop("hash")
+        return selectors.tx_list(chain=chain, **filters)
+
+
+class EventList(ChainListView):
+    """Events, newest first (keyset on id, stable while the writer inserts)."""
+
+    queryset = Event.objects.none()
+    serializer_class = ChainEventOutput
+    filterset_class = EventFilter
+    keyset_ordering = ("-id",)
+    required_roles = {"GET": Role.VIEWER}
+
+    def select(self, chain: Chain, **filters: Any) -> QuerySet[Event]:
+        return selectors.event_list(chain=chain, **filters)
+
+
+class EnrichmentList(ChainListView):
+    """Enrichment rows, newest first; filter by status to see the backlog or the failures."""
+
+    queryset = Enrichment.objects.none()
+    serializer_class = EnrichmentOutput
+    filterset_class = EnrichmentFilter
+    keyset_ordering = ("-id",)
+    required_roles = {"GET": Role.VIEWER}
+
+    def select(self, chain: Chain, **filters: Any) -> QuerySet[Enrichment]:
+        return selectors.enrichment_list(chain=chain, **filters)
+
+
+# --- actions -----------------------------------------------------------------------------------------
+
+
+class _ChainAction(ChainScopedMixin, APIView):
+    required_roles = {"POST": Role.ADMIN}
+
+    def respond(self, changed: bool) -> Response:
+        # Read the chain again: the one loaded for the action carries the state from before it.
+        chain = selectors.chain_get(org=self.org_access.org, slug=self.kwargs["slug"])
+        return Response(ChainActionOutput.of(changed, selectors.chain_status(chain=chain)))
+
+
+class ChainPause(_ChainAction):
+    """Stop ingest at the writer's next step (admin)."""
+
+    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = ChainActionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        changed = services.indexer_pause(
+            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
+        )
+        return self.respond(changed)
+
+
+class ChainResume(_ChainAction):
+    """Let the writer ingest again (admin)."""
+
+    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = ChainActionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        changed = services.indexer_resume(
+            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
+        )
+        return self.respond(changed)
+
+
+class ChainRetryPoison(_ChainAction):
+    """Clear the poison attempts so the writer tries the poison height again (admin)."""
+
+    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = ChainActionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        changed = services.indexer_retry_poison(
+            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
+        )
+        return self.respond(changed)
+
+
+class ChainRollback(_ChainAction):
+    """Request a rollback to `to_height` (admin); the writer carries it out on its next step."""
+
+    @extend_schema(request=ChainRollbackInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = ChainRollbackInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        changed = services.indexer_request_rollback(
+            chain=self.chain,
+            to_height=data.validated_data["to_height"],
+            actor=self.actor,
+            reason=data.validated_data["reason"],
+        )
+        return self.respond(changed)
+
+
+class EnrichmentRequeue(ChainScopedMixin, APIView):
+    """failed / undecodable -> pending for the given ids, or all of them (operator)."""
+
+    required_roles = {"POST": Role.OPERATOR}
+
+    @extend_schema(
+        request=EnrichmentRequeueInput, responses=EnrichmentRequeueOutput, parameters=[IDEMPOTENCY_PARAM]
+    )
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = EnrichmentRequeueInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        requeued = services.enrichment_requeue(
+            chain=self.chain,
+            ids=data.validated_data["ids"],
+            actor=self.actor,
+            reason=data.validated_data["reason"],
+        )
+        return Response({"requeued": requeued})

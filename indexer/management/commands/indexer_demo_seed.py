@@ -1,0 +1,206 @@
+"""The demo's chain: `sim`, indexed from the chain simulator the demo starts (idempotent).
+
+The demo simulator starts at height 1 on every run while the demo database keeps what the last run
+indexed. When the stored chain is ahead of the simulator (or the block at a common height differs,
+e.g. another seed) the demo chain's rows are rolled back to nothing — under the writer lease, like
+any rollback, and audited — so the indexer starts over with the new simulator instead of waiting
+for it to reach the old height.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
+
+from fleetops.access.models import Organization
+from fleetops.audit.actors import Actor
+from fleetops.audit.services import changes_between, record, snapshot
+from fleetops.observability.leases import LeaseGrant, lease_acquire, lease_assert_held, lease_release
+from indexer.ingest import blocks_rollback, lease_name
+from indexer.models import Block, Chain, IndexerState, Mode, SyncSource
+from indexer.rpc.client import CometRpc, RpcError, SourceConfig
+
+ACTOR = Actor.system("indexer_demo_seed")
+NOT_DEBUG_MESSAGE = "indexer_demo_seed is for the demo (DEBUG on)."
+NO_ORG_MESSAGE = "no organization {slug!r}; run demo_seed first"
+UNREACHABLE_MESSAGE = "the chain simulator at {url} does not answer /status: {error}"
+LEASE_BUSY_MESSAGE = (
+    "another process holds the writer lease of {slug} (is an indexer_run still running?); "
+    "stop it or wait for the lease to expire"
+)
+CHAIN_FIELDS = ("org", "chain_id", "expected_block_time_seconds", "catchup_batch_size")
+SOURCE_FIELDS = ("rpc_url", "websocket_url", "priority", "enabled")
+LEASE_WAIT_SECONDS = 40.0  # a killed indexer_run's lease expires after its 30 s TTL
+
+
+class Command(BaseCommand):
+    help = (
+        "Create the demo chain (chain id from the simulator's /status) and its sync sources for the "
+        "demo organization. Idempotent."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--org", default="demo")
+        parser.add_argument("--chain", default="sim", help="chain slug")
+        parser.add_argument("--rpc-url", required=True, help="the simulator's HTTP RPC, http://host:port")
+        parser.add_argument("--ws-url", default="", help="its WebSocket, ws://host:port/websocket")
+        parser.add_argument("--backup-rpc-url", default="", help="a second, lower-priority source (optional)")
+        parser.add_argument(
+            "--block-time", type=float, default=1.0, help="the simulator's --block-interval (seconds)"
+        )
+        parser.add_argument("--batch-size", type=int, default=50, help="catch-up blocks per transaction")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.DEBUG:
+            raise CommandError(NOT_DEBUG_MESSAGE)
+        org = Organization.objects.filter(slug=options["org"]).first()
+        if org is None:
+            raise CommandError(NO_ORG_MESSAGE.format(slug=options["org"]))
+        rpc_url = options["rpc_url"].rstrip("/")
+        # Named like the source row it becomes, so its requests count towards that source's metrics.
+        with CometRpc([SourceConfig("primary", rpc_url)], timeout=5.0, attempts=3) as rpc:
+            try:
+                status = rpc.status()
+            except RpcError as exc:
+                raise CommandError(UNREACHABLE_MESSAGE.format(url=rpc_url, error=exc)) from exc
+            chain = self._chain(org=org, slug=options["chain"], chain_id=status.chain_id, options=options)
+            sources = [("primary", rpc_url, options["ws_url"], 10)]
+            if options["backup_rpc_url"]:
+                sources.append(("backup", options["backup_rpc_url"].rstrip("/"), "", 20))
+            for name, url, ws_url, priority in sources:
+                self._source(chain=chain, name=name, rpc_url=url, ws_url=ws_url, priority=priority)
+            state, _ = IndexerState.objects.get_or_create(chain=chain)
+            if self._restarted(chain=chain, state=state, rpc=rpc, head=status.latest_height):
+                self._start_over(chain=chain, head=status.latest_height)
+        self.stdout.write(
+            f"{org.slug}: chain {chain.slug} ({chain.chain_id}, head {status.latest_height}) from {rpc_url}"
+        )
+
+    # --- rows ------------------------------------------------------------------------------------------
+
+    def _chain(self, *, org: Organization, slug: str, chain_id: str, options: dict[str, Any]) -> Chain:
+        wanted = {
+            "org": org,
+            "chain_id": chain_id,
+            "expected_block_time_seconds": options["block_time"],
+            "catchup_batch_size": options["batch_size"],
+        }
+        with transaction.atomic():
+            chain = Chain.objects.select_for_update().filter(slug=slug).first()
+            if chain is None:
+                chain = Chain.objects.create(slug=slug, **wanted)
+                record(
+                    action="indexer.chain_created",
+                    actor=ACTOR,
+                    org=org,
+                    target=chain,
+                    reason="demo seed",
+                    changes=changes_between({}, snapshot(chain, CHAIN_FIELDS)),
+                )
+                return chain
+            before = snapshot(chain, CHAIN_FIELDS)
+            changes = changes_between(before, wanted)
+            if changes:
+                # A new chain id means another chain: the stored fingerprint belongs to the old one.
+                if chain.chain_id != chain_id:
+                    chain.fingerprint = ""
+                for name, value in wanted.items():
+                    setattr(chain, name, value)
+                chain.save()
+                record(
+                    action="indexer.chain_updated",
+                    actor=ACTOR,
+                    org=org,
+                    target=chain,
+                    reason="demo seed",
+                    changes=changes,
+                )
+        return chain
+
+    def _source(self, *, chain: Chain, name: str, rpc_url: str, ws_url: str, priority: int) -> None:
+        wanted = {"rpc_url": rpc_url, "websocket_url": ws_url, "priority": priority, "enabled": True}
+        with transaction.atomic():
+            source = SyncSource.objects.select_for_update().filter(chain=chain, name=name).first()
+            before = snapshot(source, SOURCE_FIELDS) if source else {}
+            changes = changes_between(before, wanted)
+            if not changes:
+                return
+            if source is None:
+                source = SyncSource.objects.create(chain=chain, name=name, **wanted)
+            else:
+                SyncSource.objects.filter(pk=source.pk).update(**wanted)
+            record(
+                action="indexer.source_created" if not before else "indexer.source_updated",
+                actor=ACTOR,
+                org=chain.org,
+                target=source,
+                reason="demo seed",
+                changes=changes,
+            )
+
+    # --- a new simulator -------------------------------------------------------------------------------
+
+    def _restarted(self, *, chain: Chain, state: IndexerState, rpc: CometRpc, head: int) -> bool:
+        last = state.last_indexed_height
+        if not last:
+            return False
+        if last > head:
+            return True
+        stored = Block.objects.filter(chain=chain, height=last).values_list("hash", flat=True).first()
+        return stored is not None and stored != rpc.block(last).hash
+
+    def _start_over(self, *, chain: Chain, head: int) -> None:
+        grant = self._lease(chain)
+        try:
+            removed = blocks_rollback(
+                chain=chain,
+                to_height=0,
+                lease=grant,
+                actor=ACTOR,
+                reason=f"demo seed: the simulator restarted (head {head}); indexing starts over",
+            )
+            with transaction.atomic():
+                lease_assert_held(name=grant.name, token=grant.token)
+                # The old run's verdicts (halt, poison height, identity) were about the old chain.
+                IndexerState.objects.filter(chain=chain).update(
+                    oldest_indexed_height=None,
+                    head_height=None,
+                    head_moved_at=None,
+                    mode=Mode.CATCHING_UP,
+                    paused=False,
+                    poison_height=None,
+                    poison_attempts=0,
+                    last_error="",
+                    rollback_requested_to=None,
+                    rollback_requested_reason="",
+                    rollback_requested_by="",
+                )
+                Chain.objects.filter(pk=chain.pk).update(fingerprint="")
+                record(
+                    action="indexer.state_reset",
+                    actor=ACTOR,
+                    org=chain.org,
+                    target=chain,
+                    reason="demo seed: the simulator restarted",
+                    metadata={"blocks_removed": removed, "simulator_head": head},
+                )
+        finally:
+            lease_release(grant=grant)
+        self.stdout.write(f"{chain.slug}: the simulator restarted; removed {removed} indexed blocks")
+
+    def _lease(self, chain: Chain) -> LeaseGrant:
+        holder = f"indexer_demo_seed@{socket.gethostname()}:{id(self)}"
+        deadline = time.monotonic() + LEASE_WAIT_SECONDS
+        while True:
+            grant = lease_acquire(name=lease_name(chain), holder=holder, ttl=timedelta(seconds=60))
+            if grant is not None:
+                return grant
+            if time.monotonic() > deadline:
+                raise CommandError(LEASE_BUSY_MESSAGE.format(slug=chain.slug))
+            time.sleep(1)

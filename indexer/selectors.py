@@ -1,0 +1,337 @@
+"""Indexer reads: chain status for the API, the dashboard, the admin and the scrape-time gauges, and
+the querysets behind the block / transaction / event / enrichment lists.
+
+Statuses are built for many chains at once with a fixed number of queries (states, leases, sources,
+enrichment backlog), whatever the number of chains or sources. The list querysets only filter on
+columns the indexes lead with (`block_identity`, `tx_identity`, `tx_chain_hash`, `event_chain_id`,
+`event_chain_type_height`, `event_identity`, `enrichment_chain_status`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet
+
+from fleetops.access.models import Organization
+from fleetops.lib import clock
+from fleetops.lib.errors import NotFound
+from fleetops.observability.models import Lease
+from indexer.ingest import lease_name
+from indexer.models import (
+    Block,
+    Chain,
+    ChainLagSample,
+    ConnectionStatus,
+    DegradedReason,
+    Enrichment,
+    EnrichmentStatus,
+    Event,
+    IndexerState,
+    Mode,
+    SourceHealth,
+    SyncSource,
+    Transaction,
+)
+
+CHAIN_NOT_FOUND = "No such chain."
+# Rows still owed work (or an operator's attention); `ok` rows are done and never counted.
+BACKLOG_STATUSES = (
+    EnrichmentStatus.PENDING,
+    EnrichmentStatus.RETRYING,
+    EnrichmentStatus.FAILED,
+    EnrichmentStatus.UNDECODABLE,
+)
+
+
+def chain_list(*, org: Organization) -> QuerySet[Chain]:
+    return Chain.objects.filter(org=org).select_related("org", "state")
+
+
+def chain_get(*, org: Organization, slug: str) -> Chain:
+    """Another organization's chain is simply not found."""
+    chain = Chain.objects.filter(org=org, slug=slug).select_related("org", "state").first()
+    if chain is None:
+        raise NotFound(CHAIN_NOT_FOUND, code="chain_not_found")
+    return chain
+
+
+def chains_visible(*, org_ids: Sequence[int] | None) -> QuerySet[Chain]:
+    """Chains of these organizations (None: every chain, for superusers and the scrape)."""
+    chains = Chain.objects.select_related("org", "state").order_by("slug")
+    return chains if org_ids is None else chains.filter(org_id__in=org_ids)
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leader:
+    holder: str
+    token: int
+    expires_at: datetime
+    live: bool
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    name: str
+    rpc_url: str
+    websocket_url: str
+    priority: int
+    enabled: bool
+    connection_status: int
+    connection_status_label: str
+    degraded_reasons: list[dict[str, str]]
+    degraded_detail: str
+    health: int
+    health_label: str
+    consecutive_failures: int
+    first_failure_at: datetime | None
+    last_failure_at: datetime | None
+    last_success_at: datetime | None
+    next_retry_at: datetime | None
+    rate_limited_until: datetime | None
+    head_height: int | None
+    latency_ms: float | None
+    last_error: str
+
+    @property
+    def status_name(self) -> str:
+        """`connected_degraded`: the machine name, for CSS classes and gauges' docs."""
+        return ConnectionStatus(self.connection_status).name.lower()
+
+    @property
+    def health_name(self) -> str:
+        return SourceHealth(self.health).name.lower()
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    chain: Chain
+    head_height: int | None
+    last_indexed_height: int | None
+    oldest_indexed_height: int | None
+    lag_blocks: int | None
+    head_moved_at: datetime | None
+    mode: str
+    paused: bool
+    poison_height: int | None
+    poison_attempts: int
+    last_error: str
+    rollback_requested: dict[str, Any] | None
+    leader: Leader | None
+    sources: list[SourceStatus] = field(default_factory=list)
+    enrichment_backlog: dict[str, int] = field(default_factory=dict)
+    updated_at: datetime | None = None
+
+    @property
+    def slug(self) -> str:
+        return self.chain.slug
+
+    @property
+    def sources_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for source in self.sources:
+            counts[source.connection_status_label] = counts.get(source.connection_status_label, 0) + 1
+        return counts
+
+    @property
+    def backlog_total(self) -> int:
+        return sum(self.enrichment_backlog.values())
+
+    @property
+    def stalled(self) -> bool:
+        """The chain itself stopped producing blocks (the head is flat and the sources agree)."""
+        return self.mode == Mode.IDLE
+
+
+def _reason_labels(codes: Iterable[Any]) -> list[dict[str, str]]:
+    labels = dict(DegradedReason.choices)
+    return [{"code": str(code), "label": str(labels.get(str(code), code))} for code in codes or ()]
+
+
+def source_status(source: SyncSource) -> SourceStatus:
+    health = source.health
+    status = ConnectionStatus(source.connection_status)
+    return SourceStatus(
+        name=source.name,
+        rpc_url=source.rpc_url,
+        websocket_url=source.websocket_url,
+        priority=source.priority,
+        enabled=source.enabled,
+        connection_status=int(status),
+        connection_status_label=str(status.label),
+        degraded_reasons=_reason_labels(source.degraded_reasons),
+        degraded_detail=source.degraded_detail,
+        health=int(health),
+        health_label=str(health.label),
+        consecutive_failures=source.consecutive_failures,
+        first_failure_at=source.first_failure_at,
+        last_failure_at=source.last_failure_at,
+        last_success_at=source.last_success_at,
+        next_retry_at=source.next_retry_at,
+        rate_limited_until=source.rate_limited_until,
+        head_height=source.head_height,
+        latency_ms=source.latency_ms,
+        last_error=source.last_error,
+    )
+
+
+def leader_of(lease: Lease | None) -> Leader | None:
+    if lease is None:
+        return None
+    return Leader(
+        holder=lease.holder,
+        token=lease.token,
+        expires_at=lease.expires_at,
+        live=lease.expires_at > clock.now(),
+    )
+
+
+def lag_of(state: IndexerState | None) -> int | None:
+    if state is None or state.head_height is None:
+        return None
+    return max(state.head_height - (state.last_indexed_height or 0), 0)
+
+
+def chain_statuses(chains: Iterable[Chain]) -> list[ChainStatus]:
+    """The status of every given chain in four queries (chains should come with `state` selected)."""
+    chains = list(chains)
+    if not chains:
+        return []
+    ids = [c.pk for c in chains]
+    leases = {lease.name: lease for lease in Lease.objects.filter(name__in=[lease_name(c) for c in chains])}
+    sources: dict[int, list[SourceStatus]] = {pk: [] for pk in ids}
+    for source in SyncSource.objects.filter(chain_id__in=ids).order_by("chain_id", "priority", "name"):
+        sources[source.chain_id].append(source_status(source))
+    backlog: dict[int, dict[str, int]] = {pk: {s.value: 0 for s in BACKLOG_STATUSES} for pk in ids}
+    rows = (
+        Enrichment.objects.filter(chain_id__in=ids, status__in=BACKLOG_STATUSES)
+        .values_list("chain_id", "status")
+        .annotate(n=Count("id"))
+        .values_list("chain_id", "status", "n")
+        .order_by()
+    )
+    for chain_id, status, n in rows:
+        backlog[chain_id][status] = n
+    result = []
+    for chain in chains:
+        state = _state_of(chain)
+        result.append(
+            ChainStatus(
+                chain=chain,
+                head_height=state.head_height if state else None,
+                last_indexed_height=state.last_indexed_height if state else None,
+                oldest_indexed_height=state.oldest_indexed_height if state else None,
+                lag_blocks=lag_of(state),
+                head_moved_at=state.head_moved_at if state else None,
+                mode=state.mode if state else Mode.CATCHING_UP.value,
+                paused=state.paused if state else False,
+                poison_height=state.poison_height if state else None,
+                poison_attempts=state.poison_attempts if state else 0,
+                last_error=state.last_error if state else "",
+                rollback_requested=(
+                    {
+                        "to_height": state.rollback_requested_to,
+                        "reason": state.rollback_requested_reason,
+                        "requested_by": state.rollback_requested_by,
+                    }
+                    if state and state.rollback_requested_to is not None
+                    else None
+                ),
+                leader=leader_of(leases.get(lease_name(chain))),
+                sources=sources[chain.pk],
+                enrichment_backlog=backlog[chain.pk],
+                updated_at=state.updated_at if state else None,
+            )
+        )
+    return result
+
+
+def _state_of(chain: Chain) -> IndexerState | None:
+    """The chain's state (no query when it was selected with the chain); None before the first run."""
+    try:
+        return chain.state
+    except IndexerState.DoesNotExist:
+        return None
+
+
+def chain_status(*, chain: Chain) -> ChainStatus:
+    return chain_statuses([chain])[0]
+
+
+# --- lists -----------------------------------------------------------------------------------------
+
+
+def block_list(
+    *, chain: Chain, height_min: int | None = None, height_max: int | None = None
+) -> QuerySet[Block]:
+    return _heights(Block.objects.filter(chain=chain), height_min, height_max)
+
+
+def tx_list(
+    *,
+    chain: Chain,
+    height_min: int | None = None,
+    height_max: int | None = None,
+    tx_hash: str | None = None,
+) -> QuerySet[Transaction]:
+    txs = _heights(Transaction.objects.filter(chain=chain), height_min, height_max)
+    return txs.filter(hash=tx_hash.upper()) if tx_hash else txs
+
+
+def tx_positions(*, chain: Chain, tx_hash: str) -> list[tuple[int, int]]:
+    """(height, index) of the transactions with this hash (normally one) via `tx_chain_hash`."""
+    return list(
+        Transaction.objects.filter(chain=chain, hash=tx_hash.upper()).values_list("height", "index")[:10]
+    )
+
+
+def event_list(
+    *,
+    chain: Chain,
+    height_min: int | None = None,
+    height_max: int | None = None,
+    type: str | None = None,
+    tx_hash: str | None = None,
+) -> QuerySet[Event]:
+    """Events of a chain; a tx hash resolves through its Transaction row to (height, tx_index), so
+    the event lookup runs on `event_identity` instead of scanning attributes."""
+    events = _heights(Event.objects.filter(chain=chain), height_min, height_max)
+    if type:
+        events = events.filter(type=type)
+    if tx_hash:
+        positions = tx_positions(chain=chain, tx_hash=tx_hash)
+        if not positions:
+            return events.none()
+        match = Q()
+        for height, index in positions:
+            match |= Q(height=height, tx_index=index)
+        events = events.filter(match)
+    return events
+
+
+def enrichment_list(*, chain: Chain, status: str | None = None) -> QuerySet[Enrichment]:
+    rows = Enrichment.objects.filter(chain=chain)
+    return rows.filter(status=status) if status else rows
+
+
+def _heights(qs: QuerySet[Any], low: int | None, high: int | None) -> QuerySet[Any]:
+    if low is not None:
+        qs = qs.filter(height__gte=low)
+    if high is not None:
+        qs = qs.filter(height__lte=high)
+    return qs
+
+
+def lag_samples(*, chain: Chain, since: datetime) -> list[tuple[datetime, int | None, int | None]]:
+    """Head and indexed height samples since `since`, oldest first (`lagsample_chain_at`)."""
+    return list(
+        ChainLagSample.objects.filter(chain=chain, at__gte=since)
+        .order_by("at")
+        .values_list("at", "head_height", "indexed_height")[:2000]
+    )
