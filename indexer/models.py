@@ -145,6 +145,7 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["chain", "type", "height"], name="event_chain_type_height"),
             models.Index(fields=["chain", "id"], name="event_chain_id"),
+            models.Index(fields=["chain", "type", "id"], name="event_chain_type_id"),
         ]
 
     def __str__(self) -> str:
