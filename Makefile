@@ -8,5 +8,6 @@ test:
 .PHONY: bench
 bench:
 	.venv/bin/python -m bench.b1_reconciler
+	.venv/bin/python -m bench.b2_keys
 	.venv/bin/python -m bench.b3_indexer
 	.venv/bin/python -m bench.b5_reads

@@ -14,6 +14,8 @@ api_v1 = [
     # Domain apps are included by dotted path; fleetops imports none of them.
     path("curtailment/", include("curtailment.api.urls")),
     path("indexer/", include("indexer.api.urls")),
+    path("keys/", include("migrations_app.keys.api.urls")),
+    path("protocols/", include("migrations_app.protocols.api.urls")),
 ]
 
 urlpatterns = [

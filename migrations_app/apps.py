@@ -13,3 +13,49 @@ class MigrationsAppConfig(AppConfig):
     name = "migrations_app"
     label = "migrations_app"
     verbose_name = "Migrations"
+
+    def ready(self) -> None:
+        self._ready_keys()
+        self._ready_protocols()
+
+    def _ready_keys(self) -> None:
+        # Key re-stake lifecycle (seed 000): the two schedules, the notification event type, the
+        # dashboard card, the scrape-time metrics, the admin pages and the Celery tasks.
+        from fleetops import schedules
+        from fleetops.notifications.registry import register_event_type
+        from fleetops.observability import registry
+        from migrations_app.keys import admin as keys_admin  # noqa: F401
+        from migrations_app.keys import dashboard as keys_dashboard
+        from migrations_app.keys import metrics as keys_metrics
+        from migrations_app.keys import tasks as keys_tasks  # noqa: F401
+        from migrations_app.keys.services import FAILED_EVENT
+
+        schedules.declare(
+            name="keys.restake",
+            task="migrations_app.keys.tasks.restake",
+            every_seconds=30,
+            expires_seconds=25,
+            description="Re-stake schedule: claim due keys, count the attempt, broadcast the stake tx.",
+        )
+        schedules.declare(
+            name="keys.verify",
+            task="migrations_app.keys.tasks.verify",
+            every_seconds=30,
+            expires_seconds=25,
+            description="Verify pending stake transactions by coverage scanning; apply verdicts.",
+        )
+        register_event_type(FAILED_EVENT, "Key re-stake failed (attempt limit reached)")
+        registry.register_collector("keys", keys_metrics.collect_states)
+        registry.register_card(keys_dashboard.CARD)
+
+    def _ready_protocols(self) -> None:
+        # Protocol history migration (seed 003): the indexer producer, the dashboard card, the
+        # scrape-time metrics, the admin pages and the Celery tasks.
+        from fleetops.observability import registry
+        from indexer.producers import register_producer
+        from migrations_app.protocols import admin, dashboard, metrics, producer, tasks  # noqa: F401
+
+        register_producer(producer.PRODUCER)
+        registry.register_collector("protocols", metrics.collect_states)
+        registry.register_card(dashboard.CARD)
+        registry.register_status_check("protocols", dashboard.check_protocols)

@@ -96,6 +96,8 @@ def cmd_demo(port: int, smoke: bool) -> int:
         return 2
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("DJANGO_SETTINGS_MODULE", "fleetops.settings.dev")
+    # The demo has no mail server: notification emails are printed by the worker instead.
+    env.setdefault("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
     # Holding the handle keeps the embedded server up until this process exits.
     server = _database(env, "fleetops")  # noqa: F841
     env["CELERY_BROKER_URL"] = broker_url()
@@ -135,6 +137,10 @@ def cmd_demo(port: int, smoke: bool) -> int:
                 "1",
                 "--block-interval",
                 str(CHAIN_BLOCK_INTERVAL),
+                # Half of the demo's re-stake broadcasts are refused, so keys visibly go
+                # retrying #N and, with 3 attempts, about one in eight ends failed.
+                "--broadcast-reject-rate",
+                "0.5",
             ],
             cwd=ROOT,
             env=env,
@@ -162,6 +168,14 @@ def cmd_demo(port: int, smoke: bool) -> int:
                 "--block-time",
                 str(CHAIN_BLOCK_INTERVAL),
             ],
+            env,
+        )
+        _run("keys_demo_seed", [python, "manage.py", "keys_demo_seed", "--rpc-url", chain_url], env)
+        # Registered and classified, so an admin can start the history migration from the console
+        # or with `manage.py protocol_migrate history --protocol-id SEP50 SEP41`.
+        _run(
+            "protocol_setup",
+            [python, "manage.py", "protocol_setup", "--protocol-id", "SEP41", "SEP50", "--chain", "sim"],
             env,
         )
         indexer_port = _free_port_near(chain_port + 1)

@@ -172,6 +172,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "CurtailmentEventStateEnum": "curtailment.models.EventState",
         "CurtailmentTargetStateEnum": "curtailment.models.TargetState",
+        "KeyStateEnum": "migrations_app.models.keys.KeyState",
+        "KeyMigrationStatusEnum": "migrations_app.models.keys.KeyMigrationStatus",
     },
 }
 
@@ -224,6 +226,9 @@ FLEETOPS_KEYS_CLAIM_LEASE_SECONDS = env_int("KEYS_CLAIM_LEASE_SECONDS", 120, min
 FLEETOPS_KEYS_BROADCAST_CONCURRENCY = env_int("KEYS_BROADCAST_CONCURRENCY", 4, min_value=1, max_value=64)
 FLEETOPS_KEYS_TX_EXPIRATION_BLOCKS = env_int("KEYS_TX_EXPIRATION_BLOCKS", 30, min_value=1)
 FLEETOPS_KEYS_VERIFY_BATCH = env_int("KEYS_VERIFY_BATCH", 500, min_value=1, max_value=10000)
+# A pending tx is re-checked after min(unavailable_checks, 20) x this (and never sooner than the gap).
+FLEETOPS_KEYS_VERIFY_BACKOFF_SECONDS = env_int("KEYS_VERIFY_BACKOFF_SECONDS", 30, min_value=1)
+FLEETOPS_KEYS_VERIFY_MIN_GAP_SECONDS = env_int("KEYS_VERIFY_MIN_GAP_SECONDS", 5, min_value=0)
 FLEETOPS_KEYS_COOLDOWN_RESET_SECONDS = env_int("KEYS_COOLDOWN_RESET_SECONDS", 0, min_value=0)
 FLEETOPS_KEYS_STUCK_SECONDS = env_int("KEYS_STUCK_SECONDS", 600, min_value=1)
 FLEETOPS_KEYS_RPC_TIMEOUT_SECONDS = env_int("KEYS_RPC_TIMEOUT_SECONDS", 10, min_value=1)
@@ -231,6 +236,7 @@ FLEETOPS_KEYS_RPC_TIMEOUT_SECONDS = env_int("KEYS_RPC_TIMEOUT_SECONDS", 10, min_
 FLEETOPS_NOTIFICATION_TIMEOUT_SECONDS = env_int("NOTIFICATION_TIMEOUT_SECONDS", 5, min_value=1)
 FLEETOPS_NOTIFICATION_MAX_ATTEMPTS = env_int("NOTIFICATION_MAX_ATTEMPTS", 5, min_value=1)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "fleetops@localhost")
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
 
 # --- Logging --------------------------------------------------------------------------------------
 LOG_FORMAT = env_choice("LOG_FORMAT", ("json", "text"), "json")

@@ -1,5 +1,337 @@
-"""Address groups, keys and their re-stake lifecycle (seed 000)."""
+"""Address groups, keys and their re-stake lifecycle (seed 000).
+
+Moving a key to another address group commits at once; the on-chain re-stake happens later, on the
+re-stake schedule, and can fail. `Key.migration_status` is what an operator watches::
+
+    none ─(migrate)─> scheduled ─(attempt claimed: +1, pending tx)──> [in flight]
+                 ^                                             │ verdict (CAS on the tx)
+                 │                 ┌── success ────────────────┴──> succeeded
+                 │                 ├── failure, attempts < max ──> retrying ─(due)─> [in flight]
+                 │                 └── failure, attempts = max ──> failed
+                 └──(manual retry | cool-down reset | migrate again)── retrying | failed | succeeded
+
+A claimed attempt keeps the status it was claimed in (`scheduled` for attempt 1, `retrying` after)
+with `migration_next_attempt_at` NULL: "in flight" is that, plus one pending `StakeTransaction`. A key
+migrated or retried while an older attempt is still pending also waits with NULL: that attempt's
+verdict (recorded as superseded) releases it, so the claim never needs to look for pending rows.
+
+Stake transaction (one per attempt; at most one `pending` per key, by a partial unique index)::
+
+    pending/claimed ─(commit hash, heights)─> pending/broadcasting ─(node took it)─> pending/sent
+        │  (a worker that died here is recovered: re-claimed, broadcast once)    │
+        │                                            verification: confirmed | absent | unavailable
+        └─(no hash: CheckTx refused)─> failure     success <─ code 0 ──┤  (absent past the timeout)
+                                                   failure <─ code ≠ 0 ┴──────────> failure
+
+Every change goes through `migrations_app.keys.services`; the re-stake and verification loops in
+`migrations_app.keys.schedule` claim rows with `FOR UPDATE SKIP LOCKED`.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from django.db import models
+from django.db.models import F, Q
+
+__all__ = [
+    "KEY_MIGRATION_DUE",
+    "KEY_MIGRATION_RETRYABLE",
+    "KEY_MIGRATION_TRANSITIONS",
+    "AddressGroup",
+    "BroadcastState",
+    "Key",
+    "KeyMigrationStatus",
+    "KeyState",
+    "OrgKeyConfig",
+    "RemediationEntry",
+    "RemediationOutcome",
+    "RemediationReason",
+    "StakeTransaction",
+    "StakeTxStatus",
+]
+
+
+class KeyState(models.TextChoices):
+    """The key's on-chain supplier state as the provider tracks it (the subset the flows need)."""
+
+    AVAILABLE = "available"
+    STAKING = "staking"
+    STAKED = "staked"
+    UNSTAKING = "unstaking"
+    UNSTAKED = "unstaked"
+    ATTENTION_NEEDED = "attention_needed"
+    REMEDIATION_FAILED = "remediation_failed"
+
+
+class KeyMigrationStatus(models.TextChoices):
+    NONE = "none", "None"
+    SCHEDULED = "scheduled", "Scheduled"
+    RETRYING = "retrying", "Retrying"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+# The schedule claims keys in these states whose next attempt is due.
+KEY_MIGRATION_DUE = (KeyMigrationStatus.SCHEDULED, KeyMigrationStatus.RETRYING)
+# A manual retry re-queues these.
+KEY_MIGRATION_RETRYABLE = (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED)
+KEY_MIGRATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    KeyMigrationStatus.NONE: (KeyMigrationStatus.SCHEDULED,),
+    KeyMigrationStatus.SCHEDULED: (
+        KeyMigrationStatus.SCHEDULED,  # migrated again
+        KeyMigrationStatus.RETRYING,
+        KeyMigrationStatus.SUCCEEDED,
+        KeyMigrationStatus.FAILED,  # a limit of one attempt
+    ),
+    KeyMigrationStatus.RETRYING: (
+        KeyMigrationStatus.SCHEDULED,  # manual retry or migrated again
+        KeyMigrationStatus.RETRYING,
+        KeyMigrationStatus.SUCCEEDED,
+        KeyMigrationStatus.FAILED,
+    ),
+    KeyMigrationStatus.SUCCEEDED: (KeyMigrationStatus.SCHEDULED,),
+    KeyMigrationStatus.FAILED: (KeyMigrationStatus.SCHEDULED,),  # manual retry, cool-down, migrated again
+}
+
+
+class RemediationReason(models.TextChoices):
+    """Igniter's RemediationHistoryEntryReason codes; this portal acts on 1006 only."""
+
+    ADDRESS_GROUP_MIGRATION = "1006", "Address group migration"
+
+
+class RemediationOutcome(models.TextChoices):
+    MIGRATED = "migrated", "Migrated to group"
+    BROADCAST = "broadcast", "Stake tx broadcast"
+    SUCCEEDED = "succeeded", "Re-staked on chain"
+    ATTEMPT_FAILED = "attempt_failed", "Attempt failed, will retry"
+    FAILED = "failed", "Failed: attempt limit reached"
+    SUPERSEDED = "superseded", "Verdict of a superseded attempt"
+    MANUAL_RETRY = "manual_retry", "Manual retry"
+    AUTO_RESET = "auto_reset", "Cool-down auto-reset"
+
+
+class StakeTxStatus(models.TextChoices):
+    PENDING = "pending"
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class BroadcastState(models.TextChoices):
+    """Where a pending transaction is on its way to the node (meaningless once terminal)."""
+
+    CLAIMED = "claimed", "Claimed, not sent"
+    BROADCASTING = "broadcasting", "Broadcast started (outcome unknown until verified)"
+    SENT = "sent", "Accepted by the node"
+
+
+class AddressGroup(models.Model):
+    """A slot binding a relay miner to on-chain services, with revenue-share settings. Keys stake
+    for their group's services; a group that still has keys cannot be deleted (PROTECT)."""
+
+    org = models.ForeignKey("access.Organization", on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=100)
+    services = models.JSONField(default=list, blank=True, help_text="Service ids the keys stake for.")
+    relay_miner = models.CharField(max_length=200, blank=True, default="")
+    region = models.CharField(max_length=50, blank=True, default="")
+    # Operator share entries [{"address": ..., "percentage": ...}]; the owner gets the remainder.
+    operator_shares = models.JSONField(default=list, blank=True)
+    supplier_share_percentage = models.PositiveSmallIntegerField(null=True, blank=True)
+    private = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["org", "name"], name="addressgroup_name_per_org"),
+            models.CheckConstraint(
+                condition=Q(supplier_share_percentage__isnull=True)
+                | Q(supplier_share_percentage__gte=1, supplier_share_percentage__lte=100),
+                name="addressgroup_supplier_share_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class OrgKeyConfig(models.Model):
+    """Per-organization re-stake settings: the chain to stake on and the attempt limit."""
+
+    org = models.OneToOneField(
+        "access.Organization", on_delete=models.CASCADE, primary_key=True, related_name="key_config"
+    )
+    rpc_url = models.URLField(blank=True, default="", help_text="Chain RPC; blank = keys are not re-staked.")
+    max_attempts = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        help_text="Attempts before a key is failed; blank = the KEYS_MAX_ATTEMPTS setting.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "organization key config"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_attempts__isnull=True) | Q(max_attempts__gte=1, max_attempts__lte=100),
+                name="orgkeycfg_max_attempts_range",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"key config of {self.org_id}"
+
+
+class Key(models.Model):
+    """A supplier operator key staked on a chain, and its address-group migration lifecycle.
+
+    `migration_round` increases at every migrate and manual retry: a stake transaction belongs to
+    one round, so the verdict of an attempt the operator has since superseded never moves the key.
+    """
+
+    org = models.ForeignKey("access.Organization", on_delete=models.PROTECT, related_name="+")
+    address = models.CharField(max_length=100, unique=True)
+    public_key = models.CharField(max_length=66, unique=True)
+    owner_address = models.CharField(max_length=100, blank=True, default="")
+    address_group = models.ForeignKey(
+        AddressGroup, on_delete=models.PROTECT, null=True, blank=True, related_name="keys"
+    )
+    state = models.CharField(max_length=24, choices=KeyState.choices, default=KeyState.STAKED)
+    retired_at = models.DateTimeField(null=True, blank=True, help_text="Unbonding: never re-staked again.")
+    migration_status = models.CharField(
+        max_length=16, choices=KeyMigrationStatus.choices, default=KeyMigrationStatus.NONE, db_index=True
+    )
+    migration_attempts = models.PositiveSmallIntegerField(default=0)
+    migration_max_attempts = models.PositiveSmallIntegerField(default=0)
+    migration_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    migration_last_error = models.TextField(blank=True, default="")
+    migration_manual_retries = models.PositiveIntegerField(default=0)
+    migration_round = models.PositiveIntegerField(default=0)
+    # When the current round began (migrate, manual retry, auto-reset): "stuck" and the oldest
+    # scheduled key are measured from here, not from the last attempt.
+    migration_scheduled_at = models.DateTimeField(null=True, blank=True)
+    migration_updated_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=KeyState.values), name="key_state_valid"),
+            models.CheckConstraint(
+                condition=Q(migration_status__in=KeyMigrationStatus.values), name="key_migration_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(migration_attempts__lte=F("migration_max_attempts")),
+                name="key_attempts_within_limit",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["org", "id"], name="key_org_id"),
+            # The schedule's claim: due keys in (next attempt time, id) order, read as a range scan.
+            models.Index(
+                fields=["migration_next_attempt_at", "id"],
+                condition=Q(migration_status__in=KEY_MIGRATION_DUE),
+                name="key_migration_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.address
+
+    @property
+    def in_flight(self) -> bool:
+        return self.migration_status in KEY_MIGRATION_DUE and self.migration_next_attempt_at is None
+
+
+class RemediationEntry(models.Model):
+    """One step of a key's migration history: migrated, each attempt's outcome, manual retries.
+    Append-only; it survives manual retries (the lineage an operator reads on the key page)."""
+
+    key = models.ForeignKey(Key, on_delete=models.CASCADE, related_name="remediation_entries")
+    reason = models.CharField(
+        max_length=10, choices=RemediationReason.choices, default=RemediationReason.ADDRESS_GROUP_MIGRATION
+    )
+    round = models.PositiveIntegerField(default=0)
+    attempt = models.PositiveSmallIntegerField(default=0)
+    outcome = models.CharField(max_length=16, choices=RemediationOutcome.choices)
+    message = models.CharField(max_length=300, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    tx_hash = models.CharField(max_length=64, blank=True, default="")
+    result_code = models.IntegerField(null=True, blank=True)
+    actor_label = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "remediation entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(outcome__in=RemediationOutcome.values), name="remediation_outcome_valid"
+            )
+        ]
+        indexes = [models.Index(fields=["key", "-id"], name="remediation_key_id")]
+
+    def __str__(self) -> str:
+        return f"{self.key_id} {self.outcome} #{self.attempt}"
+
+
+class StakeTransaction(models.Model):
+    """One re-stake attempt's transaction. The hash is computed from the deterministic tx bytes
+    before the broadcast and committed first, so a crash mid-broadcast leaves a verifiable row."""
+
+    key = models.ForeignKey(Key, on_delete=models.CASCADE, related_name="stake_transactions")
+    reason = models.CharField(
+        max_length=10, choices=RemediationReason.choices, default=RemediationReason.ADDRESS_GROUP_MIGRATION
+    )
+    round = models.PositiveIntegerField()
+    attempt = models.PositiveSmallIntegerField()
+    status = models.CharField(max_length=8, choices=StakeTxStatus.choices, default=StakeTxStatus.PENDING)
+    broadcast_state = models.CharField(
+        max_length=16, choices=BroadcastState.choices, default=BroadcastState.CLAIMED
+    )
+    # Who holds the claim (a random token per worker pass) and since when: a claimed row whose
+    # holder went silent past the lease is taken over and broadcast by the next pass.
+    claim_token = models.CharField(max_length=32, blank=True, default="")
+    claimed_at = models.DateTimeField()
+    payload = models.JSONField(default=dict, blank=True)
+    hash = models.CharField(max_length=64, blank=True, default="")
+    execution_height = models.BigIntegerField(null=True, blank=True)
+    last_covered_height = models.BigIntegerField(null=True, blank=True)
+    timeout_height = models.BigIntegerField(null=True, blank=True)
+    landed_height = models.BigIntegerField(null=True, blank=True)
+    unavailable_checks = models.PositiveIntegerField(default=0)
+    last_verification_at = models.DateTimeField(null=True, blank=True)
+    broadcast_at = models.DateTimeField(null=True, blank=True)
+    code = models.IntegerField(null=True, blank=True)
+    message = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=StakeTxStatus.values), name="staketx_status_valid"),
+            models.CheckConstraint(
+                condition=Q(broadcast_state__in=BroadcastState.values), name="staketx_broadcast_state_valid"
+            ),
+            # At most one pending transaction per key: two workers cannot both claim a key.
+            models.UniqueConstraint(
+                fields=["key"], condition=Q(status=StakeTxStatus.PENDING), name="staketx_one_pending_per_key"
+            ),
+            # Every attempt is counted once.
+            models.UniqueConstraint(fields=["key", "round", "attempt"], name="staketx_one_per_attempt"),
+            models.CheckConstraint(
+                condition=Q(status=StakeTxStatus.PENDING) | Q(resolved_at__isnull=False),
+                name="staketx_resolved_when_terminal",
+            ),
+        ]
+        indexes = [
+            # The verification queue.
+            models.Index(
+                fields=["last_verification_at"],
+                condition=Q(status=StakeTxStatus.PENDING),
+                name="staketx_pending_verify",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key_id} #{self.round}.{self.attempt} {self.status}"

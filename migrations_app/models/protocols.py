@@ -1,5 +1,281 @@
-"""Protocols, cursors and protocol state changes (seed 003)."""
+"""Protocols, cursors and protocol state changes (seed 003).
+
+A protocol (`SEP41`, `SEP50`, …) is a classifier over the indexer's stored events. Its state changes
+are written live by the indexer's producer hook for every new block and backfilled for history by
+`manage.py protocol_migrate history`; both advance the protocol's `Cursor` row by compare-and-set in
+the transaction that writes the rows, so each height is written by exactly one of them.
+
+Every status column (classification, history migration, current-state migration)::
+
+    not_started ──> in_progress ──> success
+                        │  ▲  └──> failed ──> in_progress (a re-run resumes at cursor + 1)
+                        └──┘ (a run killed mid-way is resumed by the next run)
+
+`success` is terminal for the two migrations (a re-run skips the protocol); classification may be
+re-run (success -> in_progress) when new contracts were seen.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from django.db import models
+from django.db.models import Q
+
+__all__ = [
+    "CLASSIFICATION_TRANSITIONS",
+    "MIGRATION_TRANSITIONS",
+    "ChangeKind",
+    "Cursor",
+    "MigrationStatus",
+    "Protocol",
+    "ProtocolBalance",
+    "ProtocolContract",
+    "ProtocolNftOwner",
+    "ProtocolStateChange",
+    "ProtocolWriteSpan",
+    "Writer",
+]
+
+
+class MigrationStatus(models.TextChoices):
+    NOT_STARTED = "not_started"
+    IN_PROGRESS = "in_progress"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+CLASSIFICATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    MigrationStatus.NOT_STARTED: (MigrationStatus.IN_PROGRESS,),
+    MigrationStatus.IN_PROGRESS: (
+        MigrationStatus.SUCCESS,
+        MigrationStatus.FAILED,
+        MigrationStatus.IN_PROGRESS,
+    ),
+    MigrationStatus.SUCCESS: (MigrationStatus.IN_PROGRESS,),
+    MigrationStatus.FAILED: (MigrationStatus.IN_PROGRESS,),
+}
+MIGRATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    MigrationStatus.NOT_STARTED: (MigrationStatus.IN_PROGRESS,),
+    MigrationStatus.IN_PROGRESS: (
+        MigrationStatus.SUCCESS,
+        MigrationStatus.FAILED,
+        MigrationStatus.IN_PROGRESS,
+    ),
+    MigrationStatus.FAILED: (MigrationStatus.IN_PROGRESS,),
+    MigrationStatus.SUCCESS: (),
+}
+
+
+def _status_field() -> models.CharField[str, str]:
+    return models.CharField(
+        max_length=16, choices=MigrationStatus.choices, default=MigrationStatus.NOT_STARTED
+    )
+
+
+class Protocol(models.Model):
+    """A registered protocol on one chain (the organization that runs the chain owns it). Rows are
+    created by `protocol_setup` from the classifier registry (`migrations_app.protocols.registry`)."""
+
+    id = models.CharField(primary_key=True, max_length=32, help_text="SEP41, SEP50, …")
+    chain = models.ForeignKey("indexer.Chain", on_delete=models.PROTECT, related_name="+")
+    name = models.CharField(max_length=200)
+    classification_status = _status_field()
+    classification_error = models.TextField(blank=True, default="")
+    classified_at = models.DateTimeField(null=True, blank=True)
+    history_migration_status = _status_field()
+    history_error = models.TextField(blank=True, default="")
+    history_started_at = models.DateTimeField(null=True, blank=True)
+    # When and where the backfill lost its compare-and-set to live ingestion (the handoff).
+    history_handed_off_at = models.DateTimeField(null=True, blank=True)
+    history_handoff_height = models.BigIntegerField(null=True, blank=True)
+    current_state_migration_status = _status_field()
+    current_state_error = models.TextField(blank=True, default="")
+    current_state_start_height = models.BigIntegerField(null=True, blank=True)
+    current_state_handed_off_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(classification_status__in=MigrationStatus.values),
+                name="protocol_classification_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(history_migration_status__in=MigrationStatus.values),
+                name="protocol_history_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(current_state_migration_status__in=MigrationStatus.values),
+                name="protocol_current_state_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def history_cursor_name(self) -> str:
+        return f"protocol_{self.id}_history_cursor"
+
+    @property
+    def current_state_cursor_name(self) -> str:
+        return f"protocol_{self.id}_current_state_cursor"
+
+
+class Cursor(models.Model):
+    """A named height, moved only by `migrations_app.protocols.cursor` (compare-and-swap in the
+    transaction that wrote the rows up to it, or a rewind inside an indexer rollback). A missing row
+    means "nobody produces this protocol yet", which is not the same as losing a race."""
+
+    name = models.CharField(primary_key=True, max_length=120)
+    height = models.BigIntegerField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} = {self.height}"
+
+
+class ProtocolContract(models.Model):
+    """A contract (token contract or NFT class) classified as belonging to a protocol. Written by
+    `protocol_setup` for what was indexed so far and by both writers for contracts first seen later."""
+
+    protocol = models.ForeignKey(Protocol, on_delete=models.CASCADE, related_name="contracts")
+    contract = models.CharField(max_length=200)
+    first_seen_height = models.BigIntegerField(null=True, blank=True)
+    classified_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["protocol", "contract"]
+        constraints = [
+            models.UniqueConstraint(fields=["protocol", "contract"], name="protocolcontract_identity")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.protocol_id} {self.contract}"
+
+
+class ChangeKind(models.TextChoices):
+    TRANSFER = "transfer"
+    MINT = "mint"
+    BURN = "burn"
+
+
+class ProtocolStateChange(models.Model):
+    """One protocol-relevant event, identified like the event it came from, so a replay can never
+    duplicate it. `account` is the side the change is about (sender of a transfer or burn, recipient
+    of a mint), `counterparty` the recipient of a transfer; `asset` is the token contract (SEP41) or
+    NFT class (SEP50); fungible changes carry `amount`, NFT changes `token_id`."""
+
+    protocol = models.ForeignKey(Protocol, on_delete=models.CASCADE, related_name="+", db_index=False)
+    chain = models.ForeignKey("indexer.Chain", on_delete=models.CASCADE, related_name="+", db_index=False)
+    height = models.BigIntegerField()
+    phase = models.CharField(max_length=16)
+    tx_index = models.PositiveIntegerField(null=True, blank=True)
+    event_index = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=ChangeKind.choices)
+    account = models.CharField(max_length=200)
+    counterparty = models.CharField(max_length=200, blank=True, default="")
+    asset = models.CharField(max_length=200)
+    amount = models.DecimalField(max_digits=78, decimal_places=0, null=True, blank=True)
+    token_id = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["protocol", "chain", "height", "phase", "tx_index", "event_index"],
+                name="protocolstatechange_identity",
+                nulls_distinct=False,
+            ),
+            models.CheckConstraint(
+                condition=Q(kind__in=ChangeKind.values), name="protocolstatechange_kind_valid"
+            ),
+        ]
+        # The API walks (protocol, height desc, id desc), optionally for one account.
+        indexes = [
+            models.Index(fields=["protocol", "height", "id"], name="psc_protocol_height_id"),
+            models.Index(fields=["protocol", "account", "height", "id"], name="psc_protocol_account"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.protocol_id} {self.height} {self.kind} {self.account[:16]}"
+
+
+class Writer(models.TextChoices):
+    HISTORY = "history"
+    LIVE = "live"
+
+
+class ProtocolWriteSpan(models.Model):
+    """Which writer wrote which heights of a protocol's history: one row per contiguous run of heights
+    by the same writer, extended in the transaction that moves the cursor. The spans of a protocol
+    tile [oldest indexed height, history cursor] without overlap; the handoff is where `history`
+    ends and `live` begins. A rollback trims them with the rows."""
+
+    protocol = models.ForeignKey(Protocol, on_delete=models.CASCADE, related_name="write_spans")
+    writer = models.CharField(max_length=16, choices=Writer.choices)
+    from_height = models.BigIntegerField()
+    to_height = models.BigIntegerField()
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["protocol", "from_height"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(writer__in=Writer.values), name="protocolwritespan_writer_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(to_height__gte=models.F("from_height")), name="protocolwritespan_range_valid"
+            ),
+            models.UniqueConstraint(fields=["protocol", "from_height"], name="protocolwritespan_start_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.protocol_id} {self.writer} {self.from_height}-{self.to_height}"
+
+
+class ProtocolBalance(models.Model):
+    """SEP41 current state: the net amount of `asset` held by `account`, summed from the state changes
+    at and after the current-state start height (so from the chain's first height it is the balance)."""
+
+    protocol = models.ForeignKey(Protocol, on_delete=models.CASCADE, related_name="+", db_index=False)
+    asset = models.CharField(max_length=200)
+    account = models.CharField(max_length=200)
+    amount = models.DecimalField(max_digits=78, decimal_places=0)
+    height = models.BigIntegerField(help_text="Height of the last change applied to this row.")
+
+    class Meta:
+        ordering = ["protocol", "asset", "account"]
+        constraints = [
+            models.UniqueConstraint(fields=["protocol", "asset", "account"], name="protocolbalance_identity")
+        ]
+        indexes = [models.Index(fields=["protocol", "account"], name="protocolbalance_account")]
+
+    def __str__(self) -> str:
+        return f"{self.protocol_id} {self.asset[:12]} {self.account[:16]} {self.amount}"
+
+
+class ProtocolNftOwner(models.Model):
+    """SEP50 current state: the owner of each token of each NFT class."""
+
+    protocol = models.ForeignKey(Protocol, on_delete=models.CASCADE, related_name="+", db_index=False)
+    asset = models.CharField(max_length=200)
+    token_id = models.CharField(max_length=200)
+    owner = models.CharField(max_length=200)
+    height = models.BigIntegerField(help_text="Height of the last change applied to this row.")
+
+    class Meta:
+        ordering = ["protocol", "asset", "token_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["protocol", "asset", "token_id"], name="protocolnftowner_identity"
+            )
+        ]
+        indexes = [models.Index(fields=["protocol", "owner"], name="protocolnftowner_owner")]
+
+    def __str__(self) -> str:
+        return f"{self.protocol_id} {self.asset} #{self.token_id} -> {self.owner[:16]}"

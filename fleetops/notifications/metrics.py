@@ -1,0 +1,15 @@
+"""Notification metrics, declared once."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+DELIVERIES = Counter(
+    "fleetops_notifications_deliveries_total",
+    "Notification send attempts by channel kind and outcome (sent, retry, error).",
+    ["kind", "outcome"],
+)
+KICK_FAILURES = Counter(
+    "fleetops_notifications_kick_failures_total",
+    "On-commit delivery kicks that could not be queued (the sweep sends those deliveries later).",
+)

@@ -1,0 +1,423 @@
+"""The key console: status badges, stuck-keys filter, history and transaction inlines, the
+Migrate… and Retry actions (operator+, reason required), address groups and the org config.
+
+Imported from `MigrationsAppConfig.ready()` (the app's own `admin.py` belongs to the protocols).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.html import format_html
+
+from fleetops.access.admin_mixins import (
+    ObjectAction,
+    ObjectActionsMixin,
+    OrgScopedAdminMixin,
+    reasoned_action,
+)
+from fleetops.access.models import Role
+from fleetops.access.selectors import org_ids_for_user, org_ids_with_role, role_in_org
+from fleetops.admin_site import BigTableAdminMixin
+from fleetops.audit.actors import Actor
+from fleetops.lib import clock
+from fleetops.lib.errors import DomainError
+from migrations_app.keys.selectors import KeyFilter, migration_label, stuck_keys
+from migrations_app.keys.services import (
+    address_group_delete,
+    address_group_save,
+    key_config_update,
+    key_migrate_to_group,
+    key_migration_retry,
+)
+from migrations_app.models.keys import (
+    AddressGroup,
+    Key,
+    KeyMigrationStatus,
+    OrgKeyConfig,
+    RemediationEntry,
+    StakeTransaction,
+)
+
+BADGE_COLOURS: dict[str, str] = {
+    KeyMigrationStatus.NONE: "#999",
+    KeyMigrationStatus.SCHEDULED: "#2b6cb0",
+    KeyMigrationStatus.RETRYING: "#c05621",
+    KeyMigrationStatus.SUCCEEDED: "#2f855a",
+    KeyMigrationStatus.FAILED: "#c53030",
+}
+MIGRATE_PREVIEW_IDS = 200
+
+
+class StuckFilter(admin.SimpleListFilter):
+    title = "stuck"
+    parameter_name = "stuck"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Scheduled/retrying past the threshold")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Key]) -> QuerySet[Key]:
+        return stuck_keys(queryset) if self.value() == "yes" else queryset
+
+
+class GroupFilter(admin.SimpleListFilter):
+    """Address groups of the user's organizations only (another org's names are not shown)."""
+
+    title = "address group"
+    parameter_name = "address_group"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        groups = AddressGroup.objects.all()
+        if not request.user.is_superuser:
+            groups = groups.filter(org_id__in=org_ids_for_user(request.user))
+        return [(str(g.pk), g.name) for g in groups.order_by("name")[:200]]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Key]) -> QuerySet[Key]:
+        value = self.value()
+        return queryset.filter(address_group_id=int(value)) if value and value.isdigit() else queryset
+
+
+class RemediationEntryInline(admin.TabularInline):
+    model = RemediationEntry
+    extra = 0
+    can_delete = False
+    ordering = ["-id"]
+    fields = (
+        "created_at",
+        "outcome",
+        "round",
+        "attempt",
+        "message",
+        "error",
+        "tx_hash",
+        "result_code",
+        "actor_label",
+    )
+    readonly_fields = fields
+    verbose_name_plural = "migration history"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return True  # whoever may view the key (the parent admin's org-scoped gate) reads its rows
+
+
+class StakeTransactionInline(admin.TabularInline):
+    model = StakeTransaction
+    extra = 0
+    can_delete = False
+    ordering = ["-id"]
+    fields = (
+        "created_at",
+        "round",
+        "attempt",
+        "status",
+        "broadcast_state",
+        "hash",
+        "execution_height",
+        "last_covered_height",
+        "timeout_height",
+        "landed_height",
+        "unavailable_checks",
+        "code",
+        "message",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return True  # whoever may view the key (the parent admin's org-scoped gate) reads its rows
+
+
+class MigrateForm(forms.Form):
+    target_group = forms.ModelChoiceField(queryset=AddressGroup.objects.none())
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+        max_length=500,
+        help_text="Recorded in the audit log with your name.",
+    )
+    key_ids = forms.CharField(widget=forms.HiddenInput)
+
+    def frozen_ids(self) -> list[int]:
+        return [int(x) for x in self.cleaned_data["key_ids"].split(",") if x.strip().isdigit()]
+
+
+def _retry_one(key: Key, *, actor: Actor, reason: str, user: Any) -> bool:
+    if key.migration_status not in (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED):
+        return False
+    key_migration_retry(
+        key=key, actor=actor, role=role_in_org(user=user, org_id=key.org_id) or "", reason=reason
+    )
+    return True
+
+
+def migrate_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[Key]) -> HttpResponse | None:
+    """Migrate…: preview the exact keys (count and ids), then move exactly those ids."""
+    allowed = org_ids_with_role(user=request.user, role=Role.OPERATOR)
+    groups = (
+        AddressGroup.objects.all() if allowed is None else AddressGroup.objects.filter(org_id__in=allowed)
+    )
+    if "apply" in request.POST:
+        form = MigrateForm(request.POST)
+        form.fields["target_group"].queryset = groups  # type: ignore[attr-defined]
+        if form.is_valid():
+            target: AddressGroup = form.cleaned_data["target_group"]
+            frozen = form.frozen_ids()
+            same_org = list(
+                Key.objects.filter(pk__in=frozen, org_id=target.org_id).values_list("pk", flat=True)
+            )
+            if skipped := len(frozen) - len(same_org):
+                modeladmin.message_user(
+                    request,
+                    f"{skipped} key(s) belong to another organization than {target}; skipped.",
+                    messages.WARNING,
+                )
+            try:
+                result = key_migrate_to_group(
+                    org=target.org,
+                    actor=Actor.for_user(request.user),
+                    role=role_in_org(user=request.user, org_id=target.org_id) or "",
+                    target_group_id=target.pk,
+                    flt=KeyFilter(key_ids=tuple(same_org)),
+                    reason=form.cleaned_data["reason"],
+                )
+            except DomainError as exc:
+                modeladmin.message_user(request, exc.message, messages.ERROR)
+                return None
+            modeladmin.message_user(
+                request,
+                f"Migrated {result.count} key(s) to {target.name}; their re-stake is scheduled"
+                + (
+                    f" ({result.excluded_retired} retired key(s) excluded)."
+                    if result.excluded_retired
+                    else "."
+                ),
+            )
+            return None
+        frozen_text = request.POST.get("key_ids", "")
+    else:
+        form = MigrateForm()
+        form.fields["target_group"].queryset = groups  # type: ignore[attr-defined]
+        frozen_text = ""
+    ids = (
+        [int(x) for x in frozen_text.split(",") if x.isdigit()]
+        if frozen_text
+        else sorted(queryset.filter(retired_at__isnull=True).values_list("pk", flat=True))
+    )
+    if not frozen_text:
+        form.initial["key_ids"] = ",".join(map(str, ids))
+    preview = list(Key.objects.filter(pk__in=ids[:MIGRATE_PREVIEW_IDS]).select_related("address_group"))
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": "Migrate keys to another address group",
+        "count": len(ids),
+        "ids": ids,
+        "preview": preview,
+        "more": max(0, len(ids) - len(preview)),
+        "form": form,
+        "action_name": "migrate_keys",
+        "selected_ids": list(queryset.values_list("pk", flat=True)[:10_000]),
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "opts": Key._meta,
+    }
+    return TemplateResponse(request, "admin/migrations_app/keys/migrate_confirm.html", context)
+
+
+migrate_keys.short_description = "Migrate… to another address group"  # type: ignore[attr-defined]
+migrate_keys.required_role = Role.OPERATOR  # type: ignore[attr-defined]
+
+
+def _retry_action(key: Key, *, actor: Actor, reason: str) -> bool:
+    from django.contrib.auth import get_user_model
+
+    if actor.user_id is None:
+        return False
+    user = get_user_model().objects.get(pk=actor.user_id)
+    return _retry_one(key, actor=actor, reason=reason, user=user)
+
+
+retry_keys = reasoned_action(
+    name="retry_keys",
+    description="Retry migration (failed or retrying keys)",
+    required_role=Role.OPERATOR,
+    service=_retry_action,
+)
+
+
+def _retry_object(request: HttpRequest, key: Key, data: dict[str, Any]) -> str:
+    key_migration_retry(
+        key=key,
+        actor=Actor.for_user(request.user),
+        role=role_in_org(user=request.user, org_id=key.org_id) or "",
+        reason=data["reason"],
+    )
+    return "Retry scheduled: attempts reset, the history is kept."
+
+
+@admin.register(Key)
+class KeyAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+    change_form_template = "admin/fleetops/change_form_actions.html"
+    list_display = [
+        "address",
+        "address_group",
+        "state",
+        "migration_badge",
+        "attempts",
+        "migration_next_attempt_at",
+        "last_error",
+        "migration_manual_retries",
+    ]
+    list_filter = ["migration_status", StuckFilter, GroupFilter, "state"]
+    list_select_related = ["address_group"]
+    search_fields = ["=address", "=owner_address", "=public_key"]
+    ordering = ["-id"]
+    readonly_fields = [f.name for f in Key._meta.fields] + ["migration_badge"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "address",
+                    "public_key",
+                    "owner_address",
+                    "org",
+                    "address_group",
+                    "state",
+                    "retired_at",
+                ]
+            },
+        ),
+        (
+            "Migration",
+            {
+                "fields": [
+                    "migration_badge",
+                    "migration_status",
+                    "migration_attempts",
+                    "migration_max_attempts",
+                    "migration_next_attempt_at",
+                    "migration_last_error",
+                    "migration_manual_retries",
+                    "migration_round",
+                    "migration_scheduled_at",
+                    "migration_updated_at",
+                ]
+            },
+        ),
+    ]
+    inlines = [RemediationEntryInline, StakeTransactionInline]
+    actions = [migrate_keys, retry_keys]
+    object_actions = (
+        ObjectAction(
+            "retry",
+            "Retry migration",
+            Role.OPERATOR,
+            _retry_object,
+            is_available=lambda k: (
+                k.migration_status in (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED)
+            ),
+        ),
+    )
+
+    @admin.display(description="Migration", ordering="migration_status")
+    def migration_badge(self, obj: Key) -> str:
+        return format_html(
+            '<span style="background:{};color:#fff;padding:2px 6px;border-radius:3px;'
+            'white-space:nowrap">{}</span>',
+            BADGE_COLOURS.get(obj.migration_status, "#999"),
+            migration_label(obj, now=clock.now()),
+        )
+
+    @admin.display(description="Attempts")
+    def attempts(self, obj: Key) -> str:
+        return f"{obj.migration_attempts}/{obj.migration_max_attempts}" if obj.migration_max_attempts else "—"
+
+    @admin.display(description="Last error")
+    def last_error(self, obj: Key) -> str:
+        return obj.migration_last_error[:80]
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return False
+
+
+@admin.register(AddressGroup)
+class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
+    add_role = Role.ADMIN
+    change_role = Role.ADMIN
+    delete_role = Role.ADMIN
+    list_display = ["name", "services", "relay_miner", "region", "private", "key_count"]
+    search_fields = ["name"]
+
+    @admin.display(description="Keys")
+    def key_count(self, obj: AddressGroup) -> int:
+        return obj.keys.count()
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ["org"] if obj is not None else []
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        values = {k: v for k, v in form.cleaned_data.items() if k != "org"}
+        saved = address_group_save(
+            org=obj.org,
+            actor=Actor.for_user(request.user),
+            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+            group=AddressGroup.objects.get(pk=obj.pk) if change else None,
+            values=values,
+        )
+        obj.pk = saved.pk
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        address_group_delete(
+            group=obj,
+            actor=Actor.for_user(request.user),
+            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+        )
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except DomainError as exc:
+            from django.shortcuts import redirect
+
+            self.message_user(request, exc.message, messages.ERROR)
+            return redirect("admin:migrations_app_addressgroup_change", object_id)
+
+
+@admin.register(OrgKeyConfig)
+class OrgKeyConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
+    """Admins point their organization's re-stakes at a chain; saving goes through the service."""
+
+    add_role = Role.ADMIN
+    change_role = Role.ADMIN
+    list_display = ["org", "rpc_url", "max_attempts", "updated_at"]
+    fields = ["org", "rpc_url", "max_attempts"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ["org"] if obj is not None else []
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        values = {k: v for k, v in form.cleaned_data.items() if k != "org"}
+        saved = key_config_update(
+            org=obj.org,
+            actor=Actor.for_user(request.user),
+            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+            values=values,
+        )
+        obj.pk = saved.pk

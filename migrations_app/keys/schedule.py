@@ -1,0 +1,348 @@
+"""The re-stake schedule: claim due keys, count the attempt, broadcast the stake tx.
+
+One pass (`restake_tick`, beat every 30 s and `manage.py keys_restake`):
+
+1. Cool-down auto-reset of failed keys (only when KEYS_COOLDOWN_RESET_SECONDS is set).
+2. Recover orphans: pending transactions still `claimed` (never sent) whose claim is older than
+   the lease belong to a worker that died between its claim and its broadcast. They are taken over
+   with a conditional UPDATE on the old claim and broadcast once, for the same attempt.
+3. Claim batches. ONE statement per batch: due keys `FOR UPDATE SKIP LOCKED` (a range scan of the
+   partial index on (next attempt, id)), the attempt counter incremented and the next attempt
+   cleared, and the pending transaction inserted, then commit. Any number of workers can run this
+   at once: a key locked by one is skipped by the others, a key another worker just claimed is no
+   longer due (its next attempt is NULL) when its lock is released, and the partial unique index on
+   pending transactions refuses a second one anyway. A key with an older attempt still pending is
+   never due (see the model docstring), so the claim does not probe the transactions table.
+4. Per batch, outside any transaction: one `/status` for the head height, then the deterministic tx
+   bytes and hash. A conditional UPDATE `claimed → broadcasting` (hash, heights) on our claim token
+   commits BEFORE the broadcast: a row whose claim was taken over is not ours to send, and a crash
+   from here on leaves a row that verification can settle by its hash. Then `broadcast_tx_sync`.
+5. Record: accepted → `sent` (bulk); refused by CheckTx (no hash) → the attempt fails at once
+   (verdict); timeout or transport error → left `broadcasting` for verification, never re-sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from fleetops.audit.actors import Actor
+from fleetops.lib import clock
+from fleetops.observability.heartbeats import heartbeat_scope
+from indexer.rpc import parse
+from indexer.rpc.client import RpcError
+from migrations_app.keys.chain import rpc_for, stake_payload, tx_bytes, tx_hash
+from migrations_app.keys.metrics import ATTEMPTS, BROADCASTS, SCHEDULE_DURATION, SCHEDULE_FAILURES
+from migrations_app.keys.services import Verdict, keys_cooldown_reset, stake_txs_resolve
+from migrations_app.models.keys import (
+    AddressGroup,
+    BroadcastState,
+    Key,
+    KeyMigrationStatus,
+    OrgKeyConfig,
+    RemediationEntry,
+    RemediationOutcome,
+    StakeTransaction,
+    StakeTxStatus,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = "keys.restake"
+ACTOR = Actor.scheduler("keys.restake")
+KEY_TABLE = Key._meta.db_table
+TX_TABLE = StakeTransaction._meta.db_table
+CONFIG_TABLE = OrgKeyConfig._meta.db_table
+DUE = (KeyMigrationStatus.SCHEDULED.value, KeyMigrationStatus.RETRYING.value)
+
+# The claim, one statement: lock due keys (skipping locked ones), count the attempt, insert the
+# pending transaction. Shared verbatim with bench/b2_keys.py's raw baseline.
+CLAIM_SQL = f"""
+WITH due AS (
+    SELECT k.id FROM {KEY_TABLE} k
+    JOIN {CONFIG_TABLE} c ON c.org_id = k.org_id AND c.rpc_url <> ''
+    WHERE k.migration_status IN ('scheduled', 'retrying')
+      AND k.migration_next_attempt_at <= %(now)s
+      AND k.retired_at IS NULL
+      AND k.migration_attempts < k.migration_max_attempts
+    ORDER BY k.migration_next_attempt_at, k.id
+    LIMIT %(limit)s
+    FOR UPDATE OF k SKIP LOCKED
+), claimed AS (
+    UPDATE {KEY_TABLE} k
+    SET migration_attempts = k.migration_attempts + 1,
+        migration_next_attempt_at = NULL,
+        migration_updated_at = %(now)s
+    FROM due WHERE k.id = due.id
+    RETURNING k.id, k.migration_round, k.migration_attempts
+)
+INSERT INTO {TX_TABLE} (key_id, reason, round, attempt, status, broadcast_state, claim_token,
+                        claimed_at, payload, hash, unavailable_checks, message, created_at)
+SELECT id, '1006', migration_round, migration_attempts, 'pending', 'claimed', %(token)s,
+       %(now)s, '{{}}'::jsonb, '', 0, '', %(now)s
+FROM claimed
+RETURNING id, key_id, round, attempt
+"""  # noqa: S608 - table names come from the models, values are parameters
+
+RECOVER_SQL = f"""
+UPDATE {TX_TABLE} SET claim_token = %(token)s, claimed_at = %(now)s
+WHERE id IN (
+    SELECT id FROM {TX_TABLE}
+    WHERE status = 'pending' AND broadcast_state = 'claimed' AND claimed_at < %(stale)s
+    ORDER BY id LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, key_id, round, attempt
+"""  # noqa: S608
+
+MARK_BROADCASTING_SQL = f"""
+UPDATE {TX_TABLE} t
+SET broadcast_state = 'broadcasting', hash = v.hash, payload = v.payload::jsonb,
+    execution_height = v.height, timeout_height = v.timeout
+FROM (VALUES {{values}}) AS v(id, hash, payload, height, timeout)
+WHERE t.id = v.id AND t.status = 'pending' AND t.broadcast_state = 'claimed' AND t.claim_token = %s
+RETURNING t.id
+"""  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Claim:
+    tx_id: int
+    key_id: int
+    round: int
+    attempt: int
+
+
+@dataclass
+class RestakeResult:
+    claimed: int = 0
+    recovered: int = 0
+    sent: int = 0
+    rejected: int = 0
+    unknown: int = 0
+    not_ours: int = 0
+    chain_unavailable: int = 0
+    auto_reset: int = 0
+    duration: float = 0.0
+    batches: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def claim_batch(*, token: str, limit: int) -> list[Claim]:
+    """Claim up to `limit` due keys in one committed transaction (step 3)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(CLAIM_SQL, {"now": clock.now(), "limit": limit, "token": token})
+        rows = cursor.fetchall()
+    if rows:
+        ATTEMPTS.labels(result="claimed").inc(len(rows))
+    return [Claim(*row) for row in rows]
+
+
+def recover_orphans(*, token: str, limit: int) -> list[Claim]:
+    """Take over claimed-but-never-sent transactions of dead workers (step 2)."""
+    stale = clock.now() - timedelta(seconds=settings.FLEETOPS_KEYS_CLAIM_LEASE_SECONDS)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(RECOVER_SQL, {"token": token, "now": clock.now(), "stale": stale, "limit": limit})
+        rows = cursor.fetchall()
+    if rows:
+        ATTEMPTS.labels(result="recovered").inc(len(rows))
+        log.warning("recovered %d claimed-but-unsent stake transactions", len(rows))
+    return [Claim(*row) for row in rows]
+
+
+@dataclass
+class _Prepared:
+    claim: Claim
+    raw: bytes
+    hash: str
+    payload: dict[str, Any]
+    height: int
+    timeout: int
+
+
+def _prepare(claims: list[Claim]) -> dict[str, list[tuple[Claim, Key, AddressGroup | None]]]:
+    keys = Key.objects.in_bulk([c.key_id for c in claims])
+    group_ids = {k.address_group_id for k in keys.values() if k.address_group_id}
+    groups = AddressGroup.objects.in_bulk(list(group_ids))
+    urls = dict(
+        OrgKeyConfig.objects.filter(org_id__in={k.org_id for k in keys.values()}).values_list(
+            "org_id", "rpc_url"
+        )
+    )
+    by_url: dict[str, list[tuple[Claim, Key, AddressGroup | None]]] = defaultdict(list)
+    for claim in claims:
+        key = keys[claim.key_id]
+        by_url[urls.get(key.org_id, "")].append(
+            (claim, key, groups.get(key.address_group_id) if key.address_group_id else None)
+        )
+    return by_url
+
+
+def _mark_broadcasting(prepared: list[_Prepared], token: str) -> set[int]:
+    if not prepared:
+        return set()
+    import json
+
+    values = ", ".join(["(%s::bigint, %s, %s, %s::bigint, %s::bigint)"] * len(prepared))
+    params: list[Any] = []
+    for p in prepared:
+        params += [p.claim.tx_id, p.hash, json.dumps(p.payload), p.height, p.timeout]
+    params.append(token)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(MARK_BROADCASTING_SQL.format(values=values), params)
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _broadcast(rpc: Any, item: _Prepared) -> tuple[_Prepared, str, parse.BroadcastResult | None, str]:
+    try:
+        result = rpc.broadcast_tx_sync(item.raw)
+    except (RpcError, parse.MalformedResponse) as exc:
+        return item, "unknown", None, str(exc)[:500]
+    if result.code != 0:
+        return (
+            item,
+            "rejected",
+            result,
+            f"CheckTx code {result.code} ({result.codespace}): {result.log}"[:500],
+        )
+    return item, "sent", result, ""
+
+
+def broadcast_claims(claims: list[Claim], *, token: str, result: RestakeResult) -> None:
+    """Steps 4-5 for one batch of claims."""
+    expiration = settings.FLEETOPS_KEYS_TX_EXPIRATION_BLOCKS
+    for url, items in _prepare(claims).items():
+        if not url:
+            # The org's chain was unset after the claim: leave the rows for recovery after the lease.
+            result.chain_unavailable += len(items)
+            continue
+        rpc = rpc_for(url)
+        try:
+            head = rpc.status().latest_height
+        except (RpcError, parse.MalformedResponse) as exc:
+            # Nothing was sent: the claims stay `claimed` and the lease hands them to a later pass.
+            result.chain_unavailable += len(items)
+            result.errors.append(f"{url}: {exc}"[:300])
+            BROADCASTS.labels(result="chain_unavailable").inc(len(items))
+            continue
+        prepared = []
+        for claim, key, group in items:
+            payload = stake_payload(
+                key_id=key.pk,
+                address=key.address,
+                owner_address=key.owner_address,
+                services=list(group.services) if group else [],
+                operator_shares=list(group.operator_shares) if group else [],
+                round=claim.round,
+                attempt=claim.attempt,
+                timeout_height=head + expiration,
+            )
+            raw = tx_bytes(payload)
+            prepared.append(_Prepared(claim, raw, tx_hash(raw), payload, head, head + expiration))
+        ours = _mark_broadcasting(prepared, token)
+        result.not_ours += len(prepared) - len(ours)
+        to_send = [p for p in prepared if p.claim.tx_id in ours]
+        workers = max(1, min(settings.FLEETOPS_KEYS_BROADCAST_CONCURRENCY, len(to_send)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keys-broadcast") as pool:
+            outcomes = list(pool.map(_broadcast, [rpc] * len(to_send), to_send))
+        _record(outcomes, result)
+
+
+def _record(
+    outcomes: list[tuple[_Prepared, str, parse.BroadcastResult | None, str]], result: RestakeResult
+) -> None:
+    now = clock.now()
+    sent = [p for p, kind, _, _ in outcomes if kind == "sent"]
+    rejected = [(p, r, error) for p, kind, r, error in outcomes if kind == "rejected"]
+    result.unknown += sum(1 for _, kind, _, _ in outcomes if kind == "unknown")
+    if sent:
+        with transaction.atomic():
+            StakeTransaction.objects.filter(
+                pk__in=[p.claim.tx_id for p in sent],
+                status=StakeTxStatus.PENDING,
+                broadcast_state=BroadcastState.BROADCASTING,
+            ).update(broadcast_state=BroadcastState.SENT, broadcast_at=now)
+            RemediationEntry.objects.bulk_create(
+                [
+                    RemediationEntry(
+                        key_id=p.claim.key_id,
+                        round=p.claim.round,
+                        attempt=p.claim.attempt,
+                        outcome=RemediationOutcome.BROADCAST,
+                        message=f"Stake tx broadcast at height {p.height} (timeout {p.timeout})",
+                        tx_hash=p.hash,
+                        actor_label=ACTOR.label,
+                        created_at=now,
+                    )
+                    for p in sent
+                ]
+            )
+        result.sent += len(sent)
+        BROADCASTS.labels(result="sent").inc(len(sent))
+    for _, kind, _, error in outcomes:
+        if kind == "unknown":
+            BROADCASTS.labels(result="unknown").inc()
+            log.warning("stake tx broadcast outcome unknown; verification decides: %s", error)
+    if rejected:
+        stake_txs_resolve(
+            verdicts=[
+                Verdict(
+                    tx_id=p.claim.tx_id,
+                    success=False,
+                    code=r.code if r else None,
+                    message=error,
+                    kind="rejected",
+                )
+                for p, r, error in rejected
+            ],
+            actor=ACTOR,
+        )
+        result.rejected += len(rejected)
+        BROADCASTS.labels(result="rejected").inc(len(rejected))
+
+
+def restake_tick(*, batch_size: int | None = None, max_batches: int | None = None) -> RestakeResult:
+    """One pass of the re-stake schedule (see the module docstring)."""
+    started = time.monotonic()
+    result = RestakeResult()
+    size = batch_size or settings.FLEETOPS_KEYS_CLAIM_BATCH
+    token = new_token()
+    try:
+        with heartbeat_scope(HEARTBEAT) as beat:
+            result.auto_reset = keys_cooldown_reset()
+            recovered = recover_orphans(token=token, limit=size)
+            if recovered:
+                result.recovered = len(recovered)
+                broadcast_claims(recovered, token=token, result=result)
+            while max_batches is None or result.batches < max_batches:
+                claims = claim_batch(token=token, limit=size)
+                if not claims:
+                    break
+                result.batches += 1
+                result.claimed += len(claims)
+                broadcast_claims(claims, token=token, result=result)
+                if len(claims) < size:
+                    break
+            beat.details.update(
+                claimed=result.claimed, sent=result.sent, rejected=result.rejected, recovered=result.recovered
+            )
+    except Exception:
+        SCHEDULE_FAILURES.labels(loop="restake").inc()
+        raise
+    finally:
+        result.duration = time.monotonic() - started
+        SCHEDULE_DURATION.labels(loop="restake").observe(result.duration)
+    return result

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from fleetops.access.models import Organization
+from fleetops.access.selectors import role_in_org
+from fleetops.audit.actors import Actor
+from fleetops.lib.errors import DomainError
+from migrations_app.keys.services import keys_migration_retry
+from migrations_app.models.keys import Key, KeyMigrationStatus
+
+
+class Command(BaseCommand):
+    help = (
+        "Manual retry of failed or retrying key migrations, as a named operator: "
+        "--org SLUG --user USERNAME --reason TEXT (--ids 1,2,3 | --all-failed)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--org", required=True)
+        parser.add_argument("--user", required=True, help="the operator the audit log names")
+        parser.add_argument("--reason", required=True)
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--ids", help="comma-separated key ids")
+        which.add_argument("--all-failed", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        org = Organization.objects.filter(slug=options["org"]).first()
+        user = get_user_model().objects.filter(username=options["user"]).first()
+        if org is None or user is None:
+            raise CommandError("no such organization or user")
+        if options["all_failed"]:
+            ids = list(
+                Key.objects.filter(org=org, migration_status=KeyMigrationStatus.FAILED).values_list(
+                    "pk", flat=True
+                )
+            )
+        else:
+            try:
+                ids = [int(x) for x in options["ids"].split(",") if x.strip()]
+            except ValueError as exc:
+                raise CommandError("--ids takes comma-separated integers") from exc
+        try:
+            result = keys_migration_retry(
+                org=org,
+                actor=Actor.for_user(user, interactive=False),
+                role=role_in_org(user=user, org_id=org.pk) or "",
+                key_ids=ids,
+                reason=options["reason"],
+            )
+        except DomainError as exc:
+            raise CommandError(exc.message) from exc
+        self.stdout.write(f"retried {len(result.retried)} key(s); skipped {len(result.skipped)}")
+        for pk, why in sorted(result.skipped.items()):
+            self.stdout.write(f"  skipped {pk}: {why}")

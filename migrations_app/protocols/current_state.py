@@ -1,0 +1,136 @@
+"""The current-state migration (`manage.py protocol_migrate current-state --protocol-id X
+--start-height H`): balances (SEP41) or owners (SEP50) from height H on, with its own cursor
+(`protocol_<ID>_current_state_cursor`, created at H - 1) and status, handed off to live ingestion
+the same way as the history. State is additive (a balance at N depends on N - 1), so windows are
+committed strictly in height order — which the engine's single sequential loop guarantees.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from django.db import transaction
+
+from fleetops.audit.actors import Actor
+from fleetops.lib import clock
+from fleetops.lib.errors import Conflict, ValidationFailed
+from indexer.models import IndexerState
+from migrations_app.models import MigrationStatus
+from migrations_app.protocols import registry, store
+from migrations_app.protocols.cursor import cursor_create, cursor_get
+from migrations_app.protocols.history import (
+    ALREADY_RUNNING,
+    DEFAULT_WINDOW_SIZE,
+    MigrationRun,
+    Progress,
+    RunResult,
+    Strategy,
+    Tracker,
+    _summarize,
+    check_window_size,
+    set_status,
+    try_lock,
+    unlock,
+    validate_protocols,
+)
+from migrations_app.protocols.store import Row
+
+ONE_PROTOCOL = "the current-state migration runs one protocol at a time"
+START_HEIGHT_RANGE = (
+    "start height must be between the oldest indexed height {oldest} and {latest} (the next height)"
+)
+START_HEIGHT_CHANGED = (
+    "the current-state migration of {id} already started at height {started}; it resumes from its cursor "
+    "and cannot restart at {asked}"
+)
+
+
+def _persist_current_state(t: Tracker, chain_id: int, rows: Sequence[Row], start: int, end: int) -> None:
+    store.apply_current_state(spec=t.spec, protocol_id=t.protocol.id, rows=rows)
+
+
+CURRENT_STATE = Strategy(
+    migration="current_state",
+    writer="current_state",
+    status_field="current_state_migration_status",
+    error_field="current_state_error",
+    cursor_name=lambda p: p.current_state_cursor_name,
+    persist=_persist_current_state,
+    handed_off_fields=lambda t: {"current_state_handed_off_at": clock.now()},
+)
+
+
+def current_state_migrate(
+    *,
+    protocol_id: str,
+    start_height: int,
+    actor: Actor,
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    poll_seconds: float = 1.0,
+) -> RunResult:
+    check_window_size(window_size)
+    chain, protocols, skipped = validate_protocols(
+        [protocol_id], migration="current_state", status_field=CURRENT_STATE.status_field
+    )
+    result = RunResult(migration="current_state", skipped=skipped)
+    if not protocols:
+        return result
+    protocol = protocols[0]
+    if len(protocols) != 1:
+        raise ValidationFailed(ONE_PROTOCOL)
+    state = IndexerState.objects.get(chain=chain)
+    assert state.oldest_indexed_height is not None
+    assert state.last_indexed_height is not None
+    existing = cursor_get(protocol.current_state_cursor_name)
+    started = protocol.current_state_start_height
+    if existing is not None and started is not None and started != start_height:
+        raise ValidationFailed(
+            START_HEIGHT_CHANGED.format(id=protocol.id, started=started, asked=start_height)
+        )
+    if existing is None and not state.oldest_indexed_height <= start_height <= state.last_indexed_height + 1:
+        raise ValidationFailed(
+            START_HEIGHT_RANGE.format(
+                oldest=state.oldest_indexed_height, latest=state.last_indexed_height + 1
+            ),
+            fields={"start_height": [start_height]},
+        )
+    if not try_lock("current_state", protocol.id):
+        raise Conflict(ALREADY_RUNNING.format(migration="current-state", id=protocol.id))
+    try:
+        with transaction.atomic():
+            created = cursor_create(name=protocol.current_state_cursor_name, height=start_height - 1)
+            cursor = cursor_get(protocol.current_state_cursor_name)
+            assert cursor is not None
+            set_status(
+                protocol=protocol,
+                field_name=CURRENT_STATE.status_field,
+                to=MigrationStatus.IN_PROGRESS,
+                allowed=(MigrationStatus.NOT_STARTED, MigrationStatus.FAILED, MigrationStatus.IN_PROGRESS),
+                actor=actor,
+                action="protocol.current_state_started",
+                extra={"current_state_start_height": start_height, "current_state_error": ""},
+                metadata={"cursor": cursor, "resumed": not created, "start_height": start_height},
+            )
+        spec = registry.get(protocol.id)
+        assert spec is not None
+        trackers = [Tracker(protocol=protocol, spec=spec, cursor=cursor, start_cursor=cursor)]
+        run = MigrationRun(
+            strategy=CURRENT_STATE,
+            chain=chain,
+            trackers=trackers,
+            window_size=window_size,
+            actor=actor,
+            progress=progress,
+            stop=stop,
+            poll_seconds=poll_seconds,
+        )
+        try:
+            run.run()
+        finally:
+            _summarize(result, trackers)
+    finally:
+        unlock("current_state", protocol.id)
+    return result

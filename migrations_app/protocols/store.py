@@ -1,0 +1,290 @@
+"""Row writes shared by the live producer and the backfills: classify events into state-change rows,
+COPY them, extend the writer spans, note new contracts, and apply (or, on rollback, undo) the
+current state. Each function runs inside the caller's transaction, after the caller's cursor CAS
+swapped, and costs a fixed number of round trips whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from django.db import connection
+
+from fleetops.lib import clock
+from indexer.models import Block, Event
+from migrations_app.models import (
+    ProtocolBalance,
+    ProtocolContract,
+    ProtocolNftOwner,
+    ProtocolStateChange,
+    ProtocolWriteSpan,
+)
+from migrations_app.protocols.registry import ProtocolSpec, attribute_map
+
+# (height, phase, tx_index, event_index, type, attributes) as the indexer stores an event.
+EventTuple = tuple[int, str, int | None, int, str, Any]
+
+
+class Row(NamedTuple):
+    height: int
+    phase: str
+    tx_index: int | None
+    event_index: int
+    kind: str
+    account: str
+    counterparty: str
+    asset: str
+    amount: int | None
+    token_id: str
+
+
+STATE_CHANGE_COLUMNS = [
+    "protocol_id",
+    "chain_id",
+    "height",
+    "phase",
+    "tx_index",
+    "event_index",
+    "kind",
+    "account",
+    "counterparty",
+    "asset",
+    "amount",
+    "token_id",
+]
+
+
+PHASE_RANK = {"begin_block": 0, "tx": 1, "end_block": 2, "finalize_block": 3}
+# Read with SQL, not the ORM: a window is thousands of events and only these columns are needed.
+_EVENTS = f"""
+SELECT height, phase, tx_index, event_index, type, attributes FROM {Event._meta.db_table}
+WHERE chain_id = %s AND type = ANY(%s) AND height BETWEEN %s AND %s
+"""  # noqa: S608 - table name from the model
+_BLOCK_HASH = f"SELECT hash FROM {Block._meta.db_table} WHERE chain_id = %s AND height = %s"  # noqa: S608
+
+
+def _order(r: Row) -> tuple[int, int, int, int]:
+    return (r.height, PHASE_RANK.get(r.phase, 9), -1 if r.tx_index is None else r.tx_index, r.event_index)
+
+
+def read_events(*, chain_id: int, types: Iterable[str], low: int, high: int) -> list[EventTuple]:
+    """Stored events of the given types in [low, high] (the (chain, type, height) index answers it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_EVENTS, [chain_id, sorted(types), low, high])
+        return list(cursor.fetchall())
+
+
+def block_hash(*, chain_id: int, height: int) -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute(_BLOCK_HASH, [chain_id, height])
+        row = cursor.fetchone()
+    return str(row[0]) if row else None
+
+
+def classify_events(spec: ProtocolSpec, events: Iterable[EventTuple]) -> list[Row]:
+    """The protocol's state changes among `events`, in chain order (height, phase, tx, event) whatever
+    order the events came in: live ingestion and the backfill see them ordered differently."""
+    rows: list[Row] = []
+    types = spec.event_types
+    for height, phase, tx_index, event_index, event_type, attributes in events:
+        if event_type not in types:
+            continue
+        change = spec.classify(event_type, attribute_map(attributes))
+        if change is None:
+            continue
+        rows.append(
+            Row(
+                height,
+                phase,
+                tx_index,
+                event_index,
+                change.kind,
+                change.account[:200],
+                change.counterparty[:200],
+                change.asset[:200],
+                change.amount,
+                change.token_id[:200],
+            )
+        )
+    rows.sort(key=_order)
+    return rows
+
+
+def copy_state_changes(*, protocol_id: str, chain_id: int, rows: Sequence[Row]) -> int:
+    if not rows:
+        return 0
+    table = ProtocolStateChange._meta.db_table
+    with connection.cursor() as cursor:
+        raw = cursor.cursor  # psycopg's cursor: COPY is not part of the DB-API
+        with raw.copy(f"COPY {table} ({', '.join(STATE_CHANGE_COLUMNS)}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row((protocol_id, chain_id, *r))
+    return len(rows)
+
+
+_SPAN = ProtocolWriteSpan._meta.db_table
+_SPAN_EXTEND = f"""
+WITH extended AS (
+    UPDATE {_SPAN} SET to_height = %(to)s, updated_at = %(now)s
+    WHERE protocol_id = %(protocol)s AND writer = %(writer)s AND to_height = %(from)s - 1
+    RETURNING 1
+)
+INSERT INTO {_SPAN} (protocol_id, writer, from_height, to_height, created_at, updated_at)
+SELECT %(protocol)s, %(writer)s, %(from)s, %(to)s, %(now)s, %(now)s
+WHERE NOT EXISTS (SELECT 1 FROM extended)
+"""  # noqa: S608 - table name from the model
+
+
+def span_extend(*, protocol_id: str, writer: str, from_height: int, to_height: int) -> None:
+    """Record that `writer` wrote [from_height, to_height]: extend its span ending just below, or open
+    a new one (at the handoff, or after a rollback trimmed the other writer's span)."""
+    params: dict[str, Any] = {
+        "protocol": protocol_id,
+        "writer": writer,
+        "from": from_height,
+        "to": to_height,
+        "now": clock.now(),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_SPAN_EXTEND, params)
+
+
+def spans_trim(*, protocol_ids: list[str], to_height: int) -> None:
+    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_ids, from_height__gt=to_height).delete()
+    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_ids, to_height__gt=to_height).update(
+        to_height=to_height, updated_at=clock.now()
+    )
+
+
+# Contracts already recorded, per process: noting them again is skipped without a round trip.
+_known_contracts: set[tuple[str, str]] = set()
+
+
+def note_contracts(*, protocol_id: str, rows: Sequence[Row]) -> None:
+    first: dict[str, int] = {}
+    for r in rows:
+        if (protocol_id, r.asset) not in _known_contracts and r.asset not in first:
+            first[r.asset] = r.height
+    if not first:
+        return
+    now = clock.now()
+    ProtocolContract.objects.bulk_create(
+        [
+            ProtocolContract(protocol_id=protocol_id, contract=c, first_seen_height=h, classified_at=now)
+            for c, h in first.items()
+        ],
+        ignore_conflicts=True,
+    )
+    _known_contracts.update((protocol_id, c) for c in first)
+
+
+def forget_known_contracts() -> None:
+    _known_contracts.clear()
+
+
+# --- current state -------------------------------------------------------------------------------------
+
+_BAL = ProtocolBalance._meta.db_table
+_BAL_UPSERT = f"""
+INSERT INTO {_BAL} (protocol_id, asset, account, amount, height)
+SELECT %(protocol)s, a, b, c, d FROM unnest(%(assets)s::text[], %(accounts)s::text[],
+                                              %(amounts)s::numeric[], %(heights)s::bigint[]) AS t(a, b, c, d)
+ON CONFLICT (protocol_id, asset, account)
+DO UPDATE SET amount = {_BAL}.amount + EXCLUDED.amount, height = EXCLUDED.height
+"""  # noqa: S608
+_OWN = ProtocolNftOwner._meta.db_table
+_OWN_UPSERT = f"""
+INSERT INTO {_OWN} (protocol_id, asset, token_id, owner, height)
+SELECT %(protocol)s, a, b, c, d FROM unnest(%(assets)s::text[], %(tokens)s::text[],
+                                              %(owners)s::text[], %(heights)s::bigint[]) AS t(a, b, c, d)
+ON CONFLICT (protocol_id, asset, token_id)
+DO UPDATE SET owner = EXCLUDED.owner, height = EXCLUDED.height
+"""  # noqa: S608
+
+
+def _balance_deltas(rows: Iterable[Row], sign: int) -> dict[tuple[str, str], tuple[int, int]]:
+    deltas: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def add(asset: str, account: str, amount: int, height: int) -> None:
+        old = deltas.get((asset, account), (0, height))
+        deltas[(asset, account)] = (old[0] + sign * amount, max(old[1], height))
+
+    for r in rows:
+        amount = r.amount or 0
+        if r.kind == "transfer":
+            add(r.asset, r.account, -amount, r.height)
+            add(r.asset, r.counterparty, amount, r.height)
+        elif r.kind == "mint":
+            add(r.asset, r.account, amount, r.height)
+        elif r.kind == "burn":
+            add(r.asset, r.account, -amount, r.height)
+    return deltas
+
+
+def _upsert_balances(protocol_id: str, deltas: dict[tuple[str, str], tuple[int, int]]) -> None:
+    if not deltas:
+        return
+    keys = sorted(deltas)  # a fixed order: two writers of one protocol never lock rows crosswise
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _BAL_UPSERT,
+            {
+                "protocol": protocol_id,
+                "assets": [k[0] for k in keys],
+                "accounts": [k[1] for k in keys],
+                "amounts": [deltas[k][0] for k in keys],
+                "heights": [deltas[k][1] for k in keys],
+            },
+        )
+
+
+def _upsert_owners(protocol_id: str, owners: dict[tuple[str, str], tuple[str, int]]) -> None:
+    if not owners:
+        return
+    keys = sorted(owners)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _OWN_UPSERT,
+            {
+                "protocol": protocol_id,
+                "assets": [k[0] for k in keys],
+                "tokens": [k[1] for k in keys],
+                "owners": [owners[k][0] for k in keys],
+                "heights": [owners[k][1] for k in keys],
+            },
+        )
+
+
+def apply_current_state(*, spec: ProtocolSpec, protocol_id: str, rows: Sequence[Row]) -> None:
+    """Fold the rows (in height order) into balances or owners. Order matters for owners: the last
+    change of a token wins, so callers commit windows strictly in height order."""
+    if spec.current_state == "balances":
+        _upsert_balances(protocol_id, _balance_deltas(rows, +1))
+        return
+    owners: dict[tuple[str, str], tuple[str, int]] = {}
+    for r in rows:
+        owners[(r.asset, r.token_id)] = (r.counterparty if r.kind == "transfer" else r.account, r.height)
+    _upsert_owners(protocol_id, owners)
+
+
+def undo_current_state(*, spec: ProtocolSpec, protocol_id: str, rows: Sequence[Row], to_height: int) -> None:
+    """Undo the rows (heights above `to_height`) from the current state: balances subtract them; a
+    token goes back to the sender of its first transfer above the fork point, or away if minted there."""
+    if spec.current_state == "balances":
+        deltas = {k: (v[0], to_height) for k, v in _balance_deltas(rows, -1).items()}
+        _upsert_balances(protocol_id, deltas)
+        return
+    first: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        first.setdefault((r.asset, r.token_id), r)
+    restore = {k: (r.account, to_height) for k, r in first.items() if r.kind == "transfer"}
+    _upsert_owners(protocol_id, restore)
+    minted = [k for k, r in first.items() if r.kind == "mint"]
+    if minted:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {_OWN} WHERE protocol_id = %s AND (asset, token_id) IN "  # noqa: S608
+                "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                [protocol_id, [k[0] for k in minted], [k[1] for k in minted]],
+            )

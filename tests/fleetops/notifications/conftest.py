@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from tests.migrations_app.keys_fixtures import receiver
+
+__all__ = ["receiver"]
