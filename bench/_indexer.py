@@ -218,6 +218,26 @@ def run_manage(*args: str, log: Path | None = None, timeout: float = 3600) -> fl
     return time.perf_counter() - started
 
 
+def run_indexer(chain: Any, *args: str, log: Path | None = None, timeout: float = 3600) -> float:
+    """`manage.py indexer_run --chain <slug> <args>` to completion; fails fast (killing it) when the
+    writer halts or parks on a poison height instead of looping until the timeout."""
+    from indexer.models import IndexerState
+
+    started = time.perf_counter()
+    process = manage("indexer_run", "--chain", chain.slug, *args, log=log)
+    while process.poll() is None:
+        state = IndexerState.objects.get(chain=chain)
+        stuck = state.mode == "halted" or state.poison_attempts >= 3
+        if stuck or time.perf_counter() - started > timeout:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"indexer_run {chain.slug} stopped making progress: {state.last_error[:500]}")
+        time.sleep(0.25)
+    if process.returncode != 0:
+        raise RuntimeError(f"indexer_run {chain.slug} exited {process.returncode} (log: {log})")
+    return time.perf_counter() - started
+
+
 def paired_medians(
     runs: int, portal: Callable[[], float], raw: Callable[[], float], *, warmup: int = 1
 ) -> tuple[float, list[float], float, list[float]]:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,7 +71,7 @@ def rpc_for(chain: Chain) -> CometRpc:
     return CometRpc(configs)
 
 
-def fetch_blocks(rpc: CometRpc, heights: range, *, max_in_flight: int) -> list[IndexedBlock]:
+def fetch_blocks(rpc: CometRpc, heights: Sequence[int], *, max_in_flight: int) -> list[IndexedBlock]:
     """`/block` + `/block_results` for each height, at most `max_in_flight` heights at once, returned
     in height order whatever order they arrive in."""
 
@@ -117,6 +117,9 @@ class IndexerRunner:
         self._fresh_start = 1
         self._status_chain_id = ""
         self._lag_sampled_at = 0.0
+        # Catch-up: the next batch is fetched (RPC + parse) while this one is committed.
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetched: tuple[range, Future[list[IndexedBlock]]] | None = None
 
     # --- one iteration ---------------------------------------------------------------------------------
 
@@ -205,17 +208,23 @@ class IndexerRunner:
         except HeightUnavailable as exc:
             return self._unavailable(state, head, start, end, exc)
         mode = Mode.CATCHING_UP if end < target else Mode.NORMAL
+        if size > 1 and target - end > size:  # the next step is another full catch-up batch
+            self._prefetch(range(end + 1, end + size + 1))
         try:
             with BLOCK_COMMIT.labels(chain=self.chain.slug).time():
                 last = blocks_commit(chain=self.chain, blocks=blocks, lease=self._lease())
         except ReorgDetected as reorg:
+            self._drop_prefetched()
             return self._handle_reorg(reorg, head)
         except LeaseLost:
+            self._drop_prefetched()
             self.grant = None
             return StepResult(False, note="lost the writer lease")
         except RaceLost:
+            self._drop_prefetched()
             raise  # someone else moved the state row (a rollback): re-read next step
         except Exception as exc:
+            self._drop_prefetched()
             self._poison(start, exc)
             raise
         BLOCKS.labels(chain=self.chain.slug).inc(len(blocks))
@@ -237,6 +246,7 @@ class IndexerRunner:
         return self.grant is not None
 
     def release(self) -> None:
+        self._drop_prefetched()
         if self.grant is not None:
             lease_release(grant=self.grant)
             self.grant = None
@@ -304,7 +314,36 @@ class IndexerRunner:
         return mode
 
     def _fetch(self, heights: range) -> list[IndexedBlock]:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            wanted, future = prefetched
+            if wanted == heights:
+                return future.result()  # re-raises what the fetch raised (HeightUnavailable, ...)
+            future.cancel()
         return fetch_blocks(self.rpc, heights, max_in_flight=self.chain.max_in_flight)
+
+    def _prefetch(self, heights: range) -> None:
+        """Start fetching the next catch-up batch in the background. It is only source data: a
+        batch that no longer fits (a rollback, a reorg, a lost lease moved the start) is dropped by
+        `_fetch`, and blocks_commit checks every parent hash as always."""
+        self._drop_prefetched()
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indexer-prefetch")
+        future = self._prefetcher.submit(
+            fetch_blocks, self.rpc, heights, max_in_flight=self.chain.max_in_flight
+        )
+        self._prefetched = (heights, future)
+
+    def _drop_prefetched(self) -> None:
+        if self._prefetched is not None:
+            self._prefetched[1].cancel()
+            self._prefetched = None
+
+    def _stop_prefetching(self) -> None:
+        self._drop_prefetched()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher = None
 
     def _unavailable(
         self, state: IndexerState, head: int, first: int, last: int, exc: HeightUnavailable
@@ -457,6 +496,7 @@ class IndexerRunner:
                 if result.committed == 0:
                     self._wait(stop, poll * min(2**self.failed_steps, 30), result.indexed)
         finally:
+            self._stop_prefetching()
             if self.grant is not None:
                 sources.sources_release(chain=self.chain)
             self.release()

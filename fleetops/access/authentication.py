@@ -7,6 +7,7 @@ from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from fleetops.access.models import ApiToken
+from fleetops.access.selectors import role_in_org
 from fleetops.access.services import api_token_touch
 from fleetops.lib import clock
 
@@ -41,9 +42,9 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed(TOKEN_REVOKED)
         if token.expires_at is not None and token.expires_at <= now:
             raise exceptions.AuthenticationFailed(TOKEN_EXPIRED)
-        if not token.user.is_active or not (
-            token.user.is_superuser or token.user.memberships.filter(org_id=token.org_id).exists()
-        ):
+        # role_in_org loads the user's memberships once and keeps them on the user, so resolving
+        # the request's organization and role afterwards (access.context) asks nothing again.
+        if role_in_org(user=token.user, org_id=token.org_id) is None:
             raise exceptions.AuthenticationFailed(TOKEN_OWNER_INACTIVE)
         api_token_touch(token=token)
         return token.user, token

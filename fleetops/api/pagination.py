@@ -135,7 +135,12 @@ class KeysetPagination(BasePagination):
         if len(rows) > page_size:
             rows = rows[:page_size]
             last = rows[-1]
-            position = [_encode_value(getattr(last, _attname(queryset.model, t))) for t in ordering]
+            # Rows are model instances, or dicts when the view reads `.values(...)`.
+            attnames = [_attname(queryset.model, t) for t in ordering]
+            if isinstance(last, dict):
+                position = [_encode_value(last[a]) for a in attnames]
+            else:
+                position = [_encode_value(getattr(last, a)) for a in attnames]
             self.next_cursor = signing.dumps({"p": position, "b": binding}, salt=_SALT, compress=True)
         return rows
 

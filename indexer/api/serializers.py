@@ -191,13 +191,19 @@ class ChainTransactionOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+EVENT_FIELDS = ("id", "height", "phase", "tx_index", "event_index", "type", "attributes")
+
+
+# The documented shape of an event. The list view renders `Event.objects.values(*EVENT_FIELDS)` rows
+# as they are: every field is a plain JSON value already (attributes come decoded from jsonb, with
+# string keys), which is what this serializer's to_representation returns for them.
 class ChainEventOutput(serializers.ModelSerializer):
     # Stored as the node emitted them, `[{key, value, index}]`; older nodes may omit keys.
     attributes = serializers.ListField(child=serializers.DictField(), help_text="[{key, value, index}]")
 
     class Meta:
         model = Event
-        fields = ["id", "height", "phase", "tx_index", "event_index", "type", "attributes"]
+        fields = list(EVENT_FIELDS)
         read_only_fields = fields
 
 

@@ -28,6 +28,7 @@ from fleetops.api.idempotency import idempotent
 from fleetops.api.views import OrgScopedListView, OrgScopedMixin
 from indexer import selectors, services
 from indexer.api.serializers import (
+    EVENT_FIELDS,
     ChainActionInput,
     ChainActionOutput,
     ChainBlockOutput,
@@ -209,6 +210,14 @@ class EventList(ChainListView):
 
     def select(self, chain: Chain, **filters: Any) -> QuerySet[Event]:
         return selectors.event_list(chain=chain, **filters)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # The hot read: rows straight from `.values()` into the response shape ChainEventOutput
+        # documents (the schema still comes from it), instead of model instances through DRF's
+        # field-by-field serialization, which cost ~10x the query on a 50-row page.
+        rows = self.paginate_queryset(self.get_queryset().values(*EVENT_FIELDS))
+        assert rows is not None  # the keyset pagination always paginates
+        return self.get_paginated_response(rows)
 
 
 class EnrichmentList(ChainListView):

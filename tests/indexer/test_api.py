@@ -394,8 +394,9 @@ def test_the_status_query_count_does_not_grow_with_sources(chain, viewer):
     assert _queries(client, f"{BASE}/sim/status", {}) == one == SESSION_STATUS_QUERIES
 
 
-# session, user, memberships, organization, 6 for the user throttle in the database cache, the chain
-# (with its state), then the page itself
+# session, user, memberships, organization, 6 for the user throttle in Django's database cache (its
+# read, then the cull count, a savepoint, select, write and release), the chain (with its state), then
+# the page itself
 SESSION_LIST_QUERIES = 12
 # ... instead of the page: leases, sources, enrichment backlog
 SESSION_STATUS_QUERIES = 14
