@@ -15,7 +15,6 @@ from django import forms
 from django.core.validators import RegexValidator
 from django.db.models import QuerySet
 from django.utils.functional import cached_property
-from django_filters.utils import translate_validation
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -25,7 +24,7 @@ from fleetops.access.context import OrgAccess
 from fleetops.access.models import Role
 from fleetops.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from fleetops.api.idempotency import idempotent
-from fleetops.api.views import OrgScopedListView, OrgScopedMixin
+from fleetops.api.views import OrgScopedListView, OrgScopedMixin, SelectorListView
 from indexer import selectors, services
 from indexer.api.serializers import (
     EVENT_FIELDS,
@@ -124,19 +123,8 @@ class ChainScopedMixin(OrgScopedMixin):
         return selectors.chain_get(org=self.org_access.org, slug=self.kwargs["slug"])
 
 
-class ChainListView(ChainScopedMixin, OrgScopedListView):
+class ChainListView(ChainScopedMixin, SelectorListView):
     """Parse the filters, then let the selector build the query from the cleaned values."""
-
-    filterset_class: type[django_filters.FilterSet]
-
-    def cleaned_filters(self) -> dict[str, Any]:
-        filterset = self.filterset_class(self.request.query_params, queryset=self.queryset)
-        if not filterset.is_valid():
-            raise translate_validation(filterset.errors)
-        return {k: v for k, v in filterset.form.cleaned_data.items() if v not in (None, "")}
-
-    def filter_queryset(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset  # the selector already applied the filters
 
     def scoped_queryset(self, access: OrgAccess) -> QuerySet[Any]:
         return self.select(self.chain, **self.cleaned_filters())

@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.request
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -27,8 +26,7 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.models import Heartbeat
 from simulators.fleet.server import serve_in_thread
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import ROOT, subprocess_env
 
 
 @pytest.fixture
@@ -264,16 +262,10 @@ def test_a_killed_reconciler_leaves_orphans_that_are_redispatched_with_the_same_
     simulator, url = wired
     event = start(operator, kw=8.0)
     knobs(url, latency_ms=3000)  # the gateway call is in flight when we kill the process
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
-        "DATABASE_URL": f"postgresql://{db['USER']}@{_host(db)}:{db['PORT'] or 5432}/{db['NAME']}",
-    }
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "curtailment_reconcile", "--once"],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -300,13 +292,6 @@ def test_a_killed_reconciler_leaves_orphans_that_are_redispatched_with_the_same_
     assert any(entry["deduplicated"] for entry in log)
 
 
-def _host(db):
-    host = db.get("HOST") or "localhost"
-    from urllib.parse import quote
-
-    return quote(host, safe="") if host.startswith("/") else host
-
-
 @pytest.mark.django_db
 def test_fleet_sync_upserts_and_soft_deletes(operator, sim):
     simulator, url = sim
@@ -320,15 +305,6 @@ def test_fleet_sync_upserts_and_soft_deletes(operator, sim):
     assert Device.objects.filter(deleted_at__isnull=True).count() == 39
     assert stored == 39
     assert Device.objects.filter(last_power_w__isnull=False).count() == 39
-
-
-def _subprocess_env():
-    db = connection.settings_dict
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
-        "DATABASE_URL": f"postgresql://{db['USER']}@{_host(db)}:{db['PORT'] or 5432}/{db['NAME']}",
-    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -348,7 +324,7 @@ def test_a_reconciler_killed_before_its_command_left_recovers_with_one_command_p
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "curtailment_reconcile", "--once"],
         cwd=ROOT,
-        env=_subprocess_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -381,7 +357,7 @@ def test_two_reconciler_processes_never_double_dispatch(operator, wired):
         subprocess.Popen(
             [sys.executable, "manage.py", "curtailment_reconcile", "--loop", "--interval", "0.2"],
             cwd=ROOT,
-            env=_subprocess_env(),
+            env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

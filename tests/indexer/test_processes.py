@@ -16,12 +16,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 
 from fleetops.audit.models import AuditEvent
 from fleetops.observability.models import Lease
@@ -29,9 +27,9 @@ from indexer.ingest import lease_name
 from indexer.models import Block, Chain, Event, IndexerState, SyncSource
 from indexer.verify import digests_stored, range_checksum
 from simulators.chain.server import serve_in_thread
+from tests.processes import ROOT, subprocess_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def control(url: str, what: str, body: dict[str, Any]) -> Any:
@@ -40,23 +38,11 @@ def control(url: str, what: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def _env() -> dict[str, str]:
-    db = connection.settings_dict
-    host = db.get("HOST") or "localhost"
-    host = quote(host, safe="") if host.startswith("/") else host
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
-        "DATABASE_URL": f"postgresql://{db['USER']}@{host}:{db['PORT'] or 5432}/{db['NAME']}",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def indexer_run(slug: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "manage.py", "indexer_run", "--chain", slug, "--poll", "0.1", *args],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

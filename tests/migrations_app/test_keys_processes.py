@@ -11,7 +11,6 @@ import sys
 import time
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -25,19 +24,7 @@ from migrations_app.keys.verification import verify_tick
 from migrations_app.models.keys import Key, OrgKeyConfig, StakeTransaction
 from simulators.chain.server import serve_in_thread
 from tests.migrations_app.keys_fixtures import make_group, make_keys
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    db = connection.settings_dict
-    host = db["HOST"] or "127.0.0.1"
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
-        "DATABASE_URL": f"postgresql://{db['USER']}@{host}:{db['PORT'] or 5432}/{db['NAME']}",
-        **extra,
-    }
+from tests.processes import ROOT, subprocess_env
 
 
 def _migrate(member, keys, target):
@@ -68,7 +55,7 @@ def test_three_workers_on_a_flaky_chain_count_every_attempt_once_and_never_broad
         source, target = make_group(operator.org, "a"), make_group(operator.org, "b", ["base"])
         keys = make_keys(operator.org, 40, group=source)
         _migrate(operator, keys, target)
-        env = _env(
+        env = subprocess_env(
             KEYS_BACKOFF_BASE_SECONDS="1",
             KEYS_BACKOFF_CAP_SECONDS="2",
             KEYS_TX_EXPIRATION_BLOCKS="15",
@@ -147,7 +134,7 @@ def test_a_worker_killed_after_claiming_and_before_broadcasting_is_recovered(ope
         proc = subprocess.Popen(
             [sys.executable, "manage.py", "keys_restake", "--once"],
             cwd=ROOT,
-            env=_env(KEYS_RPC_TIMEOUT_SECONDS="60"),
+            env=subprocess_env(KEYS_RPC_TIMEOUT_SECONDS="60"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -6,7 +6,6 @@ whose rows were not written."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 from django.core.management import call_command
@@ -25,30 +23,17 @@ from indexer.models import Chain, IndexerState, SyncSource
 from migrations_app.models import Cursor, MigrationStatus, Protocol, ProtocolStateChange, ProtocolWriteSpan
 from simulators.chain.server import serve_in_thread
 from tests.migrations_app.test_protocol_history import assert_rows_match, assert_spans_tile
+from tests.processes import ROOT, subprocess_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 IDS = ("SEP41", "SEP50")
-
-
-def _env(app: str) -> dict[str, str]:
-    db = connection.settings_dict
-    host = db.get("HOST") or "localhost"
-    host = quote(host, safe="") if host.startswith("/") else host
-    url = f"postgresql://{db['USER']}@{host}:{db['PORT'] or 5432}/{db['NAME']}?application_name={app}"
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fleetops.settings.test",
-        "DATABASE_URL": url,
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def indexer_run(slug: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "manage.py", "indexer_run", "--chain", slug, "--poll", "0.1", "--ingest-only"],
         cwd=ROOT,
-        env=_env("fleetops-indexer"),
+        env=subprocess_env(application_name="fleetops-indexer"),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
@@ -68,7 +53,7 @@ def backfill(log: Path, *args: str) -> subprocess.Popen[bytes]:
             *args,
         ],
         cwd=ROOT,
-        env=_env("fleetops-backfill"),
+        env=subprocess_env(application_name="fleetops-backfill"),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )

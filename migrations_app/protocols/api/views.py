@@ -10,7 +10,6 @@ import django_filters
 from django import forms
 from django.db.models import QuerySet
 from django.utils.functional import cached_property
-from django_filters.utils import translate_validation
 from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,7 +17,7 @@ from rest_framework.views import APIView
 
 from fleetops.access.context import OrgAccess
 from fleetops.access.models import Role
-from fleetops.api.views import OrgScopedListView, OrgScopedMixin
+from fleetops.api.views import OrgScopedMixin, SelectorListView
 from migrations_app.models import ChangeKind, Protocol, ProtocolBalance, ProtocolNftOwner, ProtocolStateChange
 from migrations_app.protocols import selectors
 from migrations_app.protocols.api.serializers import (
@@ -83,20 +82,10 @@ class ProtocolScopedMixin(OrgScopedMixin):
         return selectors.protocol_get(org=self.org_access.org, protocol_id=self.kwargs["protocol_id"])
 
 
-class ProtocolRowsView(ProtocolScopedMixin, OrgScopedListView):
+class ProtocolRowsView(ProtocolScopedMixin, SelectorListView):
     """Parse the filters, then let the selector build the query from the cleaned values."""
 
-    filterset_class: type[django_filters.FilterSet]
     required_roles = {"GET": Role.VIEWER}
-
-    def cleaned_filters(self) -> dict[str, Any]:
-        filterset = self.filterset_class(self.request.query_params, queryset=self.queryset)
-        if not filterset.is_valid():
-            raise translate_validation(filterset.errors)
-        return {k: v for k, v in filterset.form.cleaned_data.items() if v not in (None, "")}
-
-    def filter_queryset(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset  # the selector already applied the filters
 
     def scoped_queryset(self, access: OrgAccess) -> QuerySet[Any]:
         return self.select(self.protocol, **self.cleaned_filters())
