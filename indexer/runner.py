@@ -30,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.db import DatabaseError, connection
+
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
 from fleetops.lib.errors import RaceLost
@@ -130,13 +132,19 @@ class IndexerRunner:
         except Exception as exc:
             self.failed_steps += 1
             STEP_FAILURES.labels(chain=self.chain.slug, error=exc.__class__.__name__).inc()
-            self._note_stall(exc)
-            heartbeat_beat(
-                name=f"indexer.{self.chain.slug}",
-                ok=False,
-                duration=time.monotonic() - started,
-                error=f"{exc.__class__.__name__}: {exc}"[:500],
-            )
+            # A session PostgreSQL terminated (a frozen writer past idle_in_transaction_session_timeout,
+            # a restart) is dropped here so the next step reconnects instead of failing forever.
+            connection.close_if_unusable_or_obsolete()
+            try:
+                self._note_stall(exc)
+                heartbeat_beat(
+                    name=f"indexer.{self.chain.slug}",
+                    ok=False,
+                    duration=time.monotonic() - started,
+                    error=f"{exc.__class__.__name__}: {exc}"[:500],
+                )
+            except DatabaseError:
+                connection.close_if_unusable_or_obsolete()
             raise
         finally:
             self._observe_sources()

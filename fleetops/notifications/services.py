@@ -23,12 +23,13 @@ from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import F
 
-from fleetops.access.models import Organization
+from fleetops.access.models import Organization, Role
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import changes_between, record, snapshot
 from fleetops.lib import clock
 from fleetops.lib.backoff import backoff_delay
-from fleetops.lib.errors import ValidationFailed
+from fleetops.lib.cas import note_race_lost
+from fleetops.lib.errors import Forbidden, ValidationFailed
 from fleetops.notifications.metrics import DELIVERIES, KICK_FAILURES
 from fleetops.notifications.models import (
     ChannelKind,
@@ -45,6 +46,8 @@ EVENT_HEADER = "X-FleetOps-Event"
 DELIVERY_HEADER = "X-FleetOps-Delivery"
 TARGET_INVALID_WEBHOOK = "a webhook target must be an http:// or https:// URL"
 TARGET_INVALID_EMAIL = "an email target must be an email address"
+KIND_INVALID = "kind must be one of: " + ", ".join(ChannelKind.values)
+ADMIN_REQUIRED = "Managing notification channels needs the admin role in the organization."
 RETRY_BASE_SECONDS = 60.0
 RETRY_CAP_SECONDS = 3600.0
 # How long a claimed send holds its delivery: a worker that died mid-send releases it after this.
@@ -189,28 +192,41 @@ def delivery_send(*, delivery_id: int) -> str | None:
     )
     kind = delivery.channel.kind
     if outcome.ok:
-        mine.update(
+        if not mine.update(
             status=DeliveryStatus.SENT, sent_at=clock.now(), error="", response_status=outcome.response_status
-        )
+        ):
+            _claim_lost(delivery_id)
+            return None
         DELIVERIES.labels(kind=kind, outcome="sent").inc()
         return DeliveryStatus.SENT
     if delivery.attempts >= settings.FLEETOPS_NOTIFICATION_MAX_ATTEMPTS:
-        mine.update(
+        if not mine.update(
             status=DeliveryStatus.ERROR, error=outcome.error[:2000], response_status=outcome.response_status
-        )
+        ):
+            _claim_lost(delivery_id)
+            return None
         DELIVERIES.labels(kind=kind, outcome="error").inc()
         log.warning(
             "notification delivery failed for good", extra={"delivery": delivery_id, "error": outcome.error}
         )
         return DeliveryStatus.ERROR
     delay = backoff_delay(delivery.attempts, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS, jitter=False)
-    mine.update(
+    if not mine.update(
         error=outcome.error[:2000],
         response_status=outcome.response_status,
         next_attempt_at=clock.now() + timedelta(seconds=delay),
-    )
+    ):
+        _claim_lost(delivery_id)
+        return None
     DELIVERIES.labels(kind=kind, outcome="retry").inc()
     return DeliveryStatus.PENDING
+
+
+def _claim_lost(delivery_id: int) -> None:
+    """Our lease expired mid-send and another worker re-claimed (or finished) the delivery: its
+    outcome is the one that counts. Counted as a lost race, not as a send."""
+    note_race_lost("notifications_delivery_record")
+    log.warning("notification delivery claim lost before recording", extra={"delivery": delivery_id})
 
 
 def deliveries_send_pending(*, limit: int = 200) -> int:
@@ -226,6 +242,10 @@ def deliveries_send_pending(*, limit: int = 200) -> int:
 CHANNEL_FIELDS = ("name", "kind", "target", "enabled", "secret")
 
 
+def _is_admin(role: str | None) -> bool:
+    return role in Role.values and Role.at_least(role, Role.ADMIN)
+
+
 def _validate_target(kind: str, target: str) -> None:
     if kind == ChannelKind.WEBHOOK and not target.startswith(("http://", "https://")):
         raise ValidationFailed(TARGET_INVALID_WEBHOOK, fields={"target": [TARGET_INVALID_WEBHOOK]})
@@ -237,12 +257,15 @@ def notification_channel_save(
     *,
     org: Organization,
     actor: Actor,
+    role: str | None,
     channel: NotificationChannel | None,
     values: Mapping[str, Any],
     event_types: list[str] | None = None,
 ) -> NotificationChannel:
-    """Create or change a channel (and, when given, its subscriptions); one audit row. The secret
-    is never written to the audit log, only whether it changed."""
+    """Create or change a channel (and, when given, its subscriptions); admin only; one audit row.
+    The secret is never written to the audit log, only whether it changed."""
+    if not _is_admin(role):
+        raise Forbidden(ADMIN_REQUIRED)
     unknown = set(values) - set(CHANNEL_FIELDS)
     if unknown:
         raise ValidationFailed(f"unknown fields {sorted(unknown)}")
@@ -257,6 +280,8 @@ def notification_channel_save(
             subscribed_before = sorted(channel.subscriptions.values_list("event_type", flat=True))
         for key, value in values.items():
             setattr(channel, key, value)
+        if channel.kind not in ChannelKind.values:
+            raise ValidationFailed(KIND_INVALID, fields={"kind": [KIND_INVALID]})
         _validate_target(channel.kind, channel.target)
         channel.save()
         subscribed_after = subscribed_before

@@ -11,7 +11,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
@@ -160,9 +160,7 @@ class MigrateForm(forms.Form):
 def _retry_one(key: Key, *, actor: Actor, reason: str, user: Any) -> bool:
     if key.migration_status not in (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED):
         return False
-    key_migration_retry(
-        key=key, actor=actor, role=role_in_org(user=user, org_id=key.org_id) or "", reason=reason
-    )
+    key_migration_retry(key=key, actor=actor, role=role_in_org(user=user, org_id=key.org_id), reason=reason)
     return True
 
 
@@ -191,7 +189,7 @@ def migrate_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[
                 result = key_migrate_to_group(
                     org=target.org,
                     actor=Actor.for_user(request.user),
-                    role=role_in_org(user=request.user, org_id=target.org_id) or "",
+                    role=role_in_org(user=request.user, org_id=target.org_id),
                     target_group_id=target.pk,
                     flt=KeyFilter(key_ids=tuple(same_org)),
                     reason=form.cleaned_data["reason"],
@@ -242,28 +240,37 @@ migrate_keys.short_description = "Migrate… to another address group"  # type: 
 migrate_keys.required_role = Role.OPERATOR  # type: ignore[attr-defined]
 
 
-def _retry_action(key: Key, *, actor: Actor, reason: str) -> bool:
-    from django.contrib.auth import get_user_model
+def _retry_keys_as(user: Any) -> Any:
+    """The reasoned Retry action bound to the requesting user: the role is looked up once per
+    action (memberships are cached on the user), not the user re-fetched per selected key."""
 
-    if actor.user_id is None:
-        return False
-    user = get_user_model().objects.get(pk=actor.user_id)
-    return _retry_one(key, actor=actor, reason=reason, user=user)
+    def service(key: Key, *, actor: Actor, reason: str) -> bool:
+        return _retry_one(key, actor=actor, reason=reason, user=user)
+
+    return reasoned_action(
+        name="retry_keys",
+        description=RETRY_DESCRIPTION,
+        required_role=Role.OPERATOR,
+        service=service,
+    )
 
 
-retry_keys = reasoned_action(
-    name="retry_keys",
-    description="Retry migration (failed or retrying keys)",
-    required_role=Role.OPERATOR,
-    service=_retry_action,
-)
+RETRY_DESCRIPTION = "Retry migration (failed or retrying keys)"
+
+
+def retry_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[Key]) -> HttpResponse | None:
+    return _retry_keys_as(request.user)(modeladmin, request, queryset.select_related("org"))
+
+
+retry_keys.short_description = RETRY_DESCRIPTION  # type: ignore[attr-defined]
+retry_keys.required_role = Role.OPERATOR  # type: ignore[attr-defined]
 
 
 def _retry_object(request: HttpRequest, key: Key, data: dict[str, Any]) -> str:
     key_migration_retry(
         key=key,
         actor=Actor.for_user(request.user),
-        role=role_in_org(user=request.user, org_id=key.org_id) or "",
+        role=role_in_org(user=request.user, org_id=key.org_id),
         reason=data["reason"],
     )
     return "Retry scheduled: attempts reset, the history is kept."
@@ -363,9 +370,12 @@ class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
     list_display = ["name", "services", "relay_miner", "region", "private", "key_count"]
     search_fields = ["name"]
 
-    @admin.display(description="Keys")
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return super().get_queryset(request).annotate(n_keys=Count("keys"))
+
+    @admin.display(description="Keys", ordering="n_keys")
     def key_count(self, obj: AddressGroup) -> int:
-        return obj.keys.count()
+        return obj.n_keys  # type: ignore[attr-defined]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return ["org"] if obj is not None else []
@@ -375,7 +385,7 @@ class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = address_group_save(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+            role=role_in_org(user=request.user, org_id=obj.org_id),
             group=AddressGroup.objects.get(pk=obj.pk) if change else None,
             values=values,
         )
@@ -385,8 +395,20 @@ class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         address_group_delete(
             group=obj,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+            role=role_in_org(user=request.user, org_id=obj.org_id),
         )
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        """Bulk delete goes through the service per group too: same role check, same audit row;
+        a group that cannot go (it still has keys) is reported and kept."""
+        actor = Actor.for_user(request.user)
+        for group in queryset.order_by("pk"):
+            try:
+                address_group_delete(
+                    group=group, actor=actor, role=role_in_org(user=request.user, org_id=group.org_id)
+                )
+            except DomainError as exc:
+                self.message_user(request, f"{group}: {exc.message}", messages.ERROR)
 
     def delete_view(
         self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
@@ -417,7 +439,7 @@ class OrgKeyConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = key_config_update(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
+            role=role_in_org(user=request.user, org_id=obj.org_id),
             values=values,
         )
         obj.pk = saved.pk

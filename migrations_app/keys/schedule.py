@@ -37,6 +37,7 @@ from django.db import connection, transaction
 
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
+from fleetops.lib.cas import note_race_lost
 from fleetops.observability.heartbeats import heartbeat_scope
 from indexer.rpc import parse
 from indexer.rpc.client import RpcError
@@ -132,6 +133,7 @@ class RestakeResult:
     not_ours: int = 0
     chain_unavailable: int = 0
     auto_reset: int = 0
+    races_lost: int = 0
     duration: float = 0.0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
@@ -270,11 +272,28 @@ def _record(
     result.unknown += sum(1 for _, kind, _, _ in outcomes if kind == "unknown")
     if sent:
         with transaction.atomic():
-            StakeTransaction.objects.filter(
-                pk__in=[p.claim.tx_id for p in sent],
-                status=StakeTxStatus.PENDING,
-                broadcast_state=BroadcastState.BROADCASTING,
-            ).update(broadcast_state=BroadcastState.SENT, broadcast_at=now)
+            # Compare-and-set with the moved ids: lock the rows still broadcasting, move exactly
+            # those, and write history only for them. A row somebody else moved meanwhile (a
+            # verification that resolved it) is a lost race, counted, with no BROADCAST entry.
+            moved = set(
+                StakeTransaction.objects.select_for_update()
+                .filter(
+                    pk__in=[p.claim.tx_id for p in sent],
+                    status=StakeTxStatus.PENDING,
+                    broadcast_state=BroadcastState.BROADCASTING,
+                )
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            )
+            if moved:
+                StakeTransaction.objects.filter(pk__in=moved).update(
+                    broadcast_state=BroadcastState.SENT, broadcast_at=now
+                )
+            if lost := len(sent) - len(moved):
+                for _ in range(lost):
+                    note_race_lost("keys_broadcast_record")
+                result.races_lost += lost
+            sent = [p for p in sent if p.claim.tx_id in moved]
             RemediationEntry.objects.bulk_create(
                 [
                     RemediationEntry(

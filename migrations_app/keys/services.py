@@ -52,6 +52,7 @@ FAILED_EVENT = "keys.migration_failed"
 
 OPERATOR_REQUIRED = "This needs the operator role in the organization."
 ADMIN_REQUIRED = "This needs the admin role in the organization."
+NOT_A_MEMBER = "You are not a member of this organization (no role there)."
 REASON_REQUIRED = f"reason is required (1-{REASON_CAP} characters, not blank)"
 KEYS_NOT_FOUND = "key ids not found in this organization: {ids}"
 NOTHING_SELECTED = "give key_ids or at least one filter (address_group, states, owner_address)"
@@ -75,7 +76,11 @@ class KeyAction:
     GROUP_DELETED = "keys.address_group_deleted"
 
 
-def _require(role: str, needed: Role) -> None:
+def _require(role: str | None, needed: Role) -> None:
+    """Forbidden unless `role` is a known role at least `needed`. A non-member (None or "") or an
+    unknown role string is Forbidden too, never a ValueError from the role ranking."""
+    if role not in Role.values:
+        raise Forbidden(NOT_A_MEMBER)
     if not Role.at_least(role, needed):
         raise Forbidden(OPERATOR_REQUIRED if needed == Role.OPERATOR else ADMIN_REQUIRED)
 
@@ -187,7 +192,7 @@ def key_migrate_to_group(
     *,
     org: Organization,
     actor: Actor,
-    role: str,
+    role: str | None,
     target_group_id: int,
     flt: KeyFilter,
     dry_run: bool = False,
@@ -361,7 +366,7 @@ def _requeue(
 
 
 def keys_migration_retry(
-    *, org: Organization, actor: Actor, role: str, key_ids: Sequence[int], reason: str
+    *, org: Organization, actor: Actor, role: str | None, key_ids: Sequence[int], reason: str
 ) -> RetryResult:
     """Re-queue failed or retrying keys: attempts reset, `migration_manual_retries + 1`, history
     kept. Keys in another state are skipped (and said why); unknown ids are a 404."""
@@ -404,7 +409,7 @@ def keys_migration_retry(
     return result
 
 
-def key_migration_retry(*, key: Key, actor: Actor, role: str, reason: str) -> Key:
+def key_migration_retry(*, key: Key, actor: Actor, role: str | None, reason: str) -> Key:
     """One key's manual retry; a key that is neither failed nor retrying is a 409."""
     result = keys_migration_retry(org=key.org, actor=actor, role=role, key_ids=[key.pk], reason=reason)
     if key.pk in result.skipped:
@@ -682,7 +687,9 @@ def _notify_failed(keys: Sequence[Key]) -> None:
 CONFIG_FIELDS = ("rpc_url", "max_attempts")
 
 
-def key_config_update(*, org: Organization, actor: Actor, role: str, values: dict[str, Any]) -> OrgKeyConfig:
+def key_config_update(
+    *, org: Organization, actor: Actor, role: str | None, values: dict[str, Any]
+) -> OrgKeyConfig:
     """Admins point the organization's re-stakes at a chain and set its attempt limit."""
     _require(role, Role.ADMIN)
     if unknown := set(values) - set(CONFIG_FIELDS):
@@ -715,7 +722,7 @@ GROUP_FIELDS = (
 
 
 def address_group_save(
-    *, org: Organization, actor: Actor, role: str, group: AddressGroup | None, values: dict[str, Any]
+    *, org: Organization, actor: Actor, role: str | None, group: AddressGroup | None, values: dict[str, Any]
 ) -> AddressGroup:
     """Create or change an address group (admin). Existing keys are not re-staked by this; migrate
     them to re-stake."""
@@ -751,7 +758,7 @@ def address_group_save(
     return group
 
 
-def address_group_delete(*, group: AddressGroup, actor: Actor, role: str) -> None:
+def address_group_delete(*, group: AddressGroup, actor: Actor, role: str | None) -> None:
     _require(role, Role.ADMIN)
     with transaction.atomic():
         locked = AddressGroup.objects.select_for_update().get(pk=group.pk)

@@ -203,6 +203,7 @@ def test_exhausted_attempts_fail_the_key_notify_the_org_and_audit_it(
     notification_channel_save(
         org=operator.org,
         actor=actor,
+        role="admin",
         channel=None,
         values={"name": "hook", "kind": "webhook", "target": receiver.url, "secret": "s3"},
         event_types=[FAILED_EVENT],
@@ -210,6 +211,7 @@ def test_exhausted_attempts_fail_the_key_notify_the_org_and_audit_it(
     notification_channel_save(
         org=operator.org,
         actor=actor,
+        role="admin",
         channel=None,
         values={"name": "other", "kind": "webhook", "target": receiver.url},
         event_types=["something.else"],
@@ -320,6 +322,7 @@ def test_a_channel_without_the_subscription_hears_nothing(operator, admin_member
     channel = notification_channel_save(
         org=operator.org,
         actor=Actor.for_user(admin_member.user),
+        role="admin",
         channel=None,
         values={"name": "mail", "kind": "email", "target": "ops@example.com"},
         event_types=["other.event"],

@@ -9,7 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
+from django.db.backends.signals import connection_created
 
 from fleetops.lib import clock
 from fleetops.observability.context import bound
@@ -19,6 +20,37 @@ from indexer.models import Chain, IndexerState
 from indexer.runner import LEASE_TTL, IndexerRunner, StepResult, head_watcher_for, rpc_for
 
 READY_STALE_SECONDS = 60
+# No transaction of this process waits on anything outside PostgreSQL, so one that sits idle for
+# long is a frozen process (SIGSTOP, a VM pause, a swap storm) holding row locks a standby's takeover
+# would wait on. PostgreSQL ends such a session; the fencing token already refuses its late commit.
+STATEMENT_TIMEOUT_SECONDS = 120
+
+
+class SessionGuard:
+    """Set the timeouts on this process's sessions while the command runs (the current one and
+    every one opened meanwhile, e.g. by the enrichment thread), and take them off again after, so
+    an in-process `call_command` leaves its caller's session as it was."""
+
+    def __init__(self, lease_ttl: float):
+        self.idle = max(5, int(lease_ttl / 2))
+
+    def _configure(self, sender: Any = None, connection: Any = connection, **kwargs: Any) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = '{self.idle}s'")
+            cursor.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_SECONDS}s'")
+
+    def __enter__(self) -> SessionGuard:
+        connection_created.connect(self._configure, weak=False)
+        if not connection.in_atomic_block:
+            self._configure(connection=connection)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        connection_created.disconnect(self._configure)
+        if connection.connection is not None and connection.is_usable():
+            with connection.cursor() as cursor:
+                cursor.execute("RESET idle_in_transaction_session_timeout")
+                cursor.execute("RESET statement_timeout")
 
 
 class Command(BaseCommand):
@@ -61,6 +93,10 @@ class Command(BaseCommand):
         if options["stop_at"] is not None and options["stop_at"] < 1:
             raise CommandError("--stop-at must be a positive height")
         IndexerState.objects.get_or_create(chain=chain)
+        with SessionGuard(options["lease_ttl"]):
+            self._run(chain, options)
+
+    def _run(self, chain: Chain, options: dict[str, Any]) -> None:
         holder = f"{socket.gethostname()}:{os.getpid()}"
         stop = threading.Event()
 

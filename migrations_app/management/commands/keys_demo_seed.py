@@ -81,6 +81,7 @@ class Command(BaseCommand):
                 notification_channel_save(
                     org=org,
                     actor=actor,
+                    role=Role.ADMIN,
                     channel=None,
                     values={
                         "name": "Provider ops email",

@@ -47,7 +47,7 @@ class Command(BaseCommand):
             result = keys_migration_retry(
                 org=org,
                 actor=Actor.for_user(user, interactive=False),
-                role=role_in_org(user=user, org_id=org.pk) or "",
+                role=role_in_org(user=user, org_id=org.pk),
                 key_ids=ids,
                 reason=options["reason"],
             )
