@@ -17,7 +17,10 @@ def database_url(*, application_name: str = "") -> str:
     db = connection.settings_dict
     host = db.get("HOST") or "localhost"
     host = quote(host, safe="") if host.startswith("/") else host
-    url = f"postgresql://{db['USER']}@{host}:{db['PORT'] or 5432}/{db['NAME']}"
+    credentials = quote(db["USER"], safe="") + (
+        f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else ""
+    )
+    url = f"postgresql://{credentials}@{host}:{db['PORT'] or 5432}/{db['NAME']}"
     return f"{url}?application_name={application_name}" if application_name else url
 
 
