@@ -69,10 +69,10 @@ class CurrentStateForm(HistoryForm):
 
 
 def _classify(request: HttpRequest, protocol: Protocol, data: dict[str, Any]) -> str:
-    result = services.protocol_classify(protocol=protocol, actor=Actor.for_user(request.user))
-    if result.status == MigrationStatus.SUCCESS:
-        return f"Classified: {len(result.accepted)} contracts, {len(result.rejected)} rejected."
-    return f"Classification failed: {result.error}"
+    services.protocol_classify_request(
+        protocol=protocol, actor=Actor.for_user(request.user), reason=data["reason"]
+    )
+    return "Classification queued: a worker runs it; the status shows the outcome."
 
 
 def _start_history(request: HttpRequest, protocol: Protocol, data: dict[str, Any]) -> str:
@@ -235,9 +235,27 @@ class ProtocolRowsAdminMixin(OrgScopedAdminMixin):
         return qs.filter(protocol_id__in=ids)
 
 
+class ProtocolListFilter(admin.SimpleListFilter):
+    """The protocols of the user's organizations only (a plain `"protocol"` filter would offer every
+    organization's; `RelatedOnlyFieldListFilter` would run a DISTINCT over the big table)."""
+
+    title = "protocol"
+    parameter_name = "protocol__id__exact"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        protocols = Protocol.objects.order_by("id")
+        if not request.user.is_superuser:
+            protocols = protocols.filter(chain__org_id__in=org_ids_for_user(request.user))
+        return [(pk, pk) for pk in protocols.values_list("id", flat=True)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(protocol_id=value) if value else queryset
+
+
 class ReadOnlyRowsAdmin(BigTableAdminMixin, ProtocolRowsAdminMixin, admin.ModelAdmin):
     sortable_by = ()
-    list_filter = ["protocol"]
+    list_filter = [ProtocolListFilter]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return [f.name for f in self.model._meta.fields]

@@ -14,14 +14,15 @@ from django.db import transaction
 
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
-from fleetops.lib.errors import Conflict, ValidationFailed
-from indexer.models import IndexerState
-from migrations_app.models import MigrationStatus
+from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
+from indexer.models import Chain, IndexerState
+from migrations_app.models import MigrationStatus, Protocol
 from migrations_app.protocols import registry, store
 from migrations_app.protocols.cursor import cursor_create, cursor_get
 from migrations_app.protocols.history import (
     ALREADY_RUNNING,
     DEFAULT_WINDOW_SIZE,
+    STATUS_MOVED,
     MigrationRun,
     Progress,
     RunResult,
@@ -61,6 +62,41 @@ CURRENT_STATE = Strategy(
 )
 
 
+def current_state_validate(
+    *, protocol_id: str, start_height: int, window_size: int = DEFAULT_WINDOW_SIZE
+) -> tuple[Chain, Protocol | None, list[str]]:
+    """(chain, the protocol to run or None when it already succeeded, ids skipped); raises
+    ValidationFailed and writes nothing. Run by the admin's request (so a bad request is refused
+    before anything is audited or queued) and again by the run itself."""
+    check_window_size(window_size)
+    chain, protocols, skipped = validate_protocols(
+        [protocol_id], migration="current_state", status_field=CURRENT_STATE.status_field
+    )
+    if not protocols:
+        return chain, None, skipped
+    if len(protocols) != 1:
+        raise ValidationFailed(ONE_PROTOCOL)
+    protocol = protocols[0]
+    state = IndexerState.objects.get(chain=chain)
+    assert state.oldest_indexed_height is not None  # validated
+    assert state.last_indexed_height is not None
+    existing = cursor_get(protocol.current_state_cursor_name)
+    started = protocol.current_state_start_height
+    if existing is not None and started is not None and started != start_height:
+        raise ValidationFailed(
+            START_HEIGHT_CHANGED.format(id=protocol.id, started=started, asked=start_height),
+            fields={"start_height": [start_height]},
+        )
+    if existing is None and not state.oldest_indexed_height <= start_height <= state.last_indexed_height + 1:
+        raise ValidationFailed(
+            START_HEIGHT_RANGE.format(
+                oldest=state.oldest_indexed_height, latest=state.last_indexed_height + 1
+            ),
+            fields={"start_height": [start_height]},
+        )
+    return chain, protocol, skipped
+
+
 def current_state_migrate(
     *,
     protocol_id: str,
@@ -71,32 +107,12 @@ def current_state_migrate(
     stop: threading.Event | None = None,
     poll_seconds: float = 1.0,
 ) -> RunResult:
-    check_window_size(window_size)
-    chain, protocols, skipped = validate_protocols(
-        [protocol_id], migration="current_state", status_field=CURRENT_STATE.status_field
+    chain, protocol, skipped = current_state_validate(
+        protocol_id=protocol_id, start_height=start_height, window_size=window_size
     )
     result = RunResult(migration="current_state", skipped=skipped)
-    if not protocols:
+    if protocol is None:
         return result
-    protocol = protocols[0]
-    if len(protocols) != 1:
-        raise ValidationFailed(ONE_PROTOCOL)
-    state = IndexerState.objects.get(chain=chain)
-    assert state.oldest_indexed_height is not None
-    assert state.last_indexed_height is not None
-    existing = cursor_get(protocol.current_state_cursor_name)
-    started = protocol.current_state_start_height
-    if existing is not None and started is not None and started != start_height:
-        raise ValidationFailed(
-            START_HEIGHT_CHANGED.format(id=protocol.id, started=started, asked=start_height)
-        )
-    if existing is None and not state.oldest_indexed_height <= start_height <= state.last_indexed_height + 1:
-        raise ValidationFailed(
-            START_HEIGHT_RANGE.format(
-                oldest=state.oldest_indexed_height, latest=state.last_indexed_height + 1
-            ),
-            fields={"start_height": [start_height]},
-        )
     if not try_lock("current_state", protocol.id):
         raise Conflict(ALREADY_RUNNING.format(migration="current-state", id=protocol.id))
     try:
@@ -104,7 +120,7 @@ def current_state_migrate(
             created = cursor_create(name=protocol.current_state_cursor_name, height=start_height - 1)
             cursor = cursor_get(protocol.current_state_cursor_name)
             assert cursor is not None
-            set_status(
+            if not set_status(
                 protocol=protocol,
                 field_name=CURRENT_STATE.status_field,
                 to=MigrationStatus.IN_PROGRESS,
@@ -113,7 +129,8 @@ def current_state_migrate(
                 action="protocol.current_state_started",
                 extra={"current_state_start_height": start_height, "current_state_error": ""},
                 metadata={"cursor": cursor, "resumed": not created, "start_height": start_height},
-            )
+            ):  # validated a moment ago: somebody moved the status since (rolls back the cursor)
+                raise RaceLost(STATUS_MOVED.format(field=CURRENT_STATE.status_field, id=protocol.id))
         spec = registry.get(protocol.id)
         assert spec is not None
         trackers = [Tracker(protocol=protocol, spec=spec, cursor=cursor, start_cursor=cursor)]

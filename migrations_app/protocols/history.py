@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from django.db import connection, transaction
+from django.db.models import Q
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import record
 from fleetops.lib import clock
-from fleetops.lib.errors import Conflict, DomainError, ValidationFailed
+from fleetops.lib.cas import note_race_lost
+from fleetops.lib.errors import Conflict, DomainError, RaceLost, ValidationFailed
 from fleetops.observability.heartbeats import heartbeat_beat
 from indexer.models import Chain, IndexerState
 from migrations_app.models import MigrationStatus, Protocol, Writer
@@ -64,6 +66,7 @@ ALREADY_RUNNING = "a {migration} migration of {id} is already running (another p
 CURSOR_MISSING = "the cursor {name} disappeared during the migration"
 INTERRUPTED = "interrupted; a re-run resumes at cursor + 1"
 NOTHING_TO_DO = "nothing to do: {ids} already migrated"
+STATUS_MOVED = "the {field} of {id} was changed by another process; nothing was started"
 
 
 class MigrationInterrupted(DomainError):
@@ -129,6 +132,8 @@ class Tracker:
     start_cursor: int
     handed_off: bool = False
     done: bool = False
+    # The status CAS at the end lost (somebody else moved the status): not ours to report any more.
+    lost: bool = False
     last_attempted: int | None = None
     heights: int = 0
     rows: int = 0
@@ -220,13 +225,24 @@ def set_status(
     extra: dict[str, Any] | None = None,
     reason: str = "",
     metadata: dict[str, Any] | None = None,
+    where: Q | None = None,
 ) -> bool:
-    """CAS a status column (`allowed` -> `to`) with its audit row, in the caller's transaction."""
+    """CAS a status column (`allowed` -> `to`, and `where` if given) with its audit row, in the
+    caller's transaction. Returns False when the row was not in an allowed state: the loss is counted
+    (`fleetops_platform_race_lost_total{operation=action}`) and logged here, and the caller must not
+    report the change as done."""
     before = getattr(protocol, field_name)
-    changed = Protocol.objects.filter(pk=protocol.pk, **{f"{field_name}__in": allowed}).update(
-        **{field_name: to, "updated_at": clock.now()}, **(extra or {})
-    )
-    if changed:
+    rows = Protocol.objects.filter(pk=protocol.pk, **{f"{field_name}__in": allowed})
+    if where is not None:
+        rows = rows.filter(where)
+    changed = rows.update(**{field_name: to, "updated_at": clock.now()}, **(extra or {}))
+    if not changed:
+        note_race_lost(action, expected=1, changed=0)
+        log.warning(
+            "protocol status compare-and-set lost",
+            extra={"protocol": protocol.pk, "field": field_name, "to": to, "action": action},
+        )
+    else:
         setattr(protocol, field_name, to)
         for key, value in (extra or {}).items():
             setattr(protocol, key, value)
@@ -271,10 +287,10 @@ class MigrationRun:
                     raise MigrationInterrupted(INTERRUPTED)
                 active = [t for t in self.trackers if not t.handed_off]
                 for t in self.trackers:
-                    if t.handed_off and not t.done:
+                    if t.handed_off and not t.done and not t.lost:
                         self._complete(t)
                 if not active:
-                    if all(t.done for t in self.trackers):
+                    if all(t.done or t.lost for t in self.trackers):
                         break
                     self.stop.wait(self.poll_seconds)  # handed off; wait for live to pass our last window
                     continue
@@ -385,7 +401,7 @@ class MigrationRun:
         if current is None or t.last_attempted is None or current < t.last_attempted:
             return  # live has not yet passed the heights we tried (e.g. it is re-indexing a rollback)
         with transaction.atomic():
-            set_status(
+            won = set_status(
                 protocol=t.protocol,
                 field_name=self.strategy.status_field,
                 to=MigrationStatus.SUCCESS,
@@ -400,17 +416,20 @@ class MigrationRun:
                     "rows_written": t.rows,
                 },
             )
-        t.done = True
+        if won:
+            t.done = True
+        else:  # somebody else moved the status (counted and logged by set_status): not our success
+            t.lost = True
 
     def _fail(self, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, DomainError) else f"{type(exc).__name__}: {exc}"
         for t in self.trackers:
             try:
-                if t.done:
+                if t.done or t.lost:
                     continue
                 if t.handed_off:  # handed off is success, whatever the cursor says now
                     with transaction.atomic():
-                        set_status(
+                        won = set_status(
                             protocol=t.protocol,
                             field_name=self.strategy.status_field,
                             to=MigrationStatus.SUCCESS,
@@ -419,10 +438,11 @@ class MigrationRun:
                             action=f"protocol.{self.strategy.migration}_completed",
                             extra=self.strategy.handed_off_fields(t),
                         )
-                    t.done = True
+                    t.done = won
+                    t.lost = not won
                     continue
                 with transaction.atomic():
-                    set_status(
+                    t.lost = not set_status(
                         protocol=t.protocol,
                         field_name=self.strategy.status_field,
                         to=MigrationStatus.FAILED,
@@ -529,7 +549,7 @@ def _start(*, chain: Chain, protocols: list[Protocol], actor: Actor) -> list[Tra
             created = cursor_create(name=p.history_cursor_name, height=oldest - 1)
             cursor = cursor_get(p.history_cursor_name)
             assert cursor is not None
-            set_status(
+            if not set_status(
                 protocol=p,
                 field_name=HISTORY.status_field,
                 to=MigrationStatus.IN_PROGRESS,
@@ -538,7 +558,8 @@ def _start(*, chain: Chain, protocols: list[Protocol], actor: Actor) -> list[Tra
                 action="protocol.history_started",
                 extra={"history_started_at": clock.now(), "history_error": ""},
                 metadata={"cursor": cursor, "resumed": not created, "oldest_indexed_height": oldest},
-            )
+            ):  # validated as not success a moment ago: somebody moved it since (rolls back the cursors)
+                raise RaceLost(STATUS_MOVED.format(field=HISTORY.status_field, id=p.id))
             spec = registry.get(p.id)
             assert spec is not None
             trackers.append(Tracker(protocol=p, spec=spec, cursor=cursor, start_cursor=cursor))

@@ -1,5 +1,6 @@
-"""Protocol writes an operator starts: register (setup), classify, and request a history or
-current-state migration from the admin (a Celery task running the same service as the command).
+"""Protocol writes an operator starts: register (setup), classify, and request a classification, a
+history or a current-state migration from the admin (a Celery task running the same service as the
+command; the request is validated first, so a bad one is refused there and changes nothing).
 
 Keyword-only, one transaction each, the role re-checked here, an audit row inside.
 """
@@ -8,19 +9,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Q
 
 from fleetops.access.models import Role
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import record
 from fleetops.lib import clock
-from fleetops.lib.errors import DomainError, Forbidden, ValidationFailed
+from fleetops.lib.errors import Conflict, Forbidden, RaceLost, ValidationFailed
 from indexer.models import Chain, Event
 from indexer.services import actor_role
-from migrations_app.models import CLASSIFICATION_TRANSITIONS, MigrationStatus, Protocol, ProtocolContract
+from migrations_app.models import MigrationStatus, Protocol, ProtocolContract
 from migrations_app.protocols import registry
+from migrations_app.protocols.current_state import current_state_validate
 from migrations_app.protocols.history import (
     DEFAULT_WINDOW_SIZE,
     UNKNOWN_PROTOCOL,
@@ -37,8 +41,15 @@ REASON_REQUIRED = "reason is required (1-256 characters, not blank)"
 CHAIN_REQUIRED = "several chains exist ({chains}); say which with --chain"
 NO_CHAIN = "no chain is configured; create one (e.g. `manage.py indexer_demo_seed`) first"
 CHAIN_UNKNOWN = "no chain {slug}"
-CHAIN_CHANGED = "protocol {id} is registered on chain {current}, not {asked}"
+# Generic on purpose: the chain it is registered on may belong to another organization.
+CHAIN_CHANGED = "protocol {id} is already registered on another chain"
 CLASSIFICATION_RUNNING = "protocol {id} is being classified by another process"
+CLASSIFICATION_MOVED = "the classification of {id} was settled by another process meanwhile"
+# Starting a classification: from any state but a running one...
+CLASSIFICATION_STARTABLE = (MigrationStatus.NOT_STARTED, MigrationStatus.SUCCESS, MigrationStatus.FAILED)
+# ...or from one that has been `in_progress` (row untouched) this long: its process died mid-way. A
+# classification is a few queries over the stored events, minutes at worst.
+CLASSIFICATION_STALE_AFTER = timedelta(minutes=30)
 # Events looked at per contract when classifying it (all must classify).
 SAMPLES_PER_CONTRACT = 5
 
@@ -93,9 +104,7 @@ def protocol_register(*, protocol_id: str, chain: Chain, actor: Actor) -> Protoc
             id=spec.id, defaults={"chain": chain, "name": spec.name}
         )
         if protocol.chain_id != chain.pk:
-            raise ValidationFailed(
-                CHAIN_CHANGED.format(id=spec.id, current=protocol.chain.slug, asked=chain.slug)
-            )
+            raise ValidationFailed(CHAIN_CHANGED.format(id=spec.id))
         if created:
             record(
                 action="protocol.registered",
@@ -107,20 +116,19 @@ def protocol_register(*, protocol_id: str, chain: Chain, actor: Actor) -> Protoc
     return protocol
 
 
-_CONTRACTS = f"""
-SELECT contract, min(height) FROM (
-    SELECT height,
-           jsonb_path_query_first(attributes, '$[*] ? (@.key == $k).value', jsonb_build_object('k', %s::text))
-           #>> '{{}}' AS contract
-    FROM {Event._meta.db_table} WHERE chain_id = %s AND type = ANY(%s)
-) seen WHERE contract IS NOT NULL AND contract <> '' GROUP BY contract ORDER BY contract
-"""  # noqa: S608 - table name from the model
+# Every contract seen, its first height and its first SAMPLES_PER_CONTRACT events, in one query.
 _SAMPLES = f"""
-SELECT type, attributes FROM {Event._meta.db_table}
-WHERE chain_id = %s AND type = ANY(%s)
-  AND attributes @> jsonb_build_array(jsonb_build_object('key', %s::text, 'value', %s::text))
-ORDER BY height LIMIT %s
-"""  # noqa: S608
+SELECT contract, height, type, attributes FROM (
+    SELECT contract, height, type, attributes,
+           row_number() OVER (PARTITION BY contract ORDER BY height) AS n
+    FROM (
+        SELECT height, type, attributes,
+               jsonb_path_query_first(attributes, '$[*] ? (@.key == $k).value',
+                                      jsonb_build_object('k', %s::text)) #>> '{{}}' AS contract
+        FROM {Event._meta.db_table} WHERE chain_id = %s AND type = ANY(%s)
+    ) seen WHERE contract IS NOT NULL AND contract <> ''
+) ranked WHERE n <= %s ORDER BY contract, n
+"""  # noqa: S608 - table name from the model
 
 
 def _classify_contracts(spec: ProtocolSpec, chain: Chain) -> tuple[dict[str, int], list[str]]:
@@ -128,39 +136,46 @@ def _classify_contracts(spec: ProtocolSpec, chain: Chain) -> tuple[dict[str, int
     the contract classifies as the protocol) and rejected."""
     types = sorted(spec.event_types)
     with connection.cursor() as cursor:
-        cursor.execute(_CONTRACTS, [spec.contract_key, chain.pk, types])
-        seen = [(str(c), int(h)) for c, h in cursor.fetchall()]
-        accepted: dict[str, int] = {}
-        rejected: list[str] = []
-        for contract, first in seen:
-            cursor.execute(_SAMPLES, [chain.pk, types, spec.contract_key, contract, SAMPLES_PER_CONTRACT])
-            samples = cursor.fetchall()
-            if samples and all(spec.classify(t, attribute_map(a)) is not None for t, a in samples):
-                accepted[contract] = first
-            else:
-                rejected.append(contract)
+        cursor.execute(_SAMPLES, [spec.contract_key, chain.pk, types, SAMPLES_PER_CONTRACT])
+        samples = cursor.fetchall()
+    first: dict[str, int] = {}
+    ok: dict[str, bool] = {}
+    for contract, height, event_type, attributes in samples:
+        key = str(contract)
+        first.setdefault(key, int(height))
+        classified = spec.classify(event_type, attribute_map(attributes)) is not None
+        ok[key] = ok.get(key, True) and classified
+    accepted = {c: h for c, h in first.items() if ok[c]}
+    rejected = [c for c in first if not ok[c]]
     return accepted, rejected
 
 
+def _classification_startable() -> Q:
+    stale = clock.now() - CLASSIFICATION_STALE_AFTER
+    return Q(classification_status__in=CLASSIFICATION_STARTABLE) | Q(
+        classification_status=MigrationStatus.IN_PROGRESS, updated_at__lt=stale
+    )
+
+
 def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
-    """classification in_progress -> success (contracts recorded) | failed (error recorded)."""
+    """classification not_started | success | failed (or a stale in_progress) -> in_progress ->
+    success (contracts recorded) | failed (error recorded). A second classification while one runs
+    is a Conflict (CLASSIFICATION_RUNNING)."""
     spec = registry.get(protocol.id)
     assert spec is not None
     chain = protocol.chain
     _require_admin(actor=actor, chain=chain)
     with transaction.atomic():
-        allowed = [
-            s for s, targets in CLASSIFICATION_TRANSITIONS.items() if MigrationStatus.IN_PROGRESS in targets
-        ]
         if not set_status(
             protocol=protocol,
             field_name="classification_status",
             to=MigrationStatus.IN_PROGRESS,
-            allowed=allowed,
+            allowed=(*CLASSIFICATION_STARTABLE, MigrationStatus.IN_PROGRESS),
+            where=_classification_startable(),
             actor=actor,
             action="protocol.classification_started",
         ):
-            raise DomainError(CLASSIFICATION_RUNNING.format(id=protocol.id))
+            raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.id))
     try:
         accepted, rejected = _classify_contracts(spec, chain)
         now = clock.now()
@@ -172,7 +187,7 @@ def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
                 ],
                 ignore_conflicts=True,
             )
-            set_status(
+            won = set_status(
                 protocol=protocol,
                 field_name="classification_status",
                 to=MigrationStatus.SUCCESS,
@@ -182,11 +197,15 @@ def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
                 extra={"classified_at": now, "classification_error": ""},
                 metadata={"accepted": len(accepted), "rejected": rejected[:50]},
             )
+            if not won:  # taken over as stale: roll our contracts back, the other run's result stands
+                raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.id))
+    except RaceLost:
+        raise
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         log.exception("protocol classification failed", extra={"protocol": protocol.id})
         with transaction.atomic():
-            set_status(
+            won = set_status(
                 protocol=protocol,
                 field_name="classification_status",
                 to=MigrationStatus.FAILED,
@@ -196,8 +215,33 @@ def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
                 extra={"classification_error": message[:2000]},
                 metadata={"error": message[:500]},
             )
+        if not won:
+            raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.id)) from exc
         return Classification(protocol.id, MigrationStatus.FAILED, error=message)
     return Classification(protocol.id, MigrationStatus.SUCCESS, accepted=sorted(accepted), rejected=rejected)
+
+
+def protocol_classify_request(*, protocol: Protocol, actor: Actor, reason: str) -> None:
+    """Queue a classification of `protocol` on a worker (the admin's "Classify again"): it reads
+    every stored event of the protocol's types, too long for a web request. Refused now when one is
+    running; the worker's compare-and-set settles a race between two requests."""
+    text = _reason(reason)
+    _require_admin(actor=actor, chain=protocol.chain)
+    if not Protocol.objects.filter(_classification_startable(), pk=protocol.pk).exists():
+        raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.id))
+    from migrations_app.protocols import tasks
+
+    with transaction.atomic():
+        record(
+            action="protocol.classification_requested",
+            actor=actor,
+            org=protocol.chain.org,
+            target=protocol,
+            reason=text,
+        )
+        transaction.on_commit(
+            lambda: tasks.classify.delay(protocol_id=protocol.id, actor=_actor_payload(actor))
+        )
 
 
 def _actor_payload(actor: Actor) -> dict[str, Any]:
@@ -243,12 +287,18 @@ def protocol_current_state_request(
     start_height: int,
     window_size: int = DEFAULT_WINDOW_SIZE,
 ) -> bool:
+    """Queue the current-state migration of `protocol` from `start_height` on a worker. Validated
+    now with the run's own checks (`current_state_validate`), so a bad request is refused here and
+    changes nothing; returns False when there is nothing to do (already `success`)."""
+    from migrations_app.protocols import tasks
+
     text = _reason(reason)
     _require_admin(actor=actor, chain=protocol.chain)
-    check_window_size(window_size)
-    if protocol.current_state_migration_status == MigrationStatus.SUCCESS:
+    _, todo, _ = current_state_validate(
+        protocol_id=protocol.id, start_height=start_height, window_size=window_size
+    )
+    if todo is None:
         return False
-    from migrations_app.protocols import tasks
 
     with transaction.atomic():
         record(

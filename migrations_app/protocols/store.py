@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from django.db import connection
+from django.db import connection, transaction
 
 from fleetops.lib import clock
 from indexer.models import Block, Event
@@ -157,7 +157,8 @@ def spans_trim(*, protocol_ids: list[str], to_height: int) -> None:
     )
 
 
-# Contracts already recorded, per process: noting them again is skipped without a round trip.
+# Contracts already recorded, per process: noting them again is skipped without a round trip. Added
+# only once the transaction that wrote them commits (a rollback must not make them "known").
 _known_contracts: set[tuple[str, str]] = set()
 
 
@@ -176,7 +177,8 @@ def note_contracts(*, protocol_id: str, rows: Sequence[Row]) -> None:
         ],
         ignore_conflicts=True,
     )
-    _known_contracts.update((protocol_id, c) for c in first)
+    noted = [(protocol_id, c) for c in first]
+    transaction.on_commit(lambda: _known_contracts.update(noted))
 
 
 def forget_known_contracts() -> None:

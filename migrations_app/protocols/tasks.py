@@ -1,5 +1,6 @@
 """Thin Celery tasks: the admin's "Start history migration" / "Start current-state migration" run
-the same services as `manage.py protocol_migrate` on a worker. A run blocks its worker slot until the
+the same services as `manage.py protocol_migrate` on a worker, "Classify again" the same service as
+`manage.py protocol_setup`. A run blocks its worker slot until the
 handoff; a redelivery after a worker crash resumes at cursor + 1."""
 
 from __future__ import annotations
@@ -53,3 +54,24 @@ def current_state_migrate(
             )
         except DomainError as exc:
             log.warning("current-state migration stopped: %s", exc.message)
+
+
+@shared_task(name="migrations_app.protocols.tasks.classify", ignore_result=True)
+def classify(*, protocol_id: str, actor: dict[str, Any]) -> None:
+    from migrations_app.models import Protocol
+    from migrations_app.protocols.services import protocol_classify
+
+    with bound(actor=f"task:protocol_classify:{protocol_id}"):
+        protocol = Protocol.objects.select_related("chain__org").filter(pk=protocol_id).first()
+        if protocol is None:
+            log.warning("classification skipped: protocol %s is gone", protocol_id)
+            return
+        try:
+            result = protocol_classify(protocol=protocol, actor=_actor(actor))
+        except DomainError as exc:  # another classification running, or the role was revoked
+            log.warning("classification not run: %s", exc.message)
+            return
+        log.info(
+            "protocol classified",
+            extra={"protocol": protocol_id, "status": result.status, "accepted": len(result.accepted)},
+        )

@@ -93,3 +93,8 @@ class Command(BaseCommand):
                 f"{result.rows.get(pid, 0)} rows; handed off to live ingestion at height "
                 f"{result.handoff_heights.get(pid)}"
             )
+        if result.failed:
+            raise CommandError(
+                f"{result.migration} migration did not complete for {', '.join(result.failed)} "
+                "(its status was changed by another process; see the audit log)"
+            )
