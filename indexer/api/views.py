@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django import forms
 from django.core.validators import RegexValidator
 from django.db.models import QuerySet
 from django.utils.functional import cached_property
@@ -22,6 +21,7 @@ from rest_framework.views import APIView
 
 from fleetops.access.context import OrgAccess
 from fleetops.access.models import Role
+from fleetops.api.filters import HeightRangeForm, IntegerFilter
 from fleetops.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from fleetops.api.idempotency import idempotent
 from fleetops.api.views import OrgScopedListView, OrgScopedMixin, SelectorListView
@@ -43,24 +43,10 @@ from indexer.api.serializers import (
 from indexer.models import Block, Chain, Enrichment, EnrichmentStatus, Event, Transaction
 
 IDEMPOTENCY_PARAM = OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)
-HEIGHT_ORDER = "height_min must not be above height_max"
 TX_HASH_INVALID = "tx_hash must be 64 hexadecimal characters"
 
 
 # --- filters -----------------------------------------------------------------------------------------
-
-
-class IntegerFilter(django_filters.NumberFilter):
-    field_class = forms.IntegerField
-
-
-class HeightRangeForm(forms.Form):
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        low, high = data.get("height_min"), data.get("height_max")
-        if low is not None and high is not None and low > high:
-            self.add_error("height_max", HEIGHT_ORDER)
-        return data
 
 
 class HeightRangeFilter(django_filters.FilterSet):

@@ -9,10 +9,11 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from fleetops.api.filters import HEIGHT_ORDER
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import lease_acquire
-from indexer.api.views import HEIGHT_ORDER, TX_HASH_INVALID
+from indexer.api.views import TX_HASH_INVALID
 from indexer.ingest import lease_name
 from indexer.models import (
     ConnectionStatus,

@@ -12,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from fleetops.api.filters import HEIGHT_ORDER
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -26,7 +27,6 @@ from migrations_app.models import (
     ProtocolWriteSpan,
 )
 from migrations_app.protocols import metrics, tasks
-from migrations_app.protocols.api.views import HEIGHT_ORDER
 from migrations_app.protocols.history import NOT_CLASSIFIED
 from migrations_app.protocols.selectors import PROTOCOL_NOT_FOUND
 from migrations_app.protocols.services import protocol_history_request

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django import forms
 from django.db.models import QuerySet
 from django.utils.functional import cached_property
 from drf_spectacular.utils import extend_schema
@@ -17,6 +16,7 @@ from rest_framework.views import APIView
 
 from fleetops.access.context import OrgAccess
 from fleetops.access.models import Role
+from fleetops.api.filters import HeightRangeForm, IntegerFilter
 from fleetops.api.views import OrgScopedMixin, SelectorListView
 from migrations_app.models import ChangeKind, Protocol, ProtocolBalance, ProtocolNftOwner, ProtocolStateChange
 from migrations_app.protocols import selectors
@@ -26,21 +26,6 @@ from migrations_app.protocols.api.serializers import (
     ProtocolOutput,
     StateChangeOutput,
 )
-
-HEIGHT_ORDER = "height_min must not be above height_max"
-
-
-class IntegerFilter(django_filters.NumberFilter):
-    field_class = forms.IntegerField
-
-
-class HeightRangeForm(forms.Form):
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        low, high = data.get("height_min"), data.get("height_max")
-        if low is not None and high is not None and low > high:
-            self.add_error("height_max", HEIGHT_ORDER)
-        return data
 
 
 class StateChangeFilter(django_filters.FilterSet):
