@@ -8,6 +8,7 @@ cleaned values to the selectors, so every query is one the indexes answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import django_filters
@@ -219,46 +220,38 @@ class _ChainAction(ChainScopedMixin, APIView):
         return Response(ChainActionOutput.of(changed, selectors.chain_status(chain=chain)))
 
 
-class ChainPause(_ChainAction):
+class _ReasonAction(_ChainAction):
+    """An admin action whose only input is the reason: validate it, call `service`, answer with
+    whether anything changed and the chain's status after."""
+
+    service: Callable[..., bool]
+
+    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
+    @idempotent()
+    def post(self, request: Request, slug: str) -> Response:
+        data = ChainActionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        service = type(self).service  # a plain function, not a method of the view
+        changed = service(chain=self.chain, actor=self.actor, reason=data.validated_data["reason"])
+        return self.respond(changed)
+
+
+class ChainPause(_ReasonAction):
     """Stop ingest at the writer's next step (admin)."""
 
-    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
-    @idempotent()
-    def post(self, request: Request, slug: str) -> Response:
-        data = ChainActionInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        changed = services.indexer_pause(
-            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
-        )
-        return self.respond(changed)
+    service = services.indexer_pause
 
 
-class ChainResume(_ChainAction):
+class ChainResume(_ReasonAction):
     """Let the writer ingest again (admin)."""
 
-    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
-    @idempotent()
-    def post(self, request: Request, slug: str) -> Response:
-        data = ChainActionInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        changed = services.indexer_resume(
-            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
-        )
-        return self.respond(changed)
+    service = services.indexer_resume
 
 
-class ChainRetryPoison(_ChainAction):
+class ChainRetryPoison(_ReasonAction):
     """Clear the poison attempts so the writer tries the poison height again (admin)."""
 
-    @extend_schema(request=ChainActionInput, responses=ChainActionOutput, parameters=[IDEMPOTENCY_PARAM])
-    @idempotent()
-    def post(self, request: Request, slug: str) -> Response:
-        data = ChainActionInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        changed = services.indexer_retry_poison(
-            chain=self.chain, actor=self.actor, reason=data.validated_data["reason"]
-        )
-        return self.respond(changed)
+    service = services.indexer_retry_poison
 
 
 class ChainRollback(_ChainAction):
