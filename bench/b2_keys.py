@@ -51,8 +51,9 @@ def worker(mode: str, batch: int) -> None:
     if mode == "raw":
         import psycopg
 
-        # The statement text only: the raw worker talks to PostgreSQL through plain psycopg.
-        from migrations_app.keys.schedule import CLAIM_SQL
+        # The statement text and its constant parameters (the states read from the machines) only:
+        # the raw worker talks to PostgreSQL through plain psycopg.
+        from migrations_app.keys.schedule import CLAIM_CONSTANTS, CLAIM_SQL
 
         url = os.environ["DATABASE_URL"]
         from datetime import UTC, datetime
@@ -61,7 +62,9 @@ def worker(mode: str, batch: int) -> None:
             while True:
                 with conn.cursor() as cursor:
                     cursor.execute(
-                        CLAIM_SQL, {"now": datetime.now(UTC), "limit": batch, "token": "raw"}, prepare=False
+                        CLAIM_SQL,
+                        {**CLAIM_CONSTANTS, "now": datetime.now(UTC), "limit": batch, "token": "raw"},
+                        prepare=False,
                     )
                     rows = cursor.fetchall()
                 conn.commit()

@@ -277,7 +277,9 @@ def main() -> int:
     User = get_user_model()
     viewer = User.objects.create_user(username="b5-viewer", password="x" * 16)
     Membership.objects.create(user=viewer, org=org, role=Role.VIEWER)
-    token = api_token_create(user=viewer, org=org, role=Role.VIEWER, name="b5", actor=Actor.for_user(viewer))
+    token = api_token_create(
+        user=viewer, org=org, token_role=Role.VIEWER, name="b5", actor=Actor.for_user(viewer)
+    )
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {token.plaintext}")
     admin_user = User.objects.create_superuser(username="b5-admin", password="x" * 16, email="b5@example.com")

@@ -14,8 +14,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
 from curtailment.models import (
+    EVENT_MACHINE,
     EVENT_NON_TERMINAL,
     TARGET_NON_TERMINAL,
+    TERMINATE_STATES,
     CurtailmentEvent,
     CurtailmentTarget,
     Device,
@@ -24,12 +26,10 @@ from curtailment.models import (
     OrgCurtailmentConfig,
     Priority,
 )
+from curtailment.planning import TEXT_CAP, PlanRequest, StartRequest, curtailment_preview
 from curtailment.selectors import target_rollup
 from curtailment.services import (
-    PlanRequest,
-    StartRequest,
     curtailment_config_update,
-    curtailment_preview,
     curtailment_start,
     curtailment_stop,
     curtailment_terminate,
@@ -40,9 +40,10 @@ from fleetops.access.admin_mixins import (
     ObjectActionForm,
     ObjectActionsMixin,
     OrgScopedAdminMixin,
+    StateDiagramMixin,
 )
 from fleetops.access.models import Organization, Role
-from fleetops.access.selectors import org_ids_with_role, role_in_org
+from fleetops.access.selectors import org_ids_with_role
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
@@ -114,23 +115,12 @@ class OrgCurtailmentConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         values = {k: v for k, v in form.cleaned_data.items() if k != "org"}
-        saved = curtailment_config_update(
-            org=obj.org,
-            actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id) or "",
-            values=values,
-        )
+        saved = curtailment_config_update(org=obj.org, actor=Actor.for_user(request.user), values=values)
         obj.pk = saved.pk
 
 
-def _actor_role(request: HttpRequest, event: CurtailmentEvent) -> tuple[Actor, str]:
-    role = role_in_org(user=request.user, org_id=event.org_id)
-    return Actor.for_user(request.user), role or ""
-
-
 def _stop(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any], *, force: bool) -> str:
-    actor, role = _actor_role(request, event)
-    curtailment_stop(event=event, actor=actor, role=role, force=force, reason=data["reason"])
+    curtailment_stop(event=event, actor=Actor.for_user(request.user), force=force, reason=data["reason"])
     return "Restoring: the reconciler sends uncurtail commands in staggered batches."
 
 
@@ -141,23 +131,25 @@ class UpdateForm(ObjectActionForm):
 
 
 def _update(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any]) -> str:
-    actor, role = _actor_role(request, event)
+    # The form's reason becomes the event's reason (its title), as in the API's update.
     curtailment_update(
-        event=event, actor=actor, role=role, patch={k: v for k, v in data.items() if v not in (None, "")}
+        event=event,
+        actor=Actor.for_user(request.user),
+        patch={k: v for k, v in data.items() if v not in (None, "")},
     )
     return "Event updated; interval and maximum duration take effect at the next reconciler tick."
 
 
 class TerminateForm(ObjectActionForm):
-    target_state = forms.ChoiceField(
-        choices=[(EventState.CANCELLED, "cancelled"), (EventState.FAILED, "failed")]
-    )
+    target_state = forms.ChoiceField(choices=[(s, EVENT_MACHINE.label(s)) for s in TERMINATE_STATES])
 
 
 def _terminate(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any]) -> str:
-    actor, role = _actor_role(request, event)
     _, transitioned = curtailment_terminate(
-        event=event, actor=actor, role=role, target_state=data["target_state"], reason=data["reason"]
+        event=event,
+        actor=Actor.for_user(request.user),
+        target_state=data["target_state"],
+        reason=data["reason"],
     )
     return (
         "Event terminated; live targets were marked restore_failed."
@@ -167,8 +159,11 @@ def _terminate(request: HttpRequest, event: CurtailmentEvent, data: dict[str, An
 
 
 @admin.register(CurtailmentEvent)
-class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+class CurtailmentEventAdmin(
+    BigTableAdminMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+):
     change_form_template = "curtailment/event_change_form.html"
+    state_machines = [EVENT_MACHINE]
     list_display = [
         "reason",
         "state",
@@ -184,13 +179,17 @@ class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdm
     list_select_related = ["org"]
     search_fields = ["=uuid", "reason", "=external_reference"]
     ordering = ["-id"]
-    readonly_fields = [f.name for f in CurtailmentEvent._meta.fields if f.name != "decision_snapshot"]
+    readonly_fields = [
+        *(f.name for f in CurtailmentEvent._meta.fields if f.name != "decision_snapshot"),
+        "state_diagram",
+    ]
     fieldsets = [
         (
             None,
             {
                 "fields": [
                     "state",
+                    "state_diagram",
                     "reason",
                     "org",
                     "target_kw",
@@ -253,7 +252,7 @@ class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdm
             "Stop",
             Role.OPERATOR,
             lambda r, e, d: _stop(r, e, d, force=False),
-            is_available=lambda e: e.state in (EventState.PENDING, EventState.ACTIVE),
+            is_available=lambda e: EVENT_MACHINE.can(e.state, EventState.RESTORING),
         ),
         ObjectAction(
             "force_stop",
@@ -269,7 +268,7 @@ class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdm
             Role.OPERATOR,
             _update,
             form_class=UpdateForm,
-            is_available=lambda e: e.state in (EventState.PENDING, EventState.ACTIVE),
+            is_available=lambda e: EVENT_MACHINE.can(e.state, e.state),
         ),
         ObjectAction(
             "terminate",
@@ -277,7 +276,7 @@ class CurtailmentEventAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdm
             Role.ADMIN,
             _terminate,
             form_class=TerminateForm,
-            is_available=lambda e: e.state in (EventState.PENDING, EventState.RESTORING),
+            is_available=lambda e: any(EVENT_MACHINE.can(e.state, s) for s in TERMINATE_STATES),
             danger=True,
         ),
     )
@@ -386,7 +385,7 @@ class StartForm(forms.Form):
         help_text="Empty = the whole organization; or device identifiers, comma or newline separated.",
     )
     priority = forms.ChoiceField(choices=Priority.choices, initial=Priority.NORMAL)
-    reason = forms.CharField(max_length=256)
+    reason = forms.CharField(max_length=TEXT_CAP, help_text="The event's title.")
     max_duration_seconds = forms.IntegerField(
         required=False, min_value=0, max_value=604800, help_text="Empty = the organization default."
     )
@@ -423,13 +422,12 @@ def start_page(model_admin: CurtailmentEventAdmin, request: HttpRequest) -> Http
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         org = data["org"]
-        role = role_in_org(user=request.user, org_id=org.pk) or ""
+        actor = Actor.for_user(request.user)
         try:
             if "confirm" in request.POST:
                 result = curtailment_start(
                     org=org,
-                    actor=Actor.for_user(request.user),
-                    role=role,
+                    actor=actor,
                     req=StartRequest(
                         **_plan_kwargs(data),
                         reason=data["reason"],
@@ -442,7 +440,7 @@ def start_page(model_admin: CurtailmentEventAdmin, request: HttpRequest) -> Http
                     request, "Event started; the reconciler dispatches it at its next tick."
                 )
                 return redirect(reverse("admin:curtailment_curtailmentevent_change", args=[result.event.pk]))
-            plan = curtailment_preview(org=org, role=role, req=PlanRequest(**_plan_kwargs(data)))
+            plan = curtailment_preview(org=org, actor=actor, req=PlanRequest(**_plan_kwargs(data)))
         except DomainError as exc:
             error = exc.message
     context = {

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from fleetops.lib.errors import DomainError
 
 CANDIDATES_EXCLUDED = Counter(
     "fleetops_curtailment_candidates_excluded_total",
@@ -89,3 +93,25 @@ OPERATIONS = Counter(
     "Curtailment service calls by operation (start, update, stop, terminate) and outcome.",
     ["operation", "outcome"],
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def counted(operation: str) -> Callable[[F], F]:
+    """Count every call of a service in `OPERATIONS` by outcome: ok, or the error code it raised."""
+
+    def decorator(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(*args, **kwargs)
+            except DomainError as exc:
+                OPERATIONS.labels(operation=operation, outcome=exc.code).inc()
+                raise
+            OPERATIONS.labels(operation=operation, outcome="ok").inc()
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator

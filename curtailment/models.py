@@ -1,5 +1,9 @@
 """Curtailment: shed a requested amount of power from a device fleet, hold it, restore it.
 
+Both state machines are declared once below (`EVENT_MACHINE`, `TARGET_MACHINE`) and read by
+everything else: the check constraints, the transition kernel (`fleetops.lib.transition`), the
+generated tests, and the diagrams in `docs/state-machines.md` and on the event's admin page.
+
 Event states::
 
     pending ──(all targets confirmed/failed, ≥1 confirmed)──> active ──(stop / max duration)──> restoring
@@ -11,7 +15,9 @@ Target states (per phase; `desired_state` says which phase)::
 
     pending ─> dispatching ─> dispatched ─> confirmed ⇄ drifted ─> dispatching ...   (curtail)
     pending ─> dispatching ─> dispatched ─> resolved                                   (restore)
-    any non-terminal ─(retry budget spent / admin sweep)─> restore_failed
+    dispatching | dispatched | drifted ─(retry budget spent)─> restore_failed
+    any live ─(stop)─> pending (restore phase)
+    pending | dispatching | dispatched ─(admin terminate)─> restore_failed
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+from fleetops.access.models import Role
+from fleetops.lib.machine import Machine
 
 
 class DeviceStatus(models.TextChoices):
@@ -144,29 +153,47 @@ class EventState(models.TextChoices):
     FAILED = "failed"
 
 
-EVENT_NON_TERMINAL = (EventState.PENDING, EventState.ACTIVE, EventState.RESTORING)
-EVENT_TERMINAL = (
-    EventState.COMPLETED,
-    EventState.COMPLETED_WITH_FAILURES,
-    EventState.CANCELLED,
-    EventState.FAILED,
+EVENT_MACHINE = Machine.declare(
+    "curtailment.event",
+    EventState,
+    field="state",
+    initial=EventState.PENDING,
+    edges={
+        EventState.PENDING: {
+            # `curtailment_update`: operator-safe fields change, the state does not.
+            EventState.PENDING: Role.OPERATOR,
+            EventState.ACTIVE: None,  # curtailment_activate (reconciler)
+            EventState.RESTORING: Role.OPERATOR,  # curtailment_stop
+            EventState.COMPLETED_WITH_FAILURES: None,  # curtailment_complete: nothing curtailed
+            EventState.CANCELLED: Role.ADMIN,  # curtailment_terminate
+            EventState.FAILED: Role.ADMIN,  # curtailment_terminate
+        },
+        EventState.ACTIVE: {
+            EventState.ACTIVE: Role.OPERATOR,  # curtailment_update
+            # curtailment_stop; the reconciler's curtailment_expire (max duration) takes it too.
+            EventState.RESTORING: Role.OPERATOR,
+        },
+        EventState.RESTORING: {
+            EventState.COMPLETED: None,  # curtailment_complete
+            EventState.COMPLETED_WITH_FAILURES: None,  # curtailment_complete
+            EventState.CANCELLED: Role.ADMIN,  # curtailment_terminate
+            EventState.FAILED: Role.ADMIN,  # curtailment_terminate
+        },
+    },
+    description="""
+A curtailment event. Operators start it (created `pending`), update it while `pending` or `active`,
+and stop it (`restoring`); the reconciler activates it once its targets are curtailed, stops it when
+its maximum duration is reached and completes it once every target is final. An admin in an
+interactive session may terminate a `pending` or `restoring` event (an `active` one must be stopped
+first, so no curtailed device is left behind). Every edge writes one audit row.
+""",
 )
-EVENT_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    EventState.PENDING: (
-        EventState.ACTIVE,
-        EventState.RESTORING,
-        EventState.COMPLETED_WITH_FAILURES,
-        EventState.CANCELLED,
-        EventState.FAILED,
-    ),
-    EventState.ACTIVE: (EventState.RESTORING,),
-    EventState.RESTORING: (
-        EventState.COMPLETED,
-        EventState.COMPLETED_WITH_FAILURES,
-        EventState.CANCELLED,
-        EventState.FAILED,
-    ),
-}
+EVENT_NON_TERMINAL = EVENT_MACHINE.non_terminal
+EVENT_TERMINAL = tuple(s for s in EVENT_MACHINE.states if EVENT_MACHINE.is_terminal(s))
+# The final states an admin may terminate an event into (cancelled, failed).
+TERMINATE_STATES = tuple(
+    s for s in EVENT_TERMINAL if any(e.target == s and e.role == Role.ADMIN for e in EVENT_MACHINE.edges)
+)
 
 
 class TargetState(models.TextChoices):
@@ -179,15 +206,59 @@ class TargetState(models.TextChoices):
     RESTORE_FAILED = "restore_failed"
 
 
-TARGET_TERMINAL = (TargetState.RESOLVED, TargetState.RESTORE_FAILED)
-TARGET_NON_TERMINAL = tuple(s for s in TargetState if s not in TARGET_TERMINAL)
-# Curtail-direction targets in these states may have a curtail command acting on the device.
-TARGET_IN_FLIGHT = (
-    TargetState.DISPATCHING,
-    TargetState.DISPATCHED,
-    TargetState.CONFIRMED,
-    TargetState.DRIFTED,
+TARGET_MACHINE = Machine.declare(
+    "curtailment.target",
+    TargetState,
+    field="state",
+    initial=TargetState.PENDING,
+    edges={
+        TargetState.PENDING: {
+            TargetState.DISPATCHING: None,  # target_mark_dispatching
+            # target_reset_for_restore (stop): the desired state becomes active
+            TargetState.PENDING: Role.OPERATOR,
+            TargetState.RESTORE_FAILED: Role.ADMIN,  # target_sweep (admin terminate)
+        },
+        TargetState.DISPATCHING: {
+            # target_mark_dispatching: a crash orphan, redispatched with its first command id
+            TargetState.DISPATCHING: None,
+            TargetState.DISPATCHED: None,  # target_mark_dispatched
+            # target_fail (a curtail while the event is pending, a restore) or a stop's reset
+            TargetState.PENDING: Role.OPERATOR,
+            TargetState.DRIFTED: None,  # target_fail while the event is active
+            TargetState.RESTORE_FAILED: Role.ADMIN,  # target_fail (third strike) or target_sweep
+        },
+        TargetState.DISPATCHED: {
+            TargetState.CONFIRMED: None,  # target_confirm
+            TargetState.RESOLVED: None,  # target_resolve
+            TargetState.PENDING: Role.OPERATOR,  # target_fail (confirmation timeout) or stop
+            TargetState.RESTORE_FAILED: Role.ADMIN,  # target_fail (third strike) or target_sweep
+        },
+        TargetState.CONFIRMED: {
+            TargetState.CONFIRMED: None,  # target_observe: still curtailed, fresh reading
+            TargetState.DRIFTED: None,  # target_mark_drifted
+            TargetState.PENDING: Role.OPERATOR,  # target_reset_for_restore (stop)
+        },
+        TargetState.DRIFTED: {
+            TargetState.DISPATCHING: None,  # target_mark_dispatching
+            TargetState.PENDING: Role.OPERATOR,  # target_reset_for_restore (stop)
+            TargetState.RESTORE_FAILED: None,  # target_fail: retry budget spent
+        },
+    },
+    description="""
+One device in one curtailment event. The reconciler moves targets in set-based statements (one per
+chunk of rows), each also locking the event in the state it expects and matching the target's phase
+(`desired_state`); `dispatching` is committed before the gateway call. A stop resets every live
+target to `pending` for the restore phase; an admin terminate sweeps them to `restore_failed` (never
+a confirmed one: a curtailed device is restored first). Target moves are not audited one by one (an
+event has up to 10,000 targets): the event's audit rows (started, stopped, terminated, completed)
+carry the counts, and the target keeps its own trail (`retry_count`, `last_error`,
+`last_command_id`, `last_batch_id`).
+""",
 )
+TARGET_NON_TERMINAL = TARGET_MACHINE.non_terminal
+TARGET_TERMINAL = tuple(s for s in TARGET_MACHINE.states if TARGET_MACHINE.is_terminal(s))
+# Curtail-direction targets past `pending` may have a curtail command acting on the device.
+TARGET_IN_FLIGHT = tuple(s for s in TARGET_NON_TERMINAL if s != TARGET_MACHINE.initial)
 
 
 class DesiredState(models.TextChoices):
@@ -212,8 +283,9 @@ class SourceActorType(models.TextChoices):
 
 
 class CurtailmentEvent(models.Model):
-    """One request to shed `target_kw` from the organization's fleet. See the module docstring for
-    the state machine; every change goes through `curtailment.services`."""
+    """One request to shed `target_kw` from the organization's fleet. `EVENT_MACHINE` is its state
+    machine; every change goes through the services in `curtailment.services` (operators) and
+    `curtailment.lifecycle` (the reconciler)."""
 
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     org = models.ForeignKey("access.Organization", on_delete=models.PROTECT, related_name="+")
@@ -251,7 +323,7 @@ class CurtailmentEvent(models.Model):
     class Meta:
         ordering = ["-id"]
         constraints = [
-            models.CheckConstraint(condition=Q(state__in=EventState.values), name="curtailevent_state_valid"),
+            models.CheckConstraint(condition=EVENT_MACHINE.constraint_q(), name="curtailevent_state_valid"),
             models.UniqueConstraint(
                 fields=["org", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False, state__in=EVENT_NON_TERMINAL),
@@ -297,7 +369,7 @@ class CurtailmentEvent(models.Model):
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in EVENT_TERMINAL
+        return EVENT_MACHINE.is_terminal(self.state)
 
 
 class CurtailmentTarget(models.Model):
@@ -329,9 +401,7 @@ class CurtailmentTarget(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(state__in=TargetState.values), name="curtailtarget_state_valid"
-            ),
+            models.CheckConstraint(condition=TARGET_MACHINE.constraint_q(), name="curtailtarget_state_valid"),
             models.CheckConstraint(
                 condition=Q(desired_state__in=DesiredState.values), name="curtailtarget_desired_valid"
             ),

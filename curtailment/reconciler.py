@@ -5,9 +5,12 @@ Rules this module keeps (see DESIGN.md):
 2. DISPATCHING is written and committed before any gateway call; a DISPATCHING row seen by a later
    tick is an orphan of a crashed one and is redispatched with the command id it was first sent
    with (stored on the target), so the gateway deduplicates it.
-3. Every target write is one set-based compare-and-set statement that also locks the parent event
+3. Every target write is a named, set-based move through the transition kernel
+   (`curtailment.targets`, one `UPDATE … FROM (VALUES …)` per chunk) that also locks the parent event
    row in its expected state; rows that did not change lost a race and are counted, and the tick
-   does not act on them.
+   does not act on them. Event moves are the named services of `curtailment.lifecycle`
+   (activate, complete, expire), each audited in the transaction of its state change, acting as
+   the scheduler actor `ACTOR`.
 4. Commands go out in chunks (CURTAIL_CHUNK_SIZE devices) with bounded concurrency; database round
    trips per tick grow with chunks, not with targets.
 5. Each event is processed in isolation: one event's failure is counted and logged, and the tick
@@ -21,19 +24,28 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
+from django.db.models import Count, Max
 
+from curtailment.fleet import telemetry_store
 from curtailment.gateway import CommandResult, FleetGateway, GatewayError, Sample, chunked
+from curtailment.lifecycle import (
+    curtailment_activate,
+    curtailment_complete,
+    curtailment_expire,
+    max_duration_reached,
+)
 from curtailment.metrics import COMMANDS, TARGET_WRITE_FAILURES, TICK_DURATION, TICK_FAILURES
 from curtailment.models import (
     EVENT_NON_TERMINAL,
-    TARGET_TERMINAL,
+    TARGET_MACHINE,
+    TARGET_NON_TERMINAL,
     CurtailmentEvent,
     CurtailmentTarget,
     DesiredState,
@@ -42,13 +54,25 @@ from curtailment.models import (
     OrgCurtailmentConfig,
     TargetState,
 )
+from curtailment.planning import curtailment_config_get
 from curtailment.selector import STALE_AFTER
-from curtailment.services import curtailment_config_get, event_begin_restore
+from curtailment.targets import (
+    MAX_RETRIES,
+    Phase,
+    Reading,
+    is_orphan,
+    target_confirm,
+    target_fail,
+    target_mark_dispatched,
+    target_mark_dispatching,
+    target_mark_drifted,
+    target_observe,
+    target_resolve,
+)
 from curtailment.telemetry import is_curtailed, is_restored
 from fleetops.audit.actors import Actor
-from fleetops.audit.services import record
 from fleetops.lib import clock
-from fleetops.lib.cas import note_race_lost
+from fleetops.lib.errors import RaceLost
 from fleetops.observability.heartbeats import heartbeat_beat
 
 log = logging.getLogger(__name__)
@@ -56,17 +80,16 @@ log = logging.getLogger(__name__)
 HEARTBEAT = "curtailment.reconciler"
 ACTOR = Actor.scheduler(HEARTBEAT)
 LOCK_KEY = 0x6375_7274_6169_6C  # "curtail"
-MAX_RETRIES = 3
 RESTORE_TIMEOUT = timedelta(seconds=300)
 TICK_BUDGET_SECONDS = 60
 
 T = TargetState
-TARGETS = CurtailmentTarget._meta.db_table
-EVENTS = CurtailmentEvent._meta.db_table
-
+# The targets a tick may (re)dispatch: every state with an edge into DISPATCHING.
+DISPATCHABLE = TARGET_MACHINE.allowed_from(T.DISPATCHING)
 
 GatewayFactory = Callable[[OrgCurtailmentConfig], FleetGateway]
-Reading = tuple[float | None, float | None, datetime | None]  # power W, hash rate H/s, taken at
+Telemetry = tuple[float | None, float | None, datetime | None]  # power W, hash rate H/s, taken at
+TargetMove = Callable[..., set[int]]
 
 
 def default_gateway(config: OrgCurtailmentConfig) -> FleetGateway:
@@ -81,17 +104,6 @@ class TickResult:
     duration: float = 0.0
     skipped_events: int = 0
     races_lost: int = 0
-
-
-@dataclass
-class Row:
-    """Per-target values for one set-based write."""
-
-    id: int
-    n: int = 0
-    power: float | None = None
-    at: datetime | None = None
-    text: str = ""
 
 
 # --- the tick ---------------------------------------------------------------------------------
@@ -189,28 +201,29 @@ class EventRun:
     def desired(self) -> str:
         return DesiredState.ACTIVE if self.event.state == EventState.RESTORING else DesiredState.CURTAILED
 
+    @property
+    def phase(self) -> Phase:
+        return Phase(event_id=self.event.pk, event_state=self.event.state, desired=self.desired)
+
     # --- states ----------------------------------------------------------------------------------
 
     def pending(self) -> None:
         # Confirm first: a confirmation timeout frees its target for redispatch in this same tick.
         self.confirm_curtailed(self.targets(T.DISPATCHED))
-        sent = self.dispatch(self.targets(T.PENDING, T.DISPATCHING), kind="curtail", fail_state=T.PENDING)
+        sent = self.dispatch(self.targets(*DISPATCHABLE), kind="curtail", fail_state=T.PENDING)
         self.confirm_curtailed([t for t in self.targets(T.DISPATCHED) if t.id in sent])
         self.maybe_activate()
 
     def active(self) -> None:
         if self.enforce_max_duration():
             return
-        targets = self.targets(T.CONFIRMED, T.DISPATCHED, T.DISPATCHING, T.DRIFTED)
-        confirmed = [t for t in targets if t.state == T.CONFIRMED]
-        dispatched = [t for t in targets if t.state == T.DISPATCHED]
-        drifted = self.check_drift(confirmed)
-        self.confirm_curtailed(dispatched)
-        redo = [t for t in targets if t.state in (T.DISPATCHING, T.DRIFTED)] + drifted
+        targets = self.targets(*TARGET_NON_TERMINAL)
+        # Both steps advance the in-memory targets they move (drifted, confirmed, timed out).
+        self.check_drift([t for t in targets if t.state == T.CONFIRMED])
+        self.confirm_curtailed([t for t in targets if t.state == T.DISPATCHED])
+        redo = [t for t in targets if t.state in DISPATCHABLE]
         exhausted = [t for t in redo if t.retry_count >= MAX_RETRIES]
-        self.fail(
-            exhausted, "retry budget exhausted", fail_state=T.DRIFTED, from_states=(T.DISPATCHING, T.DRIFTED)
-        )
+        self.fail(exhausted, "retry budget exhausted", fail_state=T.DRIFTED)
         self.dispatch([t for t in redo if t.retry_count < MAX_RETRIES], kind="curtail", fail_state=T.DRIFTED)
 
     def restoring(self) -> None:
@@ -225,100 +238,53 @@ class EventRun:
         if not dispatched:
             return
         readings = self.readings(dispatched)
-        confirm, timed_out = [], []
+        confirm: list[Reading] = []
+        timed_out: list[CurtailmentTarget] = []
         timeout = timedelta(seconds=self.config.curtail_confirm_timeout_sec)
         for t in dispatched:
             power, hashrate, at = readings.get(t.device_id, (None, None, None))
             if is_curtailed(power, t.baseline_power_w, hashrate, require_evidence=True):
-                confirm.append(Row(t.id, power=power, at=at))
+                confirm.append((t, power, at))
             elif t.last_dispatched_at is not None and self.now - t.last_dispatched_at > timeout:
                 timed_out.append(t)
-        self.write(
-            confirm,
-            from_states=(T.DISPATCHED,),
-            sets="state = 'confirmed', confirmed_at = %s, observed_power_w = v.power, "
-            "observed_at = v.at, retry_count = 0",
-            set_params=[self.now],
-        )
-        self.fail(
-            timed_out, "curtail confirmation timeout", fail_state=T.PENDING, from_states=(T.DISPATCHED,)
-        )
+        self.write(target_confirm, confirm, now=self.now)
+        self.fail(timed_out, "curtail confirmation timeout", fail_state=T.PENDING)
 
-    def check_drift(self, confirmed: list[CurtailmentTarget]) -> list[CurtailmentTarget]:
+    def check_drift(self, confirmed: list[CurtailmentTarget]) -> None:
         if not confirmed:
-            return []
+            return
         readings = self.readings(confirmed)
-        still: list[tuple[Row, CurtailmentTarget]] = []
-        drifted: list[tuple[Row, CurtailmentTarget]] = []
+        still: list[Reading] = []
+        drifted: list[Reading] = []
         for t in confirmed:
             power, hashrate, at = readings.get(t.device_id, (None, None, None))
-            row = Row(t.id, power=power, at=at)
-            (
-                still
-                if is_curtailed(power, t.baseline_power_w, hashrate, require_evidence=False)
-                else drifted
-            ).append((row, t))
-        self.write(
-            [r for r, _ in still],
-            from_states=(T.CONFIRMED,),
-            sets="observed_power_w = COALESCE(v.power, t.observed_power_w), "
-            "observed_at = COALESCE(v.at, t.observed_at)",
-        )
-        written = self.write(
-            [r for r, _ in drifted],
-            from_states=(T.CONFIRMED,),
-            sets="state = 'drifted', observed_power_w = v.power, observed_at = v.at",
-        )
-        out = []
-        for _, t in drifted:
-            if t.id in written:
-                t.state = T.DRIFTED
-                out.append(t)
-        return out
+            curtailed = is_curtailed(power, t.baseline_power_w, hashrate, require_evidence=False)
+            (still if curtailed else drifted).append((t, power, at))
+        self.write(target_observe, still)
+        self.write(target_mark_drifted, drifted)
 
     def maybe_activate(self) -> None:
         counts = self.counts()
-        if any(counts.get(s, 0) for s in (T.PENDING, T.DISPATCHING, T.DISPATCHED, T.DRIFTED, T.RESOLVED)):
+        # Activation waits until every target is confirmed or has failed for good.
+        if any(n for state, n in counts.items() if state not in (T.CONFIRMED, T.RESTORE_FAILED)):
             return
         if counts.get(T.CONFIRMED, 0) == 0 and counts.get(T.RESTORE_FAILED, 0) > 0:
-            self.finish(EventState.COMPLETED_WITH_FAILURES, from_state=EventState.PENDING)
+            self.complete(EventState.COMPLETED_WITH_FAILURES, counts)
             return
         if counts.get(T.CONFIRMED, 0) == 0:
             log.error("pending curtailment event %s has no targets", self.event.uuid)
             return
-        changed = CurtailmentEvent.objects.filter(pk=self.event.pk, state=EventState.PENDING).update(
-            state=EventState.ACTIVE, started_at=self.now, updated_at=self.now
-        )
-        if changed != 1:
-            self.race_lost("curtailment_activate")
-            return
-        record(
-            action="curtailment.activated",
-            actor=ACTOR,
-            org=self.event.org,
-            target=self.event,
-            changes={"state": [EventState.PENDING, EventState.ACTIVE]},
-            metadata={
-                "event_uuid": str(self.event.uuid),
-                "confirmed": counts.get(T.CONFIRMED, 0),
-                "restore_failed": counts.get(T.RESTORE_FAILED, 0),
-            },
-        )
+        try:
+            curtailment_activate(event=self.event, actor=ACTOR, counts=counts)
+        except RaceLost:
+            self.result.races_lost += 1
 
     def enforce_max_duration(self) -> bool:
-        event = self.event
-        if event.allow_unbounded or not event.max_duration_seconds or event.started_at is None:
+        if not max_duration_reached(self.event, now=self.now):
             return False
-        if (self.now - event.started_at).total_seconds() < event.max_duration_seconds:
-            return False
-        began = event_begin_restore(
-            event=event,
-            actor=ACTOR,
-            reason="max duration reached",
-            action="curtailment.max_duration_reached",
-            max_duration_seconds=event.max_duration_seconds,
-        )
-        if not began:
+        try:
+            curtailment_expire(event=self.event, actor=ACTOR)
+        except RaceLost:
             self.result.races_lost += 1
         return True
 
@@ -328,39 +294,32 @@ class EventRun:
         if not dispatched:
             return
         readings = self.readings(dispatched)
-        resolved, timed_out = [], []
+        resolved: list[Reading] = []
+        timed_out: list[CurtailmentTarget] = []
         for t in dispatched:
             power, hashrate, at = readings.get(t.device_id, (None, None, None))
             if is_restored(power, t.baseline_power_w, hashrate):
-                resolved.append(Row(t.id, power=power, at=at))
+                resolved.append((t, power, at))
             elif t.last_dispatched_at is not None and self.now - t.last_dispatched_at > RESTORE_TIMEOUT:
                 timed_out.append(t)
-        self.write(
-            resolved,
-            from_states=(T.DISPATCHED,),
-            sets="state = 'resolved', confirmed_at = %s, observed_power_w = v.power, observed_at = v.at",
-            set_params=[self.now],
-        )
-        self.fail(timed_out, "restore telemetry timeout", fail_state=T.PENDING, from_states=(T.DISPATCHED,))
+        self.write(target_resolve, resolved, now=self.now)
+        self.fail(timed_out, "restore telemetry timeout", fail_state=T.PENDING)
 
     def maybe_complete(self) -> bool:
         counts = self.counts()
-        live = sum(n for state, n in counts.items() if state not in TARGET_TERMINAL)
-        if live:
+        if any(n for state, n in counts.items() if not TARGET_MACHINE.is_terminal(state)):
             return False
         final = EventState.COMPLETED_WITH_FAILURES if counts.get(T.RESTORE_FAILED) else EventState.COMPLETED
-        return self.finish(final, from_state=EventState.RESTORING)
+        return self.complete(final, counts)
 
     def maybe_claim_restore_batch(self) -> None:
         phase = CurtailmentTarget.objects.filter(event=self.event, desired_state=DesiredState.ACTIVE)
         # Gate 1: one batch in flight at a time.
-        if phase.filter(state__in=(T.DISPATCHED, T.DRIFTED)).exists():
+        if phase.filter(state=T.DISPATCHED).exists():
             return
         # Gate 2: the interval since the last batch went out (stop cleared it, so the first is at once).
         interval = self.event.restore_batch_interval_sec
         if interval > 0:
-            from django.db.models import Max
-
             last = phase.aggregate(last=Max("last_dispatched_at"))["last"]
             if last is not None and (self.now - last).total_seconds() < interval:
                 return
@@ -381,24 +340,22 @@ class EventRun:
             return set()
         size = chunk_size or settings.FLEETOPS_CURTAIL_CHUNK_SIZE
         phase = "restore" if kind == "uncurtail" else "curtail"
-        orphans = [t for t in targets if t.state == T.DISPATCHING and t.last_command_id]
-        fresh = [t for t in targets if t not in orphans]
-        plan: dict[str, list[tuple[CurtailmentTarget, int]]] = defaultdict(list)
-        for t in orphans:
-            plan[t.last_command_id].append((t, t.dispatch_attempt))
+        plan: dict[str, list[CurtailmentTarget]] = defaultdict(list)
+        fresh: list[CurtailmentTarget] = []
+        for t in targets:
+            if is_orphan(t):
+                plan[t.last_command_id].append(t)
+            else:
+                fresh.append(t)
         for chunk in chunked(fresh, size):
-            attempts = [(t, t.dispatch_attempt + 1) for t in chunk]
-            material = ",".join(f"{t.id}:{n}" for t, n in attempts)
+            # The command id names the attempt each target is about to make.
+            material = ",".join(f"{t.id}:{t.dispatch_attempt + 1}" for t in chunk)
             digest = hashlib.sha256(f"{self.event.uuid}|{phase}|{material}".encode()).hexdigest()[:24]
-            plan[f"{self.event.uuid.hex[:8]}-{phase}-{digest}"] = attempts
+            plan[f"{self.event.uuid.hex[:8]}-{phase}-{digest}"] = list(chunk)
 
-        rows = [Row(t.id, n=n, text=command_id) for command_id, members in plan.items() for t, n in members]
-        written = self.write(
-            rows,
-            from_states=(T.PENDING, T.DRIFTED, T.DISPATCHING),
-            sets="state = 'dispatching', dispatch_attempt = v.n, last_command_id = v.text",
-        )
-        commands = [(cid, [t for t, _ in members if t.id in written]) for cid, members in plan.items()]
+        claims = [(t, command_id) for command_id, members in plan.items() for t in members]
+        written = self.write(target_mark_dispatching, claims)
+        commands = [(cid, [t for t in members if t.id in written]) for cid, members in plan.items()]
         commands = [(cid, members) for cid, members in commands if members]
         if not commands:
             return set()
@@ -411,7 +368,7 @@ class EventRun:
                 return exc
 
         outcomes = self.gateway.map_bounded(send, commands)
-        ok_rows: list[Row] = []
+        ok: list[tuple[CurtailmentTarget, str]] = []
         failures: list[tuple[CurtailmentTarget, str]] = []
         for (_, members), outcome in zip(commands, outcomes, strict=True):
             if isinstance(outcome, GatewayError):
@@ -428,104 +385,40 @@ class EventRun:
                     failures.append((t, f"skipped by gateway: {outcome.skipped[t.device_identifier]}"))
                 elif t.device_identifier in outcome.dispatched:
                     COMMANDS.labels(kind=kind, result="dispatched").inc()
-                    ok_rows.append(Row(t.id, text=outcome.batch_id))
+                    ok.append((t, outcome.batch_id))
                 else:
                     COMMANDS.labels(kind=kind, result="not_enqueued").inc()
                     failures.append((t, f"{kind} command did not enqueue device"))
-        sent = self.write(
-            ok_rows,
-            from_states=(T.DISPATCHING,),
-            sets="state = 'dispatched', last_dispatched_at = %s, last_batch_id = v.text, last_error = ''",
-            set_params=[self.now],
-        )
+        sent = self.write(target_mark_dispatched, ok, now=self.now)
         by_message: dict[str, list[CurtailmentTarget]] = defaultdict(list)
         for t, message in failures:
             by_message[message].append(t)
         for message, members in by_message.items():
-            self.fail(members, message, fail_state=fail_state, from_states=(T.DISPATCHING,))
+            self.fail(members, message, fail_state=fail_state)
         return sent
 
-    def fail(
-        self,
-        targets: Sequence[CurtailmentTarget],
-        message: str,
-        *,
-        fail_state: str,
-        from_states: Sequence[str],
-    ) -> None:
+    def fail(self, targets: Sequence[CurtailmentTarget], message: str, *, fail_state: str) -> None:
         """Burn one retry; the third strike is terminal (restore_failed)."""
-        self.write(
-            [Row(t.id, text=message) for t in targets],
-            from_states=from_states,
-            sets="retry_count = t.retry_count + 1, last_error = v.text, "
-            "state = CASE WHEN t.retry_count + 1 >= %s THEN 'restore_failed' ELSE %s END",
-            set_params=[MAX_RETRIES, fail_state],
-        )
+        self.write(target_fail, targets, message=message, fail_state=fail_state)
 
-    def write(
-        self,
-        rows: Iterable[Row],
-        *,
-        from_states: Sequence[str],
-        sets: str,
-        set_params: Sequence[Any] = (),
-    ) -> set[int]:
-        """One compare-and-set statement per 10,000 rows: lock the event in its expected state, then
-        update only targets still in `from_states` and in this phase. Returns the ids written.
-
-        `sets` is SQL over `t` (the target) and `v` (the row's n, power, at, text) with positional
-        placeholders filled from `set_params`."""
-        rows = list(rows)
-        written: set[int] = set()
-        for chunk in chunked(rows, 10_000):
-            # Five arrays through unnest(): five parameters per statement, whatever the row count.
-            # Table names come from the models; every value is a parameter.
-            sql = (
-                f"WITH ev AS (SELECT id FROM {EVENTS} WHERE id = %s AND state = %s FOR UPDATE) "  # noqa: S608
-                f"UPDATE {TARGETS} AS t SET {sets} "
-                "FROM ev, unnest(%s::bigint[], %s::int[], %s::float8[], %s::timestamptz[], %s::text[]) "
-                "AS v(id, n, power, at, text) "
-                "WHERE t.event_id = ev.id AND t.id = v.id AND t.state = ANY(%s) AND t.desired_state = %s "
-                "RETURNING t.id"
-            )
-            columns: list[list[Any]] = [
-                [r.id for r in chunk],
-                [r.n for r in chunk],
-                [r.power for r in chunk],
-                [r.at for r in chunk],
-                [r.text for r in chunk],
-            ]
-            try:
-                with transaction.atomic(), connection.cursor() as cursor:
-                    cursor.execute(
-                        sql,
-                        [
-                            self.event.pk,
-                            self.event.state,
-                            *set_params,
-                            *columns,
-                            list(from_states),
-                            self.desired,
-                        ],
-                    )
-                    ids = {row[0] for row in cursor.fetchall()}
-            except Exception:
-                TARGET_WRITE_FAILURES.inc()
-                log.exception("target write failed for event %s", self.event.uuid)
-                raise
-            written |= ids
-            lost = len(chunk) - len(ids)
-            if lost:
-                self.race_lost("curtailment_target_write", lost)
+    def write(self, move: TargetMove, rows: Sequence[Any], **kwargs: Any) -> set[int]:
+        """Every target write of the tick goes through here: one named move of `curtailment.targets`
+        for this event's phase (event state and desired state). Returns the ids written; the
+        rest lost a race (the kernel counted them) and are added to the tick's count."""
+        if not rows:
+            return set()
+        try:
+            written = move(self.phase, rows, **kwargs)
+        except Exception:
+            TARGET_WRITE_FAILURES.inc()
+            log.exception("target write failed for event %s", self.event.uuid)
+            raise
+        self.result.races_lost += len(rows) - len(written)
         return written
 
-    def readings(
-        self, targets: Sequence[CurtailmentTarget]
-    ) -> dict[int, tuple[float | None, float | None, datetime | None]]:
+    def readings(self, targets: Sequence[CurtailmentTarget]) -> dict[int, Telemetry]:
         """Fresh telemetry for the targets' devices: from the gateway (stored as samples), falling
         back to the latest stored sample when the gateway cannot answer. Older than 15 min = none."""
-        from curtailment.fleet import telemetry_store
-
         identifiers = [t.device_identifier for t in targets]
         try:
             samples: list[Sample] = self.gateway.telemetry(identifiers)
@@ -543,8 +436,6 @@ class EventRun:
         }
 
     def counts(self) -> dict[str, int]:
-        from django.db.models import Count
-
         return dict(
             CurtailmentTarget.objects.filter(event=self.event)
             .values_list("state")
@@ -552,24 +443,10 @@ class EventRun:
             .values_list("state", "n")
         )
 
-    def finish(self, final: str, *, from_state: str) -> bool:
-        changed = CurtailmentEvent.objects.filter(pk=self.event.pk, state=from_state).update(
-            state=final, ended_at=self.now, updated_at=self.now
-        )
-        if changed != 1:
-            self.race_lost("curtailment_finish")
+    def complete(self, final: str, counts: dict[str, int]) -> bool:
+        try:
+            curtailment_complete(event=self.event, actor=ACTOR, to=final, counts=counts)
+        except RaceLost:
+            self.result.races_lost += 1
             return False
-        record(
-            action="curtailment.completed",
-            actor=ACTOR,
-            org=self.event.org,
-            target=self.event,
-            changes={"state": [from_state, final]},
-            metadata={"event_uuid": str(self.event.uuid), "targets": self.counts()},
-        )
         return True
-
-    def race_lost(self, operation: str, n: int = 1) -> None:
-        self.result.races_lost += n
-        for _ in range(n):
-            note_race_lost(operation)

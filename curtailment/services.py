@@ -1,68 +1,83 @@
-"""Curtailment writes: preview (reads only), start, update, stop, admin terminate.
+"""Curtailment writes operators make: start, update, stop, admin terminate, the org config.
 
-Every function is keyword-only, runs in one transaction, re-checks the role gates the API applies,
-and writes its audit row inside that transaction.
+Every function is keyword-only and takes the `actor`; the role comes from the actor
+(`fleetops.access.roles`), never from the caller. Gates are checked before the transaction opens,
+so a refusal's `access.denied` row commits: the edge's role from `EVENT_MACHINE` (`authorize`), and
+an admin gate for each privileged ask (`curtailment.planning.admin_gate`). Then one transaction
+locks the event, moves it through the kernel (`fleetops.lib.transition`) with its audit row, and
+writes its targets (`curtailment.targets`). Planning and preview live in `curtailment.planning`;
+the reconciler's event moves in `curtailment.lifecycle`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 
+from curtailment.lifecycle import event_begin_restore, lock_as_read
 from curtailment.metrics import (
     CANDIDATES_EXCLUDED,
     EVENTS_STARTED,
     MAINTENANCE_OVERRIDES,
-    OPERATIONS,
     START_REPLAYS,
+    counted,
 )
 from curtailment.models import (
+    EVENT_MACHINE,
     EVENT_NON_TERMINAL,
-    EVENT_TERMINAL,
     TARGET_IN_FLIGHT,
-    TARGET_NON_TERMINAL,
-    TARGET_TERMINAL,
+    TERMINATE_STATES,
     CurtailmentEvent,
     CurtailmentTarget,
     DesiredState,
-    Device,
     EventState,
     OrgCurtailmentConfig,
-    Priority,
-    ScopeType,
     SourceActorType,
-    TargetState,
 )
-from curtailment.selector import Candidate, Outcome, Plan, effective_batch_size, select_fixed_kw
+from curtailment.planning import (
+    ADMIN_OVERRIDE_FIELDS,
+    INTERVAL_CAP,
+    MAX_DURATION_CAP,
+    WHAT_ALLOW_UNBOUNDED,
+    WHAT_DURATION_ABOVE_DEFAULT,
+    WHAT_FORCE_MAINTENANCE,
+    WHAT_INTERVAL_ABOVE_CAP,
+    StartRequest,
+    admin_gate,
+    curtailment_config_get,
+    insufficient,
+    make_plan,
+    snapshot_of,
+    validate_plan,
+    validate_start,
+    validate_title,
+)
+from curtailment.selector import Outcome, Plan, effective_batch_size
+from curtailment.targets import target_sweep
 from fleetops.access.models import Organization, Role
+from fleetops.access.roles import require_role
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import ActorType
 from fleetops.audit.services import record
 from fleetops.lib import clock
 from fleetops.lib.cas import note_race_lost
-from fleetops.lib.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
+from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
+from fleetops.lib.machine import Edge
+from fleetops.lib.reason import clean_reason
+from fleetops.lib.transition import authorize, transition
 
 log = logging.getLogger(__name__)
 
-MAX_DURATION_CAP = 604_800
-INTERVAL_CAP = 3600
 DEFAULT_INTERVAL = 30
-TEXT_CAP = 256
+# A stop that finds the event moved between its read and its lock reads it again this many times.
+STOP_ATTEMPTS = 3
 
-ADMIN_OVERRIDE_FIELDS = "only admins can supply curtailment override fields"
-DEVICES_NOT_FOUND = "device_identifiers not found in caller's org: {ids}"
 NO_TARGETS = "no targets selected"
-MAINTENANCE_FLAGS = "include_maintenance and force_include_maintenance must be equal"
-TOLERANCE_RANGE = "tolerance_kw must be >= 0 and below target_kw"
-TARGET_RANGE = "target_kw must be a finite number above 0"
-UNBOUNDED_WITH_MAX = "allow_unbounded cannot be combined with a non-zero max_duration_seconds"
+START_ROLE = "starting a curtailment event needs the operator role in the organization"
 MAX_DURATION_ABOVE_DEFAULT = (
     "max_duration_seconds={value} is above the organization default {default}; only admins may raise it"
 )
@@ -74,6 +89,7 @@ STOP_MIN_DURATION = (
     "min_curtailed_duration_sec not elapsed: {elapsed}s of {minimum}s; "
     "an admin can supply force=true on Stop to bypass this gate"
 )
+STOP_DEFAULT_REASON = "stop requested"
 FORCE_ADMIN_ONLY = "force=true is admin-only"
 UPDATE_EMPTY = (
     "give at least one of reason, restore_batch_size, restore_batch_interval_sec, max_duration_seconds"
@@ -93,32 +109,13 @@ TERMINATE_STATE_CONFLICT = 'curtailment event is already terminal in state "{sta
 DEVICES_TAKEN = (
     "some selected devices were claimed by another curtailment event meanwhile; preview again and retry"
 )
-REASON_REQUIRED = "reason is required (1-256 characters, not blank)"
+MOVE_ROLE = "moving a curtailment event to {to!r} needs the {role} role in the organization"
+CONFIG_ADMIN_ONLY = "only admins can change the curtailment configuration"
 
-
-@dataclass(frozen=True, kw_only=True)
-class PlanRequest:
-    target_kw: float
-    tolerance_kw: float = 0.0
-    scope_type: str = ScopeType.WHOLE_ORG
-    device_identifiers: tuple[str, ...] = ()
-    priority: str = Priority.NORMAL
-    include_maintenance: bool = False
-    force_include_maintenance: bool = False
-    candidate_min_power_w_override: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class StartRequest(PlanRequest):
-    reason: str
-    max_duration_seconds: int = 0
-    restore_batch_size: int = 0
-    restore_batch_interval_sec: int = 0
-    min_curtailed_duration_sec: int = 0
-    allow_unbounded: bool = False
-    idempotency_key: str | None = None
-    external_source: str | None = None
-    external_reference: str | None = None
+WHAT_START = "curtailment.start"
+WHAT_FORCE_STOP = "curtailment.stop: force"
+WHAT_TERMINATE = "curtailment.terminate"
+WHAT_CONFIG = "curtailment.config_update"
 
 
 @dataclass
@@ -129,154 +126,33 @@ class StartResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def curtailment_config_get(*, org: Organization) -> OrgCurtailmentConfig:
-    """The organization's config, or the defaults (unsaved) when an admin never edited it: a read
-    must not write."""
-    return OrgCurtailmentConfig.objects.filter(org=org).first() or OrgCurtailmentConfig(org=org)
+def _fresh(event: CurtailmentEvent) -> CurtailmentEvent:
+    return CurtailmentEvent.objects.select_related("org").get(pk=event.pk)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+# The edges each service takes: their roles gate a call that finds no edge to take (an echo, or a
+# state conflict), so a refusal comes before anything about the event's state is told.
+STOP_EDGES = tuple(e for e in EVENT_MACHINE.edges if e.target == EventState.RESTORING)
+UPDATE_EDGES = tuple(e for e in EVENT_MACHINE.edges if e.source == e.target)
 
 
-def counted(operation: str) -> Callable[[F], F]:
-    """Count every call of a service by outcome: ok, or the error code it raised."""
-
-    def decorator(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                result = fn(*args, **kwargs)
-            except DomainError as exc:
-                OPERATIONS.labels(operation=operation, outcome=exc.code).inc()
-                raise
-            OPERATIONS.labels(operation=operation, outcome="ok").inc()
-            return result
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorator
-
-
-def _is_admin(role: str) -> bool:
-    return Role.at_least(role, Role.ADMIN)
-
-
-def _clean_text(value: str | None) -> str | None:
-    """Empty strings are stored as NULL; longer than 256 characters is a validation error."""
-    if value is None or value == "":
-        return None
-    if len(value) > TEXT_CAP:
-        raise ValidationFailed(f"at most {TEXT_CAP} characters")
-    return value
-
-
-def _validate_reason(reason: str) -> str:
-    if not reason or not reason.strip() or len(reason) > TEXT_CAP:
-        raise ValidationFailed(REASON_REQUIRED, fields={"reason": [REASON_REQUIRED]})
-    return reason
-
-
-def _validate_plan(req: PlanRequest, *, role: str) -> None:
-    if not (isinstance(req.target_kw, int | float) and math.isfinite(req.target_kw) and req.target_kw > 0):
-        raise ValidationFailed(TARGET_RANGE, fields={"target_kw": [TARGET_RANGE]})
-    if not (math.isfinite(req.tolerance_kw) and 0 <= req.tolerance_kw < req.target_kw):
-        raise ValidationFailed(TOLERANCE_RANGE, fields={"tolerance_kw": [TOLERANCE_RANGE]})
-    if req.include_maintenance != req.force_include_maintenance:
-        raise ValidationFailed(MAINTENANCE_FLAGS, fields={"force_include_maintenance": [MAINTENANCE_FLAGS]})
-    if req.priority not in Priority.values:
-        raise ValidationFailed("priority must be normal or emergency", fields={"priority": ["invalid"]})
-    if req.scope_type == ScopeType.DEVICE_LIST:
-        if not req.device_identifiers or any(not i for i in req.device_identifiers):
-            message = "device_list scope needs a non-empty list of non-empty device identifiers"
-            raise ValidationFailed(message, fields={"device_identifiers": [message]})
-    elif req.scope_type == ScopeType.WHOLE_ORG:
-        if req.device_identifiers:
-            message = "whole_org scope takes no device identifiers"
-            raise ValidationFailed(message, fields={"device_identifiers": [message]})
-    else:
-        raise ValidationFailed(
-            "scope_type must be whole_org or device_list", fields={"scope_type": ["invalid"]}
+def _authorize_move(event: CurtailmentEvent, *, to: str, actor: Actor, edges: tuple[Edge, ...]) -> None:
+    """The actor may take the edge from the event's state to `to`, or (with no such edge) the
+    service's least guarded edge; otherwise `Forbidden` and one `access.denied` row."""
+    if EVENT_MACHINE.can(event.state, to):
+        authorize(machine=EVENT_MACHINE, source=event.state, to=to, actor=actor, org=event.org, target=event)
+        return
+    roles = [e.role for e in edges if e.role is not None]
+    if roles:
+        role = min(roles, key=Role.rank)
+        require_role(
+            actor=actor,
+            org=event.org,
+            role=role,
+            what=f"{EVENT_MACHINE.name}: {event.state} -> {to}",
+            message=MOVE_ROLE.format(to=to, role=role),
+            target=event,
         )
-    override = req.candidate_min_power_w_override
-    if override is not None:
-        if not 1 <= override <= 10_000_000:
-            message = "candidate_min_power_w_override must be between 1 and 10000000"
-            raise ValidationFailed(message, fields={"candidate_min_power_w_override": [message]})
-        if not _is_admin(role):
-            raise Forbidden(ADMIN_OVERRIDE_FIELDS)
-
-
-def _candidates(*, org: Organization, req: PlanRequest) -> list[Candidate]:
-    devices = Device.objects.filter(org=org, deleted_at__isnull=True)
-    if req.scope_type == ScopeType.DEVICE_LIST:
-        wanted = set(req.device_identifiers)
-        devices = devices.filter(identifier__in=wanted)
-        found = set(devices.values_list("identifier", flat=True))
-        if missing := sorted(wanted - found):
-            raise NotFound(DEVICES_NOT_FOUND.format(ids=missing), fields={"device_identifiers": missing})
-    rows = devices.values_list(
-        "id",
-        "identifier",
-        "driver",
-        "status",
-        "pairing_status",
-        "last_sample_at",
-        "last_power_w",
-        "last_hash_rate_hs",
-        "last_efficiency_j_th",
-    )
-    return [Candidate(*row) for row in rows]
-
-
-def _excluded_sets(
-    *, org: Organization, config: OrgCurtailmentConfig, priority: str
-) -> tuple[set[str], set[str]]:
-    active = set(
-        CurtailmentTarget.objects.filter(event__org=org, state__in=TARGET_NON_TERMINAL).values_list(
-            "device_identifier", flat=True
-        )
-    )
-    cooldown: set[str] = set()
-    if priority != Priority.EMERGENCY and config.post_event_cooldown_sec > 0:
-        since = clock.now() - timedelta(seconds=config.post_event_cooldown_sec)
-        cooldown = set(
-            CurtailmentTarget.objects.filter(
-                event__org=org, state__in=TARGET_TERMINAL, event__ended_at__gte=since
-            ).values_list("device_identifier", flat=True)
-        )
-    return active, cooldown
-
-
-def _plan(*, org: Organization, req: PlanRequest, config: OrgCurtailmentConfig) -> Plan:
-    active, cooldown = _excluded_sets(org=org, config=config, priority=req.priority)
-    return select_fixed_kw(
-        _candidates(org=org, req=req),
-        now=clock.now(),
-        target_kw=req.target_kw,
-        tolerance_kw=req.tolerance_kw,
-        floor_w=req.candidate_min_power_w_override or config.candidate_min_power_w,
-        active=active,
-        cooldown=cooldown,
-        include_maintenance=req.include_maintenance,
-        force_include_maintenance=req.force_include_maintenance,
-    )
-
-
-def _insufficient(plan: Plan) -> ValidationFailed:
-    return ValidationFailed(
-        plan.insufficient_load_message(),
-        code="insufficient_load",
-        fields={"excluded": {reason: n for reason, n in plan.counts.items() if n}},
-    )
-
-
-def curtailment_preview(*, org: Organization, role: str, req: PlanRequest) -> Plan:
-    """The plan a start would make now. Writes nothing, counts nothing, audits nothing."""
-    _validate_plan(req, role=role)
-    plan = _plan(org=org, req=req, config=curtailment_config_get(org=org))
-    if plan.outcome is Outcome.INSUFFICIENT_LOAD:
-        raise _insufficient(plan)
-    return plan
 
 
 def _live_replay(*, org: Organization, req: StartRequest) -> CurtailmentEvent | None:
@@ -298,61 +174,29 @@ def _source_actor(actor: Actor) -> tuple[str, str]:
     return SourceActorType.USER, actor.id
 
 
-def snapshot_of(plan: Plan) -> dict[str, Any]:
-    return {
-        "candidate_min_power_w": plan.floor_w,
-        "estimated_reduction_kw": round(plan.estimated_reduction_kw, 3),
-        "estimated_remaining_power_kw": round(plan.estimated_remaining_power_kw, 3),
-        "selected_count": len(plan.selected),
-        "outcome": plan.outcome.value,
-        "skipped": [{"device_identifier": s.identifier, "reason": s.reason} for s in plan.skipped],
-    }
-
-
-def trimmed_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """The list view's copy: `skipped` replaced by per-reason counts."""
-    skipped = snapshot.get("skipped")
-    if not isinstance(skipped, list):
-        return snapshot
-    aggregate: dict[str, int] = {}
-    for entry in skipped:
-        reason = entry.get("reason") if isinstance(entry, dict) else None
-        if reason:
-            aggregate[reason] = aggregate.get(reason, 0) + 1
-    return {**{k: v for k, v in snapshot.items() if k != "skipped"}, "skipped_aggregate": aggregate}
-
-
 @counted("start")
-def curtailment_start(*, org: Organization, actor: Actor, role: str, req: StartRequest) -> StartResult:
+def curtailment_start(*, org: Organization, actor: Actor, req: StartRequest) -> StartResult:
     """Create a pending event and its targets, or replay the live event with the same key."""
-    # 1. Validation and admin gates.
-    _validate_plan(req, role=role)
-    _validate_reason(req.reason)
-    idempotency_key = _clean_text(req.idempotency_key)
-    external_source, external_reference = (
-        _clean_text(req.external_source),
-        _clean_text(req.external_reference),
-    )
-    for name, value, cap in (
-        ("max_duration_seconds", req.max_duration_seconds, MAX_DURATION_CAP),
-        ("restore_batch_interval_sec", req.restore_batch_interval_sec, INTERVAL_CAP),
-        ("restore_batch_size", req.restore_batch_size, 10_000),
-        ("min_curtailed_duration_sec", req.min_curtailed_duration_sec, 2**31 - 1),
-    ):
-        if not 0 <= value <= cap:
-            raise ValidationFailed(f"{name} must be between 0 and {cap}", fields={name: [f"0..{cap}"]})
-    if req.allow_unbounded and req.max_duration_seconds:
-        raise ValidationFailed(UNBOUNDED_WITH_MAX, fields={"allow_unbounded": [UNBOUNDED_WITH_MAX]})
-    if (req.allow_unbounded or req.force_include_maintenance) and not _is_admin(role):
-        raise Forbidden(ADMIN_OVERRIDE_FIELDS)
-    keyed = StartRequest(
-        **{
-            **req.__dict__,
-            "idempotency_key": idempotency_key,
-            "external_source": external_source,
-            "external_reference": external_reference,
-        }
-    )
+    # 1. Validation and role gates (each refusal audited before anything else happens).
+    require_role(actor=actor, org=org, role=Role.OPERATOR, what=WHAT_START, message=START_ROLE)
+    validate_plan(req, actor=actor, org=org)
+    keyed = validate_start(req)
+    if req.allow_unbounded:
+        admin_gate(
+            actor=actor,
+            org=org,
+            what=WHAT_ALLOW_UNBOUNDED,
+            message=ADMIN_OVERRIDE_FIELDS,
+            asked={"allow_unbounded": True},
+        )
+    if req.force_include_maintenance:
+        admin_gate(
+            actor=actor,
+            org=org,
+            what=WHAT_FORCE_MAINTENANCE,
+            message=ADMIN_OVERRIDE_FIELDS,
+            asked={"force_include_maintenance": True},
+        )
 
     # 2. Replay a live event with the same idempotency key or external reference.
     replay = _live_replay(org=org, req=keyed)
@@ -362,11 +206,11 @@ def curtailment_start(*, org: Organization, actor: Actor, role: str, req: StartR
 
     # 3-4. Plan; exclusions are counted on start only.
     config = curtailment_config_get(org=org)
-    plan = _plan(org=org, req=req, config=config)
+    plan = make_plan(org=org, req=req, config=config)
     for skipped in plan.skipped:
         CANDIDATES_EXCLUDED.labels(reason=skipped.reason).inc()
     if plan.outcome is Outcome.INSUFFICIENT_LOAD:
-        raise _insufficient(plan)
+        raise insufficient(plan)
     if not plan.selected:
         raise ValidationFailed(NO_TARGETS)
 
@@ -374,24 +218,36 @@ def curtailment_start(*, org: Organization, actor: Actor, role: str, req: StartR
     max_duration: int | None = req.max_duration_seconds or None
     if max_duration is None and not req.allow_unbounded:
         max_duration = config.max_duration_default_sec
-    if max_duration is not None and max_duration > config.max_duration_default_sec and not _is_admin(role):
-        raise Forbidden(
-            MAX_DURATION_ABOVE_DEFAULT.format(value=max_duration, default=config.max_duration_default_sec)
+    if max_duration is not None and max_duration > config.max_duration_default_sec:
+        admin_gate(
+            actor=actor,
+            org=org,
+            what=WHAT_DURATION_ABOVE_DEFAULT,
+            message=MAX_DURATION_ABOVE_DEFAULT.format(
+                value=max_duration, default=config.max_duration_default_sec
+            ),
+            asked={"max_duration_seconds": max_duration},
         )
     interval = req.restore_batch_interval_sec or DEFAULT_INTERVAL
-    if interval > config.restore_interval_cap_sec and not _is_admin(role):
-        raise Forbidden(INTERVAL_ABOVE_CAP.format(value=interval, cap=config.restore_interval_cap_sec))
+    if interval > config.restore_interval_cap_sec:
+        admin_gate(
+            actor=actor,
+            org=org,
+            what=WHAT_INTERVAL_ABOVE_CAP,
+            message=INTERVAL_ABOVE_CAP.format(value=interval, cap=config.restore_interval_cap_sec),
+            asked={"restore_batch_interval_sec": interval},
+        )
 
-    # 7-8. One transaction: the event, every target (bulk), the audit rows.
+    # 7-8. One transaction: the event (created in the machine's initial state), every target (bulk),
+    # the audit rows.
     now = clock.now()
     source_type, source_id = _source_actor(actor)
-    from django.contrib.auth import get_user_model
-
     creator = get_user_model().objects.get(pk=actor.user_id) if actor.user_id else None
     if creator is None:
         raise ValidationFailed("start needs an acting user (the reconciler dispatches on their behalf)")
     event = CurtailmentEvent(
         org=org,
+        state=EVENT_MACHINE.initial,
         priority=req.priority,
         scope_type=req.scope_type,
         scope={"device_identifiers": list(req.device_identifiers)} if req.device_identifiers else {},
@@ -408,9 +264,9 @@ def curtailment_start(*, org: Organization, actor: Actor, role: str, req: StartR
         decision_snapshot=snapshot_of(plan),
         source_actor_type=source_type,
         source_actor_id=source_id,
-        idempotency_key=idempotency_key,
-        external_source=external_source,
-        external_reference=external_reference,
+        idempotency_key=keyed.idempotency_key,
+        external_source=keyed.external_source,
+        external_reference=keyed.external_reference,
         reason=req.reason,
         created_at=now,
         updated_at=now,
@@ -498,65 +354,32 @@ def _audit_start(*, event: CurtailmentEvent, actor: Actor, plan: Plan) -> None:
         )
 
 
-def _locked(event: CurtailmentEvent) -> CurtailmentEvent:
-    return CurtailmentEvent.objects.select_for_update().get(pk=event.pk)
-
-
-def _reset_targets_for_restore(event: CurtailmentEvent) -> int:
-    return CurtailmentTarget.objects.filter(event=event, state__in=TARGET_NON_TERMINAL).update(
-        desired_state=DesiredState.ACTIVE,
-        state=TargetState.PENDING,
-        retry_count=0,
-        dispatch_attempt=0,
-        last_dispatched_at=None,
-        last_batch_id="",
-        last_command_id="",
-        confirmed_at=None,
-        last_error="",
-    )
-
-
-def event_begin_restore(
-    *, event: CurtailmentEvent, actor: Actor, reason: str, action: str, **meta: Any
-) -> bool:
-    """pending|active -> restoring and every live target to (pending, desired=active). Used by stop
-    and by the reconciler's max-duration auto-stop. Returns False when the event had moved."""
-    now = clock.now()
-    with transaction.atomic():
-        changed = CurtailmentEvent.objects.filter(
-            pk=event.pk, state__in=(EventState.PENDING, EventState.ACTIVE)
-        ).update(state=EventState.RESTORING, updated_at=now)
-        if changed != 1:
-            note_race_lost("curtailment_begin_restore")
-            return False
-        reset = _reset_targets_for_restore(event)
-        record(
-            action=action,
-            actor=actor,
-            org=event.org,
-            target=event,
-            reason=reason,
-            changes={"state": [event.state, EventState.RESTORING]},
-            metadata={"event_uuid": str(event.uuid), "targets_reset": reset, **meta},
-        )
-    return True
-
-
 @counted("stop")
 def curtailment_stop(
-    *, event: CurtailmentEvent, actor: Actor, role: str, force: bool = False, reason: str = ""
+    *, event: CurtailmentEvent, actor: Actor, force: bool = False, reason: str = ""
 ) -> CurtailmentEvent:
-    """Begin restoring. Idempotent on a restoring event; refused on a terminal one."""
-    if force and not _is_admin(role):
-        raise Forbidden(FORCE_ADMIN_ONLY)
-    with transaction.atomic():
-        current = _locked(event)
-        if current.state in EVENT_TERMINAL:
+    """Begin restoring (pending|active -> restoring). Idempotent on a restoring event; refused on a
+    terminal one. `force` (admin) skips the minimum curtailed duration."""
+    reason = clean_reason(reason, required=False) or STOP_DEFAULT_REASON
+    if force:
+        admin_gate(
+            actor=actor,
+            org=event.org,
+            what=WHAT_FORCE_STOP,
+            message=FORCE_ADMIN_ONLY,
+            asked={"force": True},
+            target=event,
+        )
+    for attempt in range(1, STOP_ATTEMPTS + 1):
+        current = _fresh(event)
+        _authorize_move(current, to=EventState.RESTORING, actor=actor, edges=STOP_EDGES)
+        if EVENT_MACHINE.is_terminal(current.state):
             raise Conflict(
                 STOP_TERMINAL.format(uuid=current.uuid, state=current.state), code="state_conflict"
             )
         if current.state == EventState.RESTORING:
             return current
+        # started_at is set once, on activation, so the read copy decides the minimum duration.
         if (
             current.state == EventState.ACTIVE
             and current.min_curtailed_duration_sec > 0
@@ -569,13 +392,22 @@ def curtailment_stop(
                     STOP_MIN_DURATION.format(elapsed=elapsed, minimum=current.min_curtailed_duration_sec),
                     code="min_duration_not_elapsed",
                 )
-        event_begin_restore(
-            event=current,
-            actor=actor,
-            reason=reason or "stop requested",
-            action="curtailment.force_stopped" if force else "curtailment.stopped",
-            force=force,
-        )
+        try:
+            with transaction.atomic():
+                lock_as_read(current)
+                event_begin_restore(
+                    current,
+                    actor=actor,
+                    reason=reason,
+                    action="curtailment.force_stopped" if force else "curtailment.stopped",
+                    metadata={"force": force},
+                )
+        except RaceLost:
+            # The reconciler moved the event first (activated, completed): decide again.
+            if attempt == STOP_ATTEMPTS:
+                raise
+            continue
+        break
     current.refresh_from_db()
     return current
 
@@ -584,11 +416,10 @@ UPDATABLE = ("reason", "restore_batch_size", "restore_batch_interval_sec", "max_
 
 
 @counted("update")
-def curtailment_update(
-    *, event: CurtailmentEvent, actor: Actor, role: str, patch: dict[str, Any]
-) -> CurtailmentEvent:
-    """Operator-safe partial update of a pending or active event. Fields equal to the stored values
-    are dropped first; an empty effective patch writes nothing (and trips no admin gate)."""
+def curtailment_update(*, event: CurtailmentEvent, actor: Actor, patch: dict[str, Any]) -> CurtailmentEvent:
+    """Operator-safe partial update of a pending or active event (the machine's self-edges).
+    Fields equal to the stored values are dropped first; an empty effective patch writes nothing
+    (and trips no admin gate)."""
     unknown = set(patch) - set(UPDATABLE)
     if unknown:
         raise ValidationFailed(
@@ -598,7 +429,7 @@ def curtailment_update(
     if not patch:
         raise ValidationFailed(UPDATE_EMPTY)
     if "reason" in patch:
-        _validate_reason(patch["reason"])
+        validate_title(patch["reason"])
     for name, low, high in (
         ("restore_batch_size", 0, 10_000),
         ("restore_batch_interval_sec", 0, INTERVAL_CAP),
@@ -608,58 +439,79 @@ def curtailment_update(
             raise ValidationFailed(
                 f"{name} must be between {low} and {high}", fields={name: [f"{low}..{high}"]}
             )
-    if event.state not in (EventState.PENDING, EventState.ACTIVE):
+    _authorize_move(event, to=event.state, actor=actor, edges=UPDATE_EDGES)
+    if not EVENT_MACHINE.can(event.state, event.state):
         raise Conflict(UPDATE_STATE.format(state=event.state), code="state_conflict")
     effective = {k: v for k, v in patch.items() if getattr(event, k) != v}
     if not effective:
         return event
-    if not _is_admin(role):
-        config = curtailment_config_get(org=event.org)
-        if effective.get("max_duration_seconds", 0) > config.max_duration_default_sec:
-            raise Forbidden(
-                MAX_DURATION_ABOVE_DEFAULT.format(
-                    value=effective["max_duration_seconds"], default=config.max_duration_default_sec
-                )
-            )
-        if effective.get("restore_batch_interval_sec", 0) > config.restore_interval_cap_sec:
-            raise Forbidden(
-                INTERVAL_ABOVE_CAP.format(
-                    value=effective["restore_batch_interval_sec"], cap=config.restore_interval_cap_sec
-                )
-            )
-    with transaction.atomic():
-        changed = CurtailmentEvent.objects.filter(
-            pk=event.pk, org=event.org, state__in=(EventState.PENDING, EventState.ACTIVE)
-        ).update(**effective, updated_at=clock.now())
-        if changed != 1:
-            note_race_lost("curtailment_update")
-            raise Conflict(UPDATE_RACE, code="race_lost")
-        record(
-            action="curtailment.updated",
+    config = curtailment_config_get(org=event.org)
+    if effective.get("max_duration_seconds", 0) > config.max_duration_default_sec:
+        admin_gate(
             actor=actor,
             org=event.org,
+            what=WHAT_DURATION_ABOVE_DEFAULT,
+            message=MAX_DURATION_ABOVE_DEFAULT.format(
+                value=effective["max_duration_seconds"], default=config.max_duration_default_sec
+            ),
+            asked={"max_duration_seconds": effective["max_duration_seconds"]},
             target=event,
-            reason=effective.get("reason", ""),
-            changes={k: [getattr(event, k), v] for k, v in effective.items()},
-            metadata={"event_uuid": str(event.uuid), "fields": sorted(effective)},
         )
+    if effective.get("restore_batch_interval_sec", 0) > config.restore_interval_cap_sec:
+        admin_gate(
+            actor=actor,
+            org=event.org,
+            what=WHAT_INTERVAL_ABOVE_CAP,
+            message=INTERVAL_ABOVE_CAP.format(
+                value=effective["restore_batch_interval_sec"], cap=config.restore_interval_cap_sec
+            ),
+            asked={"restore_batch_interval_sec": effective["restore_batch_interval_sec"]},
+            target=event,
+        )
+    try:
+        transition(
+            event,
+            machine=EVENT_MACHINE,
+            to=event.state,
+            actor=actor,
+            org=event.org,
+            action="curtailment.updated",
+            reason=effective.get("reason", ""),
+            updates={**effective, "updated_at": clock.now()},
+            audit_fields=tuple(effective),
+            metadata={"event_uuid": str(event.uuid), "fields": sorted(effective)},
+            check_role=False,
+        )
+    except RaceLost as exc:
+        raise Conflict(UPDATE_RACE, code="race_lost") from exc
     event.refresh_from_db()
     return event
 
 
 @counted("terminate")
 def curtailment_terminate(
-    *, event: CurtailmentEvent, actor: Actor, role: str, target_state: str, reason: str
+    *, event: CurtailmentEvent, actor: Actor, target_state: str, reason: str
 ) -> tuple[CurtailmentEvent, bool]:
     """Admin escape hatch: pending or restoring -> cancelled|failed, sweeping live targets to
     restore_failed. Refused while a curtail command may be acting on a device (stop first)."""
-    if not _is_admin(role) or not actor.interactive or actor.type != ActorType.USER:
-        raise Forbidden(TERMINATE_ADMIN_ONLY)
-    if target_state not in (EventState.CANCELLED, EventState.FAILED):
+    require_role(
+        actor=actor,
+        org=event.org,
+        role=Role.ADMIN,
+        what=WHAT_TERMINATE,
+        message=TERMINATE_ADMIN_ONLY,
+        target=event,
+        asked={"target_state": target_state},
+        interactive=True,
+    )
+    if target_state not in TERMINATE_STATES:
         raise ValidationFailed(TERMINATE_TARGET_STATE, fields={"target_state": [TERMINATE_TARGET_STATE]})
-    _validate_reason(reason)
+    reason = clean_reason(reason)
     with transaction.atomic():
-        current = _locked(event)
+        # The event's lock first: the reconciler's target writes take it too, so no curtail command
+        # can start between the in-flight check and the sweep.
+        locked = CurtailmentEvent.objects.select_for_update(of=("self",)).select_related("org")
+        current = locked.get(pk=event.pk)
         if current.state == target_state:
             record(
                 action="curtailment.admin_terminated_replay",
@@ -670,28 +522,26 @@ def curtailment_terminate(
                 metadata={"event_uuid": str(current.uuid), "target_state": target_state},
             )
             return current, False
-        if current.state in EVENT_TERMINAL:
+        if EVENT_MACHINE.is_terminal(current.state):
             raise Conflict(TERMINATE_STATE_CONFLICT.format(state=current.state), code="state_conflict")
         in_flight = CurtailmentTarget.objects.filter(
             event=current, desired_state=DesiredState.CURTAILED, state__in=TARGET_IN_FLIGHT
         ).exists()
-        if current.state == EventState.ACTIVE or in_flight:
+        if in_flight or not EVENT_MACHINE.can(current.state, target_state):
             raise Conflict(TERMINATE_IN_FLIGHT, code="in_flight_commands")
+        swept = target_sweep(event=current, reason=reason)
         now = clock.now()
-        CurtailmentEvent.objects.filter(pk=current.pk).update(
-            state=target_state, ended_at=now, updated_at=now
-        )
-        swept = CurtailmentTarget.objects.filter(event=current, state__in=TARGET_NON_TERMINAL).update(
-            state=TargetState.RESTORE_FAILED, last_error=reason
-        )
-        record(
-            action="curtailment.admin_terminated",
+        transition(
+            current,
+            machine=EVENT_MACHINE,
+            to=target_state,
             actor=actor,
             org=current.org,
-            target=current,
+            action="curtailment.admin_terminated",
             reason=reason,
-            changes={"state": [current.state, target_state]},
+            updates={"ended_at": now, "updated_at": now},
             metadata={"event_uuid": str(current.uuid), "target_state": target_state, "targets_swept": swept},
+            check_role=False,
         )
     current.refresh_from_db()
     return current, True
@@ -709,11 +559,10 @@ CONFIG_FIELDS = (
 
 @counted("config_update")
 def curtailment_config_update(
-    *, org: Organization, actor: Actor, role: str, values: dict[str, Any]
+    *, org: Organization, actor: Actor, values: dict[str, Any]
 ) -> OrgCurtailmentConfig:
     """Admins change the organization's curtailment defaults; every change is audited."""
-    if not _is_admin(role):
-        raise Forbidden("only admins can change the curtailment configuration")
+    require_role(actor=actor, org=org, role=Role.ADMIN, what=WHAT_CONFIG, message=CONFIG_ADMIN_ONLY)
     unknown = set(values) - set(CONFIG_FIELDS)
     if unknown:
         raise ValidationFailed(f"unknown fields {sorted(unknown)}")

@@ -12,9 +12,9 @@ class IndexerConfig(AppConfig):
     def ready(self) -> None:
         from fleetops import schedules
         from fleetops.observability import registry
-        from indexer import dashboard, metrics
+        from indexer import collectors, dashboard
 
-        registry.register_collector("indexer", metrics.collect_states)
+        registry.register_collector("indexer", collectors.collect_states)
         registry.register_card(dashboard.CARD)
         registry.register_status_check("indexer", dashboard.check_chains)
 

@@ -13,7 +13,7 @@ from django.core.management.base import CommandError
 from fleetops.audit.actors import Actor
 from fleetops.observability.leases import LeaseGrant, lease_acquire
 from fleetops.observability.models import Lease
-from indexer.ingest import lease_name
+from indexer.blocks import lease_name
 from indexer.models import Chain, IndexerState
 
 COMMAND_LEASE_TTL = timedelta(minutes=5)

@@ -8,15 +8,17 @@ A worker round (`enrichment_run_once`):
    to now + lease. That timestamp is the claim's token: other workers skip the rows (not due) until
    the lease runs out, which is also how a crashed worker's rows come back;
 2. decode outside any transaction, with bounded concurrency;
-3. verdicts in one set-based UPDATE per chunk, each row compare-and-set on (id, status, attempts,
-   token): ok | retrying (attempts + 1, backoff with jitter) | failed (max attempts) | undecodable.
-   A row refused by the CAS was taken over or deleted by a rollback: counted as race_lost, never
-   written. Rows the open breaker refused without HTTP are released without counting an attempt.
+3. verdicts through the transition kernel's set-based variant (`transition_rows`, one UPDATE per
+   chunk): each row moves only along an edge of `ENRICHMENT_MACHINE` from the status it was claimed
+   in, and only while its attempts and the claim's token still match: ok | retrying (attempts + 1,
+   backoff with jitter) | failed (max attempts) | undecodable. A row refused there was taken over
+   or deleted by a rollback: counted as race_lost, never written. Verdicts are engine steps, not
+   audited (the outcome counter is their record). Rows the open breaker refused without HTTP are
+   released without counting an attempt.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -35,11 +37,19 @@ from fleetops.lib import clock
 from fleetops.lib.backoff import backoff_delay
 from fleetops.lib.cas import note_race_lost
 from fleetops.lib.errors import ValidationFailed
+from fleetops.lib.transition import transition_rows
 from fleetops.observability.heartbeats import heartbeat_beat
+from indexer.blocks import IndexedBlock
 from indexer.decoder import BreakerOpen, BreakerState, DecoderClient, DecoderUnavailable, Undecodable
-from indexer.ingest import IndexedBlock
 from indexer.metrics import ENRICHMENT, ENRICHMENT_ROUND, ENRICHMENT_ROUND_FAILURES
-from indexer.models import ENRICHMENT_CLAIMABLE, Chain, Enrichment, EnrichmentStatus, Phase
+from indexer.models import (
+    ENRICHMENT_CLAIMABLE,
+    ENRICHMENT_MACHINE,
+    Chain,
+    Enrichment,
+    EnrichmentStatus,
+    Phase,
+)
 from indexer.rpc import parse
 
 log = logging.getLogger(__name__)
@@ -66,7 +76,6 @@ DECODER_EVENT_TYPES = frozenset({"payload"})
 BACKOFF_BASE_SECONDS = 10.0
 BACKOFF_CAP_SECONDS = 3600.0
 MIN_RETRY_SECONDS = 1.0
-VERDICT_CHUNK = 500
 TICK_BUDGET_SECONDS = 5.0
 ERROR_LIMIT = 1000
 
@@ -227,27 +236,19 @@ def enrichment_decode(
 
 # --- verdicts -----------------------------------------------------------------------------------------
 
-_VERDICT_ROW = "(%s::bigint, %s::varchar, %s::integer, %s::varchar, %s::timestamptz, %s::text, %s::jsonb)"
-_VERDICT_SQL = """
-UPDATE {table} AS e
-SET status = v.status, attempts = e.attempts + 1, next_attempt_at = v.next_attempt_at,
-    last_error = v.last_error, decoded = v.decoded, updated_at = %s
-FROM (VALUES {rows})
-    AS v(id, expected_status, expected_attempts, status, next_attempt_at, last_error, decoded)
-WHERE e.id = v.id AND e.chain_id = %s AND e.status = v.expected_status
-  AND e.attempts = v.expected_attempts AND e.next_attempt_at = %s
-RETURNING e.id, e.status
-"""
+# Columns a verdict sets besides the status (attempts move by increment in the same statement).
+VERDICT_FIELDS = ("next_attempt_at", "last_error", "decoded")
 
 
-def _written_row(verdict: Verdict, *, at: datetime, max_attempts: int, rng: random.Random) -> tuple[Any, ...]:
+def _verdict_row(verdict: Verdict, *, at: datetime, max_attempts: int, rng: random.Random) -> dict[str, Any]:
+    """The kernel row of one verdict: the status edge, the values it sets, the attempts it expects."""
     row = verdict.row
     attempt = row.attempts + 1
     decoded = None
     next_at: datetime | None = None
     if verdict.outcome == "ok":
         status, error = EnrichmentStatus.OK, ""
-        decoded = json.dumps(verdict.decoded)
+        decoded = verdict.decoded
     elif verdict.outcome == "undecodable":
         status, error = EnrichmentStatus.UNDECODABLE, verdict.error
     elif attempt >= max_attempts:
@@ -256,7 +257,15 @@ def _written_row(verdict: Verdict, *, at: datetime, max_attempts: int, rng: rand
         status, error = EnrichmentStatus.RETRYING, verdict.error
         delay = backoff_delay(attempt, base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS, rng=rng)
         next_at = at + timedelta(seconds=max(MIN_RETRY_SECONDS, delay))
-    return (row.id, row.status, row.attempts, status.value, next_at, error[:ERROR_LIMIT], decoded)
+    return {
+        "pk": row.id,
+        "from": row.status,
+        "to": status.value,
+        "attempts": row.attempts,
+        "next_attempt_at": next_at,
+        "last_error": error[:ERROR_LIMIT],
+        "decoded": decoded,
+    }
 
 
 def enrichment_record(
@@ -275,28 +284,38 @@ def enrichment_record(
     counts = dict.fromkeys(OUTCOMES, 0)
     released = [v.row.id for v in verdicts if v.outcome == "released"]
     written = [
-        _written_row(v, at=at, max_attempts=limit, rng=rng or _rng)
+        _verdict_row(v, at=at, max_attempts=limit, rng=rng or _rng)
         for v in verdicts
         if v.outcome != "released"
     ]
-    table = Enrichment._meta.db_table
-    with connection.cursor() as cursor:
-        for start in range(0, len(written), VERDICT_CHUNK):
-            chunk = written[start : start + VERDICT_CHUNK]
-            sql = _VERDICT_SQL.format(table=table, rows=", ".join([_VERDICT_ROW] * len(chunk)))
-            params: list[Any] = [at, *(value for row in chunk for value in row), claim.chain_id, claim.token]
-            cursor.execute(sql, params)
-            for _, status in cursor.fetchall():
-                counts[status] += 1
+    # Fenced on the claim: the status it was claimed in (exact_from), its attempts (match) and the
+    # claim's token, which is the row's next_attempt_at until this verdict sets it (where).
+    moved = transition_rows(
+        model=Enrichment,
+        machine=ENRICHMENT_MACHINE,
+        rows=written,
+        set_fields=VERDICT_FIELDS,
+        match=("attempts",),
+        exact_from=True,
+        where={"chain": claim.chain_id, "next_attempt_at": claim.token},
+        increments={"attempts": 1},
+        updates={"updated_at": at},
+        operation="enrichment_verdict",
+    )
+    to_of = {row["pk"]: row["to"] for row in written}
+    for pk in moved:
+        counts[to_of[pk]] += 1
     if released:
         # Back when this worker's breaker lets calls through again; another worker's breaker may
         # already be closed, so the rows do not wait for the whole lease.
         counts["released"] = Enrichment.objects.filter(
             id__in=released, next_attempt_at=claim.token, status__in=ENRICHMENT_CLAIMABLE
         ).update(next_attempt_at=max(release_at or at, at))
+    if len(released) != counts["released"]:
+        # The kernel counted the verdicts that lost; released rows are a claim column, counted here.
+        note_race_lost("enrichment_release", expected=len(released), changed=counts["released"])
     lost = len(verdicts) - sum(counts[k] for k in ("ok", "retrying", "failed", "undecodable", "released"))
     if lost:
-        note_race_lost("enrichment_verdict", expected=len(verdicts), changed=len(verdicts) - lost)
         counts["race_lost"] = lost
     for outcome in ("ok", "retrying", "failed", "undecodable", "released", "race_lost"):
         if counts[outcome]:

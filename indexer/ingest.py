@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection, transaction
@@ -27,6 +26,9 @@ from fleetops.audit.services import record
 from fleetops.lib.cas import cas_update
 from fleetops.lib.errors import Conflict, ValidationFailed
 from fleetops.observability.leases import LeaseGrant, lease_assert_held
+from indexer.blocks import IndexedBlock
+from indexer.blocks import lease_name as lease_name  # the writer lease every write here is fenced by
+from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
 from indexer.metrics import ROWS
 from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Phase, Transaction
 from indexer.producers import producers
@@ -49,20 +51,6 @@ class ReorgDetected(Conflict):
 
 class NotNextHeight(Conflict):
     code = "not_next_height"
-
-
-@dataclass(frozen=True)
-class IndexedBlock:
-    block: parse.Block
-    results: parse.BlockResults
-
-    @property
-    def height(self) -> int:
-        return self.block.height
-
-
-def lease_name(chain: Chain) -> str:
-    return f"indexer:{chain.slug}"
 
 
 BLOCK_COLUMNS = ["chain_id", "height", "hash", "parent_hash", "time", "proposer", "tx_count"]
@@ -162,9 +150,6 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
             (row for b in blocks for row in event_rows(chain.pk, b)),
         )
         if chain.enrichment_enabled:
-            # Imported here: indexer.enrichment builds on IndexedBlock from this module.
-            from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
-
             rows["enrichment"] = _copy(
                 Enrichment._meta.db_table,
                 ENRICHMENT_COPY_COLUMNS,
@@ -249,9 +234,6 @@ def blocks_rewrite(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: Lease
         _copy(Transaction._meta.db_table, TX_COLUMNS, (r for b in blocks for r in tx_rows(chain.pk, b)))
         _copy(Event._meta.db_table, EVENT_COLUMNS, (r for b in blocks for r in event_rows(chain.pk, b)))
         if chain.enrichment_enabled:
-            # Imported here: indexer.enrichment builds on IndexedBlock from this module.
-            from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
-
             _copy(
                 Enrichment._meta.db_table,
                 ENRICHMENT_COPY_COLUMNS,

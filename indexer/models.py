@@ -1,11 +1,10 @@
 """The forever indexer's storage: one chain per row, its single-writer state, and the indexed
 blocks, transactions and events with deterministic identities (a replay can never duplicate a row).
 
-IndexerState.mode::
-
-    catching_up ⇄ normal ⇄ idle (head flat, sources agree: the chain halted)
-         │           └──> degraded (sources advance, indexed height does not; or a poison height)
-         └──> halted (identity mismatch, reorg deeper than the finality bound): writes nothing
+Three state machines live here, declared once (`fleetops.lib.machine`): the indexer's mode
+(`MODE_MACHINE`), a sync source's connection status (`CONNECTION_MACHINE`) and an enrichment row's
+status (`ENRICHMENT_MACHINE`). Their check constraints, the transition kernel, the generated tests and
+the diagrams (docs, admin) all read these declarations.
 """
 
 from __future__ import annotations
@@ -13,7 +12,9 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
+from fleetops.access.models import Role
 from fleetops.lib import clock
+from fleetops.lib.machine import Machine
 
 
 class Chain(models.Model):
@@ -51,6 +52,95 @@ class Mode(models.TextChoices):
     HALTED = "halted"
 
 
+# Engine edges (`None`) are the portal's own steps (the writer, enrichment workers); the role edges
+# are what a person needs (see the docstrings below each machine).
+_ENGINE = None
+
+MODE_MACHINE = Machine.declare(
+    "indexer.mode",
+    Mode,
+    field="mode",
+    initial=Mode.CATCHING_UP,
+    edges={
+        Mode.CATCHING_UP: {
+            Mode.NORMAL: _ENGINE,
+            Mode.IDLE: _ENGINE,
+            Mode.DEGRADED: _ENGINE,
+            Mode.HALTED: _ENGINE,
+        },
+        Mode.NORMAL: {
+            Mode.CATCHING_UP: _ENGINE,
+            Mode.IDLE: _ENGINE,
+            Mode.DEGRADED: _ENGINE,
+            Mode.HALTED: _ENGINE,
+        },
+        Mode.IDLE: {
+            Mode.NORMAL: _ENGINE,
+            Mode.CATCHING_UP: _ENGINE,
+            Mode.DEGRADED: _ENGINE,
+            Mode.HALTED: _ENGINE,
+        },
+        Mode.DEGRADED: {
+            Mode.CATCHING_UP: Role.ADMIN,
+            Mode.NORMAL: _ENGINE,
+            Mode.IDLE: _ENGINE,
+            Mode.HALTED: _ENGINE,
+        },
+        Mode.HALTED: {Mode.CATCHING_UP: Role.ADMIN},
+    },
+    description=(
+        "The single writer of a chain. catching_up / normal / idle are the quiet modes: the writer "
+        "moves between them on its own, unaudited (counted in fleetops_indexer_mode_changes_total). "
+        "Every edge into or out of degraded and halted writes one audit row."
+    ),
+)
+"""`IndexerState.mode`::
+
+    catching_up <-> normal <-> idle <-> catching_up     the quiet modes: the writer's steps, NOT audited
+         |            |          |
+         +------------+----------+--> degraded          steps keep failing, a poison height, a range
+         |            |          |                      no source serves (audited)
+         +------------+----------+--> halted            identity mismatch, a reorg the writer may not
+                                                        roll back: writes nothing (audited)
+    degraded --> halted                                 (audited)
+    degraded --> normal | idle | catching_up            the writer: steps pass again (audited)
+    degraded --> catching_up                            admin: Retry poison height (audited)
+    halted   --> catching_up                            admin: Resume, or the writer carrying out an
+                                                        admin's rollback request (audited)
+
+Audit policy (issue 10): entering or leaving `degraded` or `halted` writes one audit row, in the
+transaction of the compare-and-set (actor: the writer, `Actor.scheduler("indexer_run")`, or the
+admin). The quiet edges (catching_up, normal, idle) flap with the chain, block by block when it
+produces slowly, so they are taken with `action=None`: they are counted in
+`fleetops_indexer_mode_changes_total{chain,from_mode,to_mode}` and visible as the mode gauge, the
+heartbeat and the lag chart, never as audit rows. Consequence for the audit trail of a state: its
+moves are all audited edges, and between two of them (and before the first, after the last) the
+mode only walked quiet edges. So the trail replays over `MODE_MACHINE` once each gap between two
+quiet modes is filled with the quiet edge that joins them, and a gap with a loud end (a move into or
+out of degraded / halted without its row) makes the replay fail (`tests/indexer/mode_trail.py`).
+
+`paused` is a flag, not a mode: a paused chain keeps its mode (a halted chain is paused so a shell
+command can take the lease), and only the operator services write it, each with an audit row.
+
+Two `Role.ADMIN` edges are also taken by the writer itself (`MODE_WRITER_TAKES`): leaving
+`degraded` when steps pass again (a stall that cleared) and leaving `halted` when it carries out a
+rollback request (the admin role was checked when the request was accepted). The writer authorizes
+those as an engine step (`fleetops.access.roles.require_engine`), only in those two steps
+(`indexer.modes`); a person still needs the admin role.
+"""
+
+MODE_LOUD: tuple[str, ...] = (Mode.DEGRADED, Mode.HALTED)
+MODE_QUIET: tuple[str, ...] = tuple(s for s in MODE_MACHINE.states if s not in MODE_LOUD)
+MODE_WRITER_TAKES = frozenset(
+    {(Mode.DEGRADED.value, Mode.CATCHING_UP.value), (Mode.HALTED.value, Mode.CATCHING_UP.value)}
+)
+
+
+def mode_edge_audited(source: str, target: str) -> bool:
+    """Whether the mode edge source -> target writes an audit row (see `MODE_MACHINE`)."""
+    return source in MODE_LOUD or target in MODE_LOUD
+
+
 class IndexerState(models.Model):
     """Where the single writer of a chain stands. `last_indexed_height` only moves by compare-and-set
     inside the transaction that wrote the rows up to it, so it never claims unwritten heights."""
@@ -74,7 +164,7 @@ class IndexerState(models.Model):
 
     class Meta:
         constraints = [
-            models.CheckConstraint(condition=Q(mode__in=Mode.values), name="indexerstate_mode_valid")
+            models.CheckConstraint(condition=MODE_MACHINE.constraint_q(), name="indexerstate_mode_valid")
         ]
 
     def __str__(self) -> str:
@@ -186,22 +276,42 @@ class ConnectionStatus(models.IntegerChoices):
     DISCONNECTING = 5, "disconnecting"
 
 
-CONNECTION_TRANSITIONS: dict[int, frozenset[int]] = {
-    ConnectionStatus.DISCONNECTED: frozenset({ConnectionStatus.CONNECTING}),
-    ConnectionStatus.CONNECTING: frozenset(
-        {ConnectionStatus.SYNCING, ConnectionStatus.CONNECTED, ConnectionStatus.DISCONNECTED}
+CONNECTION_MACHINE = Machine.declare(
+    "indexer.source_connection",
+    ConnectionStatus,
+    field="connection_status",
+    initial=ConnectionStatus.DISCONNECTED,
+    edges={
+        ConnectionStatus.DISCONNECTED: {ConnectionStatus.CONNECTING: _ENGINE},
+        ConnectionStatus.CONNECTING: {
+            ConnectionStatus.SYNCING: _ENGINE,
+            ConnectionStatus.CONNECTED: _ENGINE,
+            ConnectionStatus.DISCONNECTED: _ENGINE,
+        },
+        ConnectionStatus.SYNCING: {
+            ConnectionStatus.CONNECTED: _ENGINE,
+            ConnectionStatus.CONNECTED_DEGRADED: _ENGINE,
+            ConnectionStatus.DISCONNECTING: _ENGINE,
+        },
+        ConnectionStatus.CONNECTED: {
+            ConnectionStatus.CONNECTED_DEGRADED: _ENGINE,
+            ConnectionStatus.SYNCING: _ENGINE,
+            ConnectionStatus.DISCONNECTING: _ENGINE,
+        },
+        ConnectionStatus.CONNECTED_DEGRADED: {
+            # The writer when no reason holds any more, or an operator clearing a historic range
+            # failure (`source_clear_degraded`); the scheduler actor has the operator role.
+            ConnectionStatus.CONNECTED: Role.OPERATOR,
+            ConnectionStatus.SYNCING: _ENGINE,
+            ConnectionStatus.DISCONNECTING: _ENGINE,
+        },
+        ConnectionStatus.DISCONNECTING: {ConnectionStatus.DISCONNECTED: _ENGINE},
+    },
+    description=(
+        "A sync source's connection (seed 002). The writer moves it after every step, unaudited "
+        "(counted in fleetops_indexer_source_transitions_total); an operator's clear is audited."
     ),
-    ConnectionStatus.SYNCING: frozenset(
-        {ConnectionStatus.CONNECTED, ConnectionStatus.CONNECTED_DEGRADED, ConnectionStatus.DISCONNECTING}
-    ),
-    ConnectionStatus.CONNECTED: frozenset(
-        {ConnectionStatus.CONNECTED_DEGRADED, ConnectionStatus.SYNCING, ConnectionStatus.DISCONNECTING}
-    ),
-    ConnectionStatus.CONNECTED_DEGRADED: frozenset(
-        {ConnectionStatus.CONNECTED, ConnectionStatus.SYNCING, ConnectionStatus.DISCONNECTING}
-    ),
-    ConnectionStatus.DISCONNECTING: frozenset({ConnectionStatus.DISCONNECTED}),
-}
+)
 
 
 class DegradedReason(models.TextChoices):
@@ -228,7 +338,7 @@ DEGRADED_AFTER_RECOVERY_SECONDS = 5 * 60
 
 class SyncSource(models.Model):
     """An RPC endpoint of a chain. Lower priority numbers are preferred; the client fails over by
-    health. The connection status is a state machine (`CONNECTION_TRANSITIONS`); health is derived
+    health. The connection status is a state machine (`CONNECTION_MACHINE`); health is derived
     from the failure and success timestamps the indexer writes after every request round."""
 
     chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="sources")
@@ -260,8 +370,7 @@ class SyncSource(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["chain", "name"], name="syncsource_name_per_chain"),
             models.CheckConstraint(
-                condition=Q(connection_status__in=ConnectionStatus.values),
-                name="syncsource_connection_status_valid",
+                condition=CONNECTION_MACHINE.constraint_q(), name="syncsource_connection_status_valid"
             ),
         ]
 
@@ -286,8 +395,7 @@ class SyncSource(models.Model):
 
 
 class EnrichmentStatus(models.TextChoices):
-    """pending -> ok | retrying -> ... -> failed (max attempts) ; any -> undecodable (permanent error).
-    failed / undecodable -> pending by an operator's re-queue."""
+    """See `ENRICHMENT_MACHINE`."""
 
     PENDING = "pending"
     OK = "ok"
@@ -296,8 +404,41 @@ class EnrichmentStatus(models.TextChoices):
     UNDECODABLE = "undecodable"
 
 
-ENRICHMENT_CLAIMABLE = (EnrichmentStatus.PENDING, EnrichmentStatus.RETRYING)
-ENRICHMENT_REQUEUEABLE = (EnrichmentStatus.FAILED, EnrichmentStatus.UNDECODABLE)
+_WORKER = {
+    EnrichmentStatus.OK: _ENGINE,
+    EnrichmentStatus.RETRYING: _ENGINE,
+    EnrichmentStatus.FAILED: _ENGINE,
+    EnrichmentStatus.UNDECODABLE: _ENGINE,
+}
+ENRICHMENT_MACHINE = Machine.declare(
+    "indexer.enrichment",
+    EnrichmentStatus,
+    field="status",
+    initial=EnrichmentStatus.PENDING,
+    edges={
+        EnrichmentStatus.PENDING: _WORKER,
+        EnrichmentStatus.RETRYING: _WORKER,  # retrying -> retrying: another attempt failed
+        EnrichmentStatus.FAILED: {EnrichmentStatus.PENDING: Role.OPERATOR},
+        EnrichmentStatus.UNDECODABLE: {EnrichmentStatus.PENDING: Role.OPERATOR},
+    },
+    description=(
+        "An event payload waiting for the external decoder. Workers write verdicts in bulk "
+        "(unaudited, counted in fleetops_indexer_enrichment_total); an operator's re-queue writes "
+        "one audit row per call."
+    ),
+)
+"""`Enrichment.status`::
+
+    pending ─┬─> ok                          decoded
+    retrying ┼─> retrying (attempts + 1)     the decoder was unavailable: back off and try again
+             ├─> failed                      max attempts reached
+             └─> undecodable                 the decoder said it never will
+    failed | undecodable ─> pending          an operator's re-queue (operator role)
+"""
+
+# Rows a worker may claim (those with a verdict edge out) and rows an operator may re-queue.
+ENRICHMENT_CLAIMABLE = ENRICHMENT_MACHINE.allowed_from(EnrichmentStatus.OK)
+ENRICHMENT_REQUEUEABLE = ENRICHMENT_MACHINE.allowed_from(EnrichmentStatus.PENDING)
 
 
 class Enrichment(models.Model):
@@ -329,7 +470,7 @@ class Enrichment(models.Model):
                 nulls_distinct=False,
             ),
             models.CheckConstraint(
-                condition=Q(status__in=EnrichmentStatus.values), name="enrichment_status_valid"
+                condition=ENRICHMENT_MACHINE.constraint_q(), name="enrichment_status_valid"
             ),
         ]
         indexes = [

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from indexer.ingest import IndexedBlock
+    from indexer.blocks import IndexedBlock
     from indexer.models import Chain
 
 

@@ -18,6 +18,10 @@
 7. Halt vs stall: the head flat for more than `IDLE_AFTER_BLOCK_TIMES` block times while a source
    answers is `idle` (the chain halted; nothing is wrong here). Steps failing while the head moves
    on is `degraded` (the indexer is stalled).
+
+Every mode change is a step of `indexer.modes` (compare-and-set through the transition kernel,
+fenced by the lease, audited into and out of `degraded` and `halted`); only the lease holder makes
+them. A step that loses its race (an operator resumed meanwhile) is re-read on the next iteration.
 """
 
 from __future__ import annotations
@@ -30,22 +34,29 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 
-from fleetops.audit.actors import Actor
 from fleetops.lib import clock
 from fleetops.lib.errors import RaceLost
 from fleetops.observability.heartbeats import heartbeat_beat
-from fleetops.observability.leases import LeaseGrant, LeaseLost, lease_acquire, lease_release, lease_renew
+from fleetops.observability.leases import (
+    LeaseGrant,
+    LeaseLost,
+    lease_acquire,
+    lease_assert_held,
+    lease_release,
+    lease_renew,
+)
 from indexer import sources
-from indexer.ingest import IndexedBlock, ReorgDetected, blocks_commit, blocks_rollback, lease_name
+from indexer.blocks import WRITER, IndexedBlock, lease_name
+from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback
 from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
-from indexer.models import Block, Chain, ChainLagSample, IndexerState, Mode
+from indexer.models import MODE_LOUD, MODE_MACHINE, Block, Chain, ChainLagSample, IndexerState, Mode
+from indexer.modes import indexer_degrade, indexer_halt, indexer_mode_follow, indexer_unhalt
 from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError, SourceConfig
 from indexer.rpc.ws import HeadWatcher
 
 log = logging.getLogger(__name__)
-ACTOR = Actor.system("indexer")
 POISON_LIMIT = 3
 STALLED_AFTER_FAILED_STEPS = 3
 LEASE_TTL = timedelta(seconds=30)
@@ -149,7 +160,7 @@ class IndexerRunner:
         finally:
             self._observe_sources()
         self.failed_steps = 0
-        bad = result.mode in (Mode.HALTED, Mode.DEGRADED)
+        bad = result.mode in MODE_LOUD
         heartbeat_beat(
             name=f"indexer.{self.chain.slug}",
             ok=not bad,
@@ -236,8 +247,29 @@ class IndexerRunner:
             self._poison(start, exc)
             raise
         BLOCKS.labels(chain=self.chain.slug).inc(len(blocks))
-        IndexerState.objects.filter(chain=self.chain).update(mode=mode, last_error="")
+        self._follow(state, mode)
         return StepResult(True, committed=len(blocks), head=head, indexed=last, mode=mode)
+
+    # --- mode steps (indexer.modes) ---------------------------------------------------------------------
+
+    def _mode_step(self, step: Callable[..., object], state: IndexerState, **kwargs: object) -> bool:
+        """Run one mode step under the lease. Without the lease (lost meanwhile) nothing is written
+        and the runner drops to standby; a lost race is re-read on the next step."""
+        if self.grant is None:
+            return False
+        try:
+            step(chain=self.chain, state=state, lease=self.grant, actor=WRITER, **kwargs)
+        except LeaseLost:
+            self.grant = None
+            return False
+        except RaceLost:
+            log.info("indexer %s: the state moved under this step; re-read next step", self.chain.slug)
+            return False
+        return True
+
+    def _follow(self, state: IndexerState, mode: str) -> None:
+        if state.mode != mode or state.last_error:
+            self._mode_step(indexer_mode_follow, state, to=mode)
 
     # --- pieces ----------------------------------------------------------------------------------------
 
@@ -289,7 +321,7 @@ class IndexerRunner:
                     f"fingerprint is {self.chain.fingerprint[:16]}…"
                 )
         if problem:
-            IndexerState.objects.filter(chain=self.chain).update(mode=Mode.HALTED, last_error=problem)
+            self._mode_step(indexer_halt, state, error=problem)
             log.critical("indexer %s halted: %s", self.chain.slug, problem)
             return False
         self.identity_checked = True
@@ -317,8 +349,7 @@ class IndexerRunner:
             if quiet_for > IDLE_AFTER_BLOCK_TIMES * self.chain.expected_block_time_seconds
             else Mode.NORMAL
         )
-        if state.mode != mode or state.last_error:
-            IndexerState.objects.filter(chain=self.chain).update(mode=mode, last_error="")
+        self._follow(state, mode)
         return mode
 
     def _fetch(self, heights: range) -> list[IndexedBlock]:
@@ -368,7 +399,7 @@ class IndexerRunner:
                 chain=self.chain, source_name=name, first=first, last=last, error=str(exc)
             )
         note = f"heights {first}-{last} are unavailable on every source: {exc}"
-        IndexerState.objects.filter(chain=self.chain).update(mode=Mode.DEGRADED, last_error=note[:2000])
+        self._mode_step(indexer_degrade, state, error=note)
         return StepResult(True, head=head, indexed=state.last_indexed_height, mode=Mode.DEGRADED, note=note)
 
     def _handle_reorg(self, reorg: ReorgDetected, head: int) -> StepResult:
@@ -392,9 +423,7 @@ class IndexerRunner:
             reason = "the source is catching up itself: not trusted for a rollback (false-reorg guard)"
         if reason:
             REORGS.labels(chain=self.chain.slug, outcome="halted").inc()
-            IndexerState.objects.filter(chain=self.chain).update(
-                mode=Mode.HALTED, last_error=f"{reorg}; {reason}"[:2000]
-            )
+            self._mode_step(indexer_halt, state, error=f"{reorg}; {reason}")
             log.critical("indexer %s halted: %s", self.chain.slug, reason)
             return StepResult(True, head=head, indexed=last, mode=Mode.HALTED, note=reason)
         assert fork is not None
@@ -402,7 +431,7 @@ class IndexerRunner:
             chain=self.chain,
             to_height=fork,
             lease=self._lease(),
-            actor=ACTOR,
+            actor=WRITER,
             reason=f"reorg at {reorg.height}: rolled back to the fork point {fork}",
         )
         REORGS.labels(chain=self.chain.slug, outcome="rolled_back").inc()
@@ -418,7 +447,7 @@ class IndexerRunner:
             chain=self.chain,
             to_height=to,
             lease=self._lease(),
-            actor=ACTOR,
+            actor=WRITER,
             reason=f"requested by {state.rollback_requested_by}: {state.rollback_requested_reason}",
         )
         ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
@@ -429,12 +458,11 @@ class IndexerRunner:
             rollback_requested_to=None, rollback_requested_reason="", rollback_requested_by=""
         )
         mode = state.mode
-        if mode == Mode.HALTED:
-            IndexerState.objects.filter(chain=self.chain, mode=Mode.HALTED).update(
-                mode=Mode.CATCHING_UP, last_error=""
-            )
+        if mode == Mode.HALTED and self._mode_step(
+            indexer_unhalt, state, requested_by=state.rollback_requested_by, to_height=to
+        ):
             self.identity_checked = False
-            mode = Mode.CATCHING_UP
+            mode = state.mode
         return StepResult(
             True, head=state.head_height, indexed=min(to, state.last_indexed_height or to),
             mode=mode, note=f"operator rollback to {to}: removed {removed} blocks",
@@ -443,19 +471,27 @@ class IndexerRunner:
     def _poison(self, height: int, exc: Exception) -> None:
         state = IndexerState.objects.get(chain=self.chain)
         attempts = state.poison_attempts + 1 if state.poison_height == height else 1
-        IndexerState.objects.filter(chain=self.chain).update(
-            poison_height=height,
-            poison_attempts=attempts,
-            mode=Mode.DEGRADED if attempts >= POISON_LIMIT else state.mode,
-            last_error=f"height {height}: {exc.__class__.__name__}: {exc}"[:2000],
-        )
+        error = f"height {height}: {exc.__class__.__name__}: {exc}"
+        counters = {"poison_height": height, "poison_attempts": attempts}
+        if attempts >= POISON_LIMIT and MODE_MACHINE.can(state.mode, Mode.DEGRADED):
+            self._mode_step(indexer_degrade, state, error=error, updates=counters)
+        elif self.grant is not None:
+            # Not (yet) degraded: the counters and the error, fenced like every write here.
+            try:
+                with transaction.atomic():
+                    lease_assert_held(name=self.grant.name, token=self.grant.token)
+                    IndexerState.objects.filter(chain=self.chain).update(last_error=error[:2000], **counters)
+            except LeaseLost:
+                self.grant = None
 
     def _note_stall(self, exc: Exception) -> None:
-        """Steps keep failing (sources unreachable, database errors): the indexer is stalled."""
-        if self.failed_steps >= STALLED_AFTER_FAILED_STEPS:
-            IndexerState.objects.filter(chain=self.chain).exclude(mode=Mode.HALTED).update(
-                mode=Mode.DEGRADED, last_error=f"{exc.__class__.__name__}: {exc}"[:2000]
-            )
+        """Steps keep failing (sources unreachable, database errors): the indexer is stalled. A
+        halted indexer stays halted (the machine has no edge from there)."""
+        if self.failed_steps < STALLED_AFTER_FAILED_STEPS or self.grant is None:
+            return
+        state = IndexerState.objects.get(chain=self.chain)
+        if state.mode == Mode.DEGRADED or MODE_MACHINE.can(state.mode, Mode.DEGRADED):
+            self._mode_step(indexer_degrade, state, error=f"{exc.__class__.__name__}: {exc}")
 
     def _observe_sources(self) -> None:
         if self.grant is None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, Q, QuerySet
 
 from fleetops.access.models import Organization
 from fleetops.lib import clock
 from fleetops.lib.errors import NotFound
 from fleetops.observability.models import Lease
-from indexer.ingest import lease_name
+from indexer.blocks import lease_name
 from indexer.models import (
     Block,
     Chain,
@@ -335,3 +336,80 @@ def lag_samples(*, chain: Chain, since: datetime) -> list[tuple[datetime, int | 
         .order_by("at")
         .values_list("at", "head_height", "indexed_height")[:2000]
     )
+
+
+# --- reads for other apps --------------------------------------------------------------------------
+# migrations_app (the protocol classifiers and backfills) reads the indexer only through these and
+# the functions above, never through `indexer.models`.
+
+# The chain model under a public name, for other apps' annotations.
+ChainModel = Chain
+
+
+def indexed_ranges(*, chain_ids: Iterable[int] | None = None) -> dict[int, tuple[int | None, int | None]]:
+    """(oldest, last) indexed height per chain id (None: every chain); a chain the indexer has never
+    started on is absent."""
+    states = IndexerState.objects.all()
+    if chain_ids is not None:
+        states = states.filter(chain_id__in=list(chain_ids))
+    return {
+        chain_id: (oldest, last)
+        for chain_id, oldest, last in states.values_list(
+            "chain_id", "oldest_indexed_height", "last_indexed_height"
+        )
+    }
+
+
+def indexed_range(*, chain_id: int) -> tuple[int | None, int | None] | None:
+    """(oldest, last) indexed height of one chain; None before the indexer's first run."""
+    return indexed_ranges(chain_ids=[chain_id]).get(chain_id)
+
+
+# Raw SQL, not the ORM: a backfill window is thousands of events and needs only these columns (jsonb
+# arrives as text; the reader decodes what it keeps). The (chain, type, height) index answers it.
+_EVENT_TUPLES = f"""
+SELECT height, phase, tx_index, event_index, type, attributes FROM {Event._meta.db_table}
+WHERE chain_id = %s AND type = ANY(%s) AND height BETWEEN %s AND %s
+"""  # noqa: S608 - table name from the model
+_BLOCK_HASH = f"SELECT hash FROM {Block._meta.db_table} WHERE chain_id = %s AND height = %s"  # noqa: S608
+# The first `per_value` events (by height) of every distinct value of one attribute, in one query.
+_FIRST_BY_ATTRIBUTE = f"""
+SELECT value, height, type, attributes FROM (
+    SELECT value, height, type, attributes,
+           row_number() OVER (PARTITION BY value ORDER BY height) AS n
+    FROM (
+        SELECT height, type, attributes,
+               jsonb_path_query_first(attributes, '$[*] ? (@.key == $k).value',
+                                      jsonb_build_object('k', %s::text)) #>> '{{}}' AS value
+        FROM {Event._meta.db_table} WHERE chain_id = %s AND type = ANY(%s)
+    ) seen WHERE value IS NOT NULL AND value <> ''
+) ranked WHERE n <= %s ORDER BY value, n
+"""  # noqa: S608 - table name from the model
+
+
+def event_tuples(
+    *, chain_id: int, types: Iterable[str], low: int, high: int
+) -> list[tuple[int, str, int | None, int, str, Any]]:
+    """(height, phase, tx_index, event_index, type, attributes) of the stored events of `types` in
+    [low, high], in no particular order."""
+    with connection.cursor() as cursor:
+        cursor.execute(_EVENT_TUPLES, [chain_id, sorted(types), low, high])
+        return list(cursor.fetchall())
+
+
+def block_hash(*, chain_id: int, height: int) -> str | None:
+    """The hash of the stored block at `height` (None: not indexed, or rolled back)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_BLOCK_HASH, [chain_id, height])
+        row = cursor.fetchone()
+    return str(row[0]) if row else None
+
+
+def first_events_by_attribute(
+    *, chain_id: int, types: Iterable[str], key: str, per_value: int
+) -> list[tuple[str, int, str, Any]]:
+    """(value, height, type, attributes) of the first `per_value` events of `types` for every value
+    of attribute `key` (e.g. every contract seen), ordered by value then height."""
+    with connection.cursor() as cursor:
+        cursor.execute(_FIRST_BY_ATTRIBUTE, [key, chain_id, sorted(types), per_value])
+        return list(cursor.fetchall())

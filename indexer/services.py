@@ -1,31 +1,41 @@
 """Operator writes on the indexer: pause, resume, retry the poison height, request a rollback,
 re-queue enrichment.
 
-Every function is keyword-only, runs in one transaction, moves the row by compare-and-set, writes
-one audit row inside that transaction, and re-checks the actor's role in the chain's organization
-itself, so no path (API, admin, shell) can tunnel past the gate the edges apply.
+Every function is keyword-only and derives the actor's role in the chain's organization itself
+(`fleetops.access.roles.require_role`, before any transaction, so a refusal writes its
+`access.denied` row), so no path (API, admin, shell) can tunnel past the gate. Mode and enrichment
+status changes go through the transition kernel (`fleetops.lib.transition`), whose allowed
+from-states and edge roles come from `indexer.models`; the other columns (the paused flag, poison
+counters, the rollback request) move by compare-and-set. One audit row per call, inside the
+transaction of the change. Reasons are cleaned by `fleetops.lib.reason.clean_reason`.
 
 A rollback is only *requested* here: the writer carries it out under its lease on its next step
 (`blocks_rollback` is fenced by the lease token like every other write of the indexed tables).
+The writer's own mode steps are in `indexer.modes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Count
 
-from fleetops.access.models import ApiToken, Membership, Role
+from fleetops.access.models import Role
+from fleetops.access.roles import require_role
 from fleetops.audit.actors import Actor
-from fleetops.audit.models import ActorType
 from fleetops.audit.services import record
 from fleetops.lib import clock
 from fleetops.lib.cas import cas_update
-from fleetops.lib.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from fleetops.lib.errors import Conflict, NotFound, ValidationFailed
+from fleetops.lib.machine import Machine
+from fleetops.lib.reason import clean_reason
+from fleetops.lib.transition import transition, transition_rows
+from indexer.metrics import MODE_CHANGES
 from indexer.models import (
+    ENRICHMENT_MACHINE,
     ENRICHMENT_REQUEUEABLE,
+    MODE_MACHINE,
     Chain,
     Enrichment,
     EnrichmentStatus,
@@ -33,10 +43,8 @@ from indexer.models import (
     Mode,
 )
 
-TEXT_CAP = 256
 REQUEUE_IDS_CAP = 10_000
 
-REASON_REQUIRED = "reason is required (1-256 characters, not blank)"
 ADMIN_REQUIRED = "this indexer action needs the admin role in the chain's organization"
 OPERATOR_REQUIRED = "re-queueing enrichment needs the operator role in the chain's organization"
 STATE_MISSING = "chain {chain} has no indexer state yet; start indexer_run once"
@@ -66,44 +74,41 @@ class IndexerAction:
 # --- gates ------------------------------------------------------------------------------------------
 
 
-def actor_role(*, actor: Actor, org_id: int) -> Role | None:
-    """The actor's role in one organization, as the edges compute it.
-
-    A token acts with the lower of its own role and its user's current membership (demoting a user
-    demotes their tokens at once). System and scheduler actors are the portal's own processes and
-    shell commands, trusted like the operator who runs them.
-    """
-    if actor.type in (ActorType.SYSTEM, ActorType.SCHEDULER):
-        return Role.ADMIN
-    if actor.user_id is None:
-        return None
-    if actor.is_superuser:
-        return Role.ADMIN
-    member = Membership.objects.filter(user_id=actor.user_id, org_id=org_id).values_list("role", flat=True)
-    role = member.first()
-    if role is None:
-        return None
-    if actor.type == ActorType.API_TOKEN:
-        token = ApiToken.objects.filter(pk=actor.id, org_id=org_id, revoked_at__isnull=True).first()
-        if token is None or not token.is_active(at=clock.now()):
-            return None
-        return Role.lowest(token.role, role)
-    return Role(role)
+def edge_role(machine: Machine, sources: Iterable[str], to: str) -> Role:
+    """The role a person needs for every edge sources -> to of `machine` (the highest of them)."""
+    roles = []
+    for source in sources:
+        edge = machine.edge(source, to)
+        if edge is None or edge.role is None:
+            raise ValueError(f"{machine.name}: {source} -> {to} is not an operator edge")
+        roles.append(Role(edge.role))
+    return max(roles, key=Role.rank)
 
 
-def _require(*, actor: Actor, chain: Chain, role: Role, message: str) -> None:
-    if not Role.at_least(actor_role(actor=actor, org_id=chain.org_id), role):
-        raise Forbidden(message)
+# Resume and Retry poison height are the operator's ways out of `halted` and `degraded`: their role
+# is that of the machine's edges (pause and the rollback request are admin actions of their own).
+RESUME_ROLE = edge_role(MODE_MACHINE, (Mode.HALTED,), Mode.CATCHING_UP)
+RETRY_POISON_ROLE = edge_role(MODE_MACHINE, (Mode.DEGRADED,), Mode.CATCHING_UP)
 
 
-def _validate_reason(reason: str) -> str:
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > TEXT_CAP:
-        raise ValidationFailed(REASON_REQUIRED, fields={"reason": [REASON_REQUIRED]})
-    return reason
+def _require(
+    *, actor: Actor, chain: Chain, needs: Role, message: str, what: str, asked: dict[str, Any]
+) -> None:
+    # Before any transaction: the access.denied row commits although the change does not.
+    require_role(
+        actor=actor,
+        org=chain.org,
+        role=needs,
+        what=f"{what} on {chain.slug}",
+        message=message,
+        target=chain,
+        asked=asked,
+    )
 
 
-def _state(chain: Chain) -> IndexerState:
-    state = IndexerState.objects.filter(chain=chain).first()
+def _state(chain: Chain, *, lock: bool = False) -> IndexerState:
+    rows = IndexerState.objects.select_for_update() if lock else IndexerState.objects
+    state = rows.filter(chain=chain).first()
     if state is None:
         raise NotFound(STATE_MISSING.format(chain=chain.slug), code="indexer_state_missing")
     return state
@@ -113,6 +118,7 @@ def _audit(
     *,
     action: str,
     chain: Chain,
+    state: IndexerState,
     actor: Actor,
     reason: str,
     changes: dict[str, list[Any]],
@@ -122,45 +128,50 @@ def _audit(
         action=action,
         actor=actor,
         org=chain.org,
-        target=chain,
+        target=state,
         reason=reason,
         changes=changes,
         metadata={"chain": chain.slug, **metadata},
     )
 
 
+def _mode_changed(chain: Chain, source: str, to: str) -> None:
+    MODE_CHANGES.labels(chain=chain.slug, from_mode=source, to_mode=to).inc()
+
+
 # --- pause / resume ---------------------------------------------------------------------------------
 
 
-def _set_paused(*, chain: Chain, actor: Actor, reason: str, paused: bool) -> bool:
-    _validate_reason(reason)
-    _require(actor=actor, chain=chain, role=Role.ADMIN, message=ADMIN_REQUIRED)
+def indexer_pause(*, chain: Chain, actor: Actor, reason: str) -> bool:
+    """Stop ingest at the next step: the writer gives its lease up (so `indexer_reindex` and
+    `indexer_rollback` can take it) and waits. Admin role. Returns False when already paused.
+
+    `paused` is a flag beside the mode (a paused chain keeps its mode, halted included): only this
+    service and `indexer_resume` write it, each with one audit row."""
+    reason = clean_reason(reason)
+    _require(
+        actor=actor,
+        chain=chain,
+        needs=Role.ADMIN,
+        message=ADMIN_REQUIRED,
+        what="pause",
+        asked={"paused": True},
+    )
     with transaction.atomic():
-        state = _state(chain)
-        # Resuming is also the way out of `halted` once the operator fixed the cause: the writer
-        # checks the identity and the linkage again and halts again if the cause is still there.
-        unhalt = not paused and state.mode == Mode.HALTED
-        if state.paused == paused and not unhalt:
+        state = _state(chain, lock=True)
+        if state.paused:
             # Pausing a paused indexer is a no-op, not an error: a retried request must not fail.
             return False
-        updates: dict[str, Any] = {"paused": paused}
-        changes: dict[str, list[object]] = (
-            {"paused": [state.paused, paused]} if state.paused != paused else {}
-        )
-        if unhalt:
-            updates.update(mode=Mode.CATCHING_UP, last_error="")
-            changes["mode"] = [state.mode, Mode.CATCHING_UP]
         cas_update(
-            IndexerState.objects.filter(chain=chain, paused=state.paused, mode=state.mode),
-            operation="indexer_resume" if not paused else "indexer_pause",
-            **updates,
+            IndexerState.objects.filter(chain=chain, paused=False), operation="indexer_pause", paused=True
         )
         _audit(
-            action=IndexerAction.PAUSED if paused else IndexerAction.RESUMED,
+            action=IndexerAction.PAUSED,
             chain=chain,
+            state=state,
             actor=actor,
             reason=reason,
-            changes=changes,
+            changes={"paused": [False, True]},
             mode=state.mode,
             last_indexed_height=state.last_indexed_height,
             last_error=state.last_error[:500],
@@ -168,16 +179,68 @@ def _set_paused(*, chain: Chain, actor: Actor, reason: str, paused: bool) -> boo
     return True
 
 
-def indexer_pause(*, chain: Chain, actor: Actor, reason: str) -> bool:
-    """Stop ingest at the next step: the writer gives its lease up (so `indexer_reindex` and
-    `indexer_rollback` can take it) and waits. Admin role. Returns False when already paused."""
-    return _set_paused(chain=chain, actor=actor, reason=reason, paused=True)
-
-
 def indexer_resume(*, chain: Chain, actor: Actor, reason: str) -> bool:
     """Let the writer ingest again; a halted chain goes back to catching up (after the operator
-    fixed the cause). Admin role. Returns False when it was neither paused nor halted."""
-    return _set_paused(chain=chain, actor=actor, reason=reason, paused=False)
+    fixed the cause), through the kernel: `halted -> catching_up` is an admin edge of
+    `MODE_MACHINE`. Admin role. One audit row with every change. Returns False when it was neither
+    paused nor halted."""
+    reason = clean_reason(reason)
+    _require(
+        actor=actor,
+        chain=chain,
+        needs=RESUME_ROLE,
+        message=ADMIN_REQUIRED,
+        what="resume",
+        asked={"paused": False},
+    )
+    state = _state(chain)
+    metadata = {
+        "chain": chain.slug,
+        "last_indexed_height": state.last_indexed_height,
+        "last_error": state.last_error[:500],
+    }
+    # Resuming is also the way out of `halted` once the operator fixed the cause: the writer
+    # checks the identity and the linkage again and halts again if the cause is still there.
+    if state.mode == Mode.HALTED:
+        # The paused flag is part of the compare-and-set: a pause meanwhile makes this a RaceLost.
+        transition(
+            state,
+            machine=MODE_MACHINE,
+            to=Mode.CATCHING_UP,
+            actor=actor,
+            org=chain.org,
+            action=IndexerAction.RESUMED,
+            reason=reason,
+            where={"paused": state.paused},
+            updates={"paused": False, "last_error": ""},
+            audit_fields=("paused",),
+            metadata=metadata,
+            check_role=False,
+        )
+        _mode_changed(chain, Mode.HALTED, Mode.CATCHING_UP)
+        return True
+    with transaction.atomic():
+        state = _state(chain, lock=True)
+        if not state.paused:
+            return False
+        # Not halted when we looked: if the writer halted meanwhile, this is a RaceLost (ask again).
+        cas_update(
+            IndexerState.objects.filter(chain=chain, paused=True, mode=state.mode),
+            operation="indexer_resume",
+            paused=False,
+        )
+        _audit(
+            action=IndexerAction.RESUMED,
+            chain=chain,
+            state=state,
+            actor=actor,
+            reason=reason,
+            changes={"paused": [True, False]},
+            mode=state.mode,
+            last_indexed_height=state.last_indexed_height,
+            last_error=state.last_error[:500],
+        )
+    return True
 
 
 # --- poison height ----------------------------------------------------------------------------------
@@ -185,35 +248,59 @@ def indexer_resume(*, chain: Chain, actor: Actor, reason: str) -> bool:
 
 def indexer_retry_poison(*, chain: Chain, actor: Actor, reason: str) -> bool:
     """Clear the poison attempts so the writer tries the poison height again (after a fix), and
-    take the mode back from degraded. The poison height stays recorded until a commit passes it."""
-    _validate_reason(reason)
-    _require(actor=actor, chain=chain, role=Role.ADMIN, message=ADMIN_REQUIRED)
+    take the mode back from degraded (`degraded -> catching_up`, an admin edge of `MODE_MACHINE`;
+    catching_up lets the next commit pick the mode). The poison height stays recorded until a
+    commit passes it. Admin role; one audit row."""
+    reason = clean_reason(reason)
+    _require(
+        actor=actor,
+        chain=chain,
+        needs=RETRY_POISON_ROLE,
+        message=ADMIN_REQUIRED,
+        what="retry poison height",
+        asked={"poison_attempts": 0},
+    )
+    state = _state(chain)
+    if state.poison_height is None:
+        raise Conflict(NO_POISON_HEIGHT.format(chain=chain.slug), code="no_poison_height")
+    metadata = {
+        "chain": chain.slug,
+        "poison_height": state.poison_height,
+        "last_error": state.last_error[:500],
+    }
+    # The poison counters are part of the compare-and-set: a commit that passed the height (or
+    # another retry) meanwhile makes this a RaceLost.
+    guard = {"poison_height": state.poison_height, "poison_attempts": state.poison_attempts}
+    if state.mode == Mode.DEGRADED:
+        transition(
+            state,
+            machine=MODE_MACHINE,
+            to=Mode.CATCHING_UP,
+            actor=actor,
+            org=chain.org,
+            action=IndexerAction.POISON_RETRIED,
+            reason=reason,
+            where=guard,
+            updates={"poison_attempts": 0},
+            audit_fields=("poison_attempts",),
+            metadata=metadata,
+            check_role=False,
+        )
+        _mode_changed(chain, Mode.DEGRADED, Mode.CATCHING_UP)
+        return True
     with transaction.atomic():
-        state = _state(chain)
-        if state.poison_height is None:
-            raise Conflict(NO_POISON_HEIGHT.format(chain=chain.slug), code="no_poison_height")
-        # Degraded because of the poison height; catching_up lets the next commit pick the mode.
-        mode = Mode.CATCHING_UP if state.mode == Mode.DEGRADED else state.mode
         cas_update(
-            IndexerState.objects.filter(
-                chain=chain,
-                poison_height=state.poison_height,
-                poison_attempts=state.poison_attempts,
-                mode=state.mode,
-            ),
+            IndexerState.objects.filter(chain=chain, mode=state.mode, **guard),
             operation="indexer_retry_poison",
             poison_attempts=0,
-            mode=mode,
         )
         _audit(
             action=IndexerAction.POISON_RETRIED,
             chain=chain,
+            state=state,
             actor=actor,
             reason=reason,
-            changes={
-                "poison_attempts": [state.poison_attempts, 0],
-                **({"mode": [state.mode, mode]} if mode != state.mode else {}),
-            },
+            changes={"poison_attempts": [state.poison_attempts, 0]},
             poison_height=state.poison_height,
             last_error=state.last_error[:500],
         )
@@ -248,8 +335,15 @@ def rollback_validate(*, chain: Chain, state: IndexerState, to_height: Any) -> i
 def indexer_request_rollback(*, chain: Chain, to_height: int, actor: Actor, reason: str) -> bool:
     """Ask the writer to delete every derived row above `to_height` and re-ingest from there.
     Admin role. Returns False when the same rollback is already requested."""
-    _validate_reason(reason)
-    _require(actor=actor, chain=chain, role=Role.ADMIN, message=ADMIN_REQUIRED)
+    reason = clean_reason(reason)
+    _require(
+        actor=actor,
+        chain=chain,
+        needs=Role.ADMIN,
+        message=ADMIN_REQUIRED,
+        what="request rollback",
+        asked={"to_height": to_height},
+    )
     with transaction.atomic():
         state = _state(chain)
         to_height = rollback_validate(chain=chain, state=state, to_height=to_height)
@@ -276,6 +370,7 @@ def indexer_request_rollback(*, chain: Chain, to_height: int, actor: Actor, reas
         _audit(
             action=IndexerAction.ROLLBACK_REQUESTED,
             chain=chain,
+            state=state,
             actor=actor,
             reason=reason,
             changes={"rollback_requested_to": [None, to_height]},
@@ -299,36 +394,60 @@ def _validate_ids(ids: Sequence[int] | None) -> list[int] | None:
 
 
 def enrichment_requeue(*, chain: Chain, ids: Sequence[int] | None, actor: Actor, reason: str) -> int:
-    """failed / undecodable -> pending with fresh attempts, for the given ids of this chain or (ids
-    None) every such row of the chain. Operator role. Returns how many rows were re-queued; rows of
-    other chains and rows in other states are left alone."""
-    _validate_reason(reason)
+    """failed / undecodable -> pending with fresh attempts (operator edges of `ENRICHMENT_MACHINE`),
+    for the given ids of this chain or (ids None) every such row of the chain. Operator role. One
+    set-based move through the kernel and one audit row (counts by status) per call. Returns how
+    many rows were re-queued; rows of other chains and rows in other states are left alone."""
+    reason = clean_reason(reason)
     wanted = _validate_ids(ids)
-    _require(actor=actor, chain=chain, role=Role.OPERATOR, message=OPERATOR_REQUIRED)
+    _require(
+        actor=actor,
+        chain=chain,
+        needs=edge_role(ENRICHMENT_MACHINE, ENRICHMENT_REQUEUEABLE, EnrichmentStatus.PENDING),
+        message=OPERATOR_REQUIRED,
+        what="requeue enrichment",
+        asked={"ids": wanted[:100] if wanted is not None else "all"},
+    )
     rows = Enrichment.objects.filter(chain=chain, status__in=ENRICHMENT_REQUEUEABLE)
     if wanted is not None:
         rows = rows.filter(id__in=wanted)
+    now = clock.now()
     with transaction.atomic():
-        before = dict(
-            rows.values_list("status").annotate(n=Count("id")).values_list("status", "n").order_by()
-        )
-        if not before:
+        found = list(rows.values_list("id", "status").order_by("id"))
+        if not found:
             return 0
-        # The status condition is the compare-and-set: a worker that claimed a row meanwhile (or
-        # another operator who re-queued it) keeps it, and the count says how many we moved.
-        now = clock.now()
-        # Due at once: workers claim rows whose next attempt is not in the future.
-        requeued = rows.update(
-            status=EnrichmentStatus.PENDING, attempts=0, next_attempt_at=now, last_error="", updated_at=now
+        # `exact_from`: a row a worker claimed or another operator re-queued meanwhile keeps its
+        # state, and the counts below are those of the rows this call moved.
+        moved = set(
+            transition_rows(
+                model=Enrichment,
+                machine=ENRICHMENT_MACHINE,
+                rows=[{"pk": pk, "from": status} for pk, status in found],
+                to=EnrichmentStatus.PENDING,
+                exact_from=True,
+                # Due at once: workers claim rows whose next attempt is not in the future.
+                updates={"attempts": 0, "next_attempt_at": now, "last_error": "", "updated_at": now},
+                operation="enrichment_requeue",
+            )
         )
-        _audit(
+        if not moved:
+            return 0
+        before: dict[str, int] = {}
+        for pk, status in found:
+            if pk in moved:
+                before[status] = before.get(status, 0) + 1
+        record(
             action=IndexerAction.ENRICHMENT_REQUEUED,
-            chain=chain,
             actor=actor,
+            org=chain.org,
+            target=chain,
             reason=reason,
-            changes={"status": [before, {EnrichmentStatus.PENDING.value: requeued}]},
-            requeued=requeued,
-            scope="all" if wanted is None else "ids",
-            ids=wanted[:100] if wanted is not None else [],
+            changes={"status": [before, {EnrichmentStatus.PENDING.value: len(moved)}]},
+            metadata={
+                "chain": chain.slug,
+                "requeued": len(moved),
+                "scope": "all" if wanted is None else "ids",
+                "ids": wanted[:100] if wanted is not None else [],
+            },
         )
-    return requeued
+    return len(moved)

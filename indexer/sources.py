@@ -1,4 +1,5 @@
-"""Sync sources (seed 002): each RPC source's connection status machine and its persisted health.
+"""Sync sources (seed 002): which connection status each RPC source should have, and its persisted
+health.
 
 The RPC client (`indexer.rpc.client.CometRpc`) keeps each source's health in memory while it works;
 after every runner step `sources_observe` writes that health to the SyncSource rows in one
@@ -9,9 +10,8 @@ set-based UPDATE and derives the connection status:
     connected -> syncing -> connected(_degraded)       the best source while the indexer catches up
     any live -> disconnecting -> disconnected          failing for a while, disabled, or the process stops
 
-Status changes are compare-and-set over the allowed from-states of `CONNECTION_TRANSITIONS`; a jump
-the map does not allow in one step (disconnected -> connected) walks the shortest legal path, so the
-machine never skips a state. Degraded reasons:
+The status moves through `indexer.source_status` (`CONNECTION_MACHINE` steps through the
+transition kernel, shortest legal path, not audited; the operator's clear is). Degraded reasons:
 
 - historic_range_failed: the source could not serve a range the indexer asked for (pruned or
   missing blocks). Sticky: it holds until the source serves that range again (its earliest height
@@ -38,14 +38,15 @@ from datetime import datetime, timedelta
 
 from django.db import transaction
 
-from fleetops.audit.actors import Actor
-from fleetops.audit.services import record
 from fleetops.lib import clock
-from fleetops.lib.cas import note_race_lost
-from fleetops.lib.errors import ValidationFailed
-from indexer.metrics import SOURCE_TRANSITIONS
-from indexer.models import CONNECTION_TRANSITIONS, Chain, ConnectionStatus, DegradedReason, SyncSource
+from indexer.models import Chain, ConnectionStatus, DegradedReason, SyncSource
 from indexer.rpc.client import CometRpc, SourceHealth, lowest_available
+from indexer.source_status import (
+    DASH,
+    RANGE_FRAGMENT,
+    ordered_reasons,
+    source_transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ DISCONNECT_AFTER_SECONDS = 60.0
 FLAP_LOSSES = 3
 FLAP_WINDOW = timedelta(minutes=10)
 
-REASON_ORDER = [r.value for r in DegradedReason]
 HEALTH_FIELDS = [
     "consecutive_failures",
     "first_failure_at",
@@ -78,123 +78,9 @@ HEALTH_FIELDS = [
     "degraded_detail",
 ]
 WS_DOWN_NOTE = "websocket down: head polled from /status"
-REASON_REQUIRED = "reason is required (1-256 characters, not blank)"
-NOTHING_TO_CLEAR = "the source has no historic range failure to clear"
 
-# "blocks 1\u2013199 unavailable (pruned below 200)" (an en dash, as operators read ranges): written
-# by _range_fragment and read back by _historic_range, so the failed range survives a restart without
-# a schema field of its own.
-DASH = "\u2013"
 _ABOVE_HEAD = re.compile(r"must be less than or equal to", re.I)
 _BELOW_HISTORY = re.compile(r"is not available|lowest height is|not found|pruned", re.I)
-_RANGE_FRAGMENT = re.compile(rf"blocks (\d+){DASH}(\d+) unavailable \(([^()]*)\)")
-
-
-# --- the state machine ----------------------------------------------------------------------------
-
-
-def _allowed_from(to: int) -> frozenset[int]:
-    return frozenset(frm for frm, targets in CONNECTION_TRANSITIONS.items() if to in targets)
-
-
-_ALLOWED_FROM = {status: _allowed_from(status) for status in S.values}
-
-
-def _hop_preference(status: int) -> tuple[bool, bool, int]:
-    # Walks avoid syncing and disconnecting unless they are the goal: a source that merely answers
-    # is connected, not syncing, and a jump between live states never passes through a disconnect.
-    return (status == S.SYNCING, status == S.DISCONNECTING, status)
-
-
-def transition_path(frm: int, to: int) -> list[int]:
-    """The states after `frm` on the shortest legal way to `to` ([] when already there)."""
-    if frm == to:
-        return []
-    previous: dict[int, int] = {}
-    queue: deque[int] = deque([frm])
-    seen = {frm}
-    while queue:
-        state = queue.popleft()
-        for nxt in sorted(CONNECTION_TRANSITIONS.get(state, frozenset()), key=_hop_preference):
-            if nxt in seen:
-                continue
-            seen.add(nxt)
-            previous[nxt] = state
-            if nxt == to:
-                path = [to]
-                while path[-1] in previous and previous[path[-1]] != frm:
-                    path.append(previous[path[-1]])
-                return path[::-1]
-            queue.append(nxt)
-    raise ValueError(f"no transition path from {S(frm).label} to {S(to).label}")
-
-
-def _ordered(reasons: Iterable[str]) -> list[str]:
-    wanted = {str(r) for r in reasons}
-    unknown = wanted - set(REASON_ORDER)
-    if unknown:
-        raise ValueError(f"unknown degraded reasons: {sorted(unknown)}")
-    return [r for r in REASON_ORDER if r in wanted]
-
-
-def _chain_label(source: SyncSource) -> str:
-    if SyncSource.chain.is_cached(source):
-        return source.chain.slug
-    return str(source.chain_id)
-
-
-def source_transition(*, source: SyncSource, to: int, reasons: Iterable[str] = (), detail: str = "") -> bool:
-    """Move `source` to status `to`, walking intermediate states where the map needs them; the last
-    step also sets the degraded reasons and detail. Every step is a compare-and-set over the allowed
-    from-states, so of two writers racing one transition exactly one wins; the loser gets False
-    (counted as race_lost) and the instance keeps the last state it reached.
-
-    Already at `to`: only the reasons and detail are brought up to date, and the result is False
-    (no transition happened)."""
-    target = S(to)
-    ordered = _ordered(reasons)
-    detail = detail[:2000]
-    label = _chain_label(source)
-    if source.connection_status == target:
-        if (source.degraded_reasons or []) != ordered or source.degraded_detail != detail:
-            changed = SyncSource.objects.filter(pk=source.pk, connection_status=target).update(
-                degraded_reasons=ordered, degraded_detail=detail
-            )
-            if changed:
-                source.degraded_reasons, source.degraded_detail = ordered, detail
-        return False
-    for hop in transition_path(source.connection_status, target):
-        now = clock.now()
-        updates: dict[str, object] = {"connection_status": hop, "status_changed_at": now}
-        if hop == target:
-            updates.update(degraded_reasons=ordered, degraded_detail=detail)
-        changed = SyncSource.objects.filter(pk=source.pk, connection_status__in=_ALLOWED_FROM[hop]).update(
-            **updates
-        )
-        if changed != 1:
-            SOURCE_TRANSITIONS.labels(
-                chain=label, source=source.name, to=S(hop).label, result="race_lost"
-            ).inc()
-            note_race_lost("source_transition")
-            log.info(
-                "source %s/%s: lost the race to %s (another writer moved it first)",
-                label,
-                source.name,
-                S(hop).label,
-            )
-            return False
-        SOURCE_TRANSITIONS.labels(chain=label, source=source.name, to=S(hop).label, result="changed").inc()
-        log.info(
-            "source %s/%s: %s -> %s %s",
-            label,
-            source.name,
-            S(source.connection_status).label,
-            S(hop).label,
-            ",".join(ordered) if hop == target else "",
-        )
-        source.connection_status, source.status_changed_at = hop, now
-    source.degraded_reasons, source.degraded_detail = ordered, detail
-    return True
 
 
 # --- degraded reasons -----------------------------------------------------------------------------
@@ -213,7 +99,7 @@ def _range_fragment(first: int, last: int, why: str) -> str:
 
 
 def _historic_range(detail: str) -> tuple[int, int, str] | None:
-    match = _RANGE_FRAGMENT.search(detail or "")
+    match = RANGE_FRAGMENT.search(detail or "")
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2)), match.group(3)
@@ -316,7 +202,7 @@ def _judge(
         losses = flaps + (1 if lost else 0)
         if losses >= FLAP_LOSSES:
             fragments[DegradedReason.FLAPPING] = f"dropped {losses} times in {FLAP_WINDOW.seconds // 60} min"
-        reasons = _ordered(fragments)
+        reasons = ordered_reasons(fragments)
         parts = [fragments[r] for r in reasons]
         if ws_down:
             parts.append(WS_DOWN_NOTE)
@@ -521,7 +407,7 @@ def source_range_failed(
             return None
         merged = _merged_range(row.degraded_detail, first, last, error)
         reasons = [*(row.degraded_reasons or []), DegradedReason.HISTORIC_RANGE_FAILED]
-        kept = [p for p in (row.degraded_detail or "").split("; ") if p and not _RANGE_FRAGMENT.search(p)]
+        kept = [p for p in (row.degraded_detail or "").split("; ") if p and not RANGE_FRAGMENT.search(p)]
         detail = "; ".join([_range_fragment(*merged), *kept])
         status = row.connection_status
         to = status if status in (S.SYNCING, S.DISCONNECTING) else S.CONNECTED_DEGRADED
@@ -573,34 +459,3 @@ def sources_release(*, chain: Chain) -> int:
             source=row, to=S.DISCONNECTED, reasons=row.degraded_reasons, detail=row.degraded_detail
         )
     return moved
-
-
-def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> bool:
-    """An operator accepts a source's historic range failure (say, it is a pruned node by design):
-    the sticky reason goes, the other reasons are recomputed by the next observation. One
-    transaction, one AuditEvent. The role gate (operator or above) is the caller's edge."""
-    reason = (reason or "").strip()
-    if not reason or len(reason) > 256:
-        raise ValidationFailed(REASON_REQUIRED, fields={"reason": [REASON_REQUIRED]})
-    with transaction.atomic():
-        row = SyncSource.objects.select_for_update().select_related("chain").get(pk=source.pk)
-        before = list(row.degraded_reasons or [])
-        if DegradedReason.HISTORIC_RANGE_FAILED not in before:
-            raise ValidationFailed(NOTHING_TO_CLEAR)
-        reasons = [r for r in before if r != DegradedReason.HISTORIC_RANGE_FAILED]
-        kept = [p for p in (row.degraded_detail or "").split("; ") if p and not _RANGE_FRAGMENT.search(p)]
-        to = row.connection_status
-        if to == S.CONNECTED_DEGRADED and not reasons:
-            to = S.CONNECTED
-        source_transition(source=row, to=to, reasons=reasons, detail="; ".join(kept))
-        record(
-            action="indexer.source.clear_degraded",
-            actor=actor,
-            org=row.chain.org,
-            target=row,
-            reason=reason,
-            changes={"degraded_reasons": {"before": before, "after": reasons}},
-        )
-    source.connection_status, source.degraded_reasons = row.connection_status, row.degraded_reasons
-    source.degraded_detail = row.degraded_detail
-    return True

@@ -32,7 +32,8 @@ from typing import Any
 
 from django.db import connection
 
-from indexer.ingest import IndexedBlock, block_row, event_rows, tx_rows
+from indexer.blocks import IndexedBlock
+from indexer.ingest import block_row, event_rows, tx_rows
 from indexer.models import Block, Chain, Event, Transaction
 from indexer.rpc import parse
 

@@ -25,7 +25,11 @@ class Member:
 
     def token_client(self, role: str | None = None) -> APIClient:
         issued = api_token_create(
-            user=self.user, org=self.org, role=role or self.role, name="test", actor=Actor.for_user(self.user)
+            user=self.user,
+            org=self.org,
+            token_role=role or self.role,
+            name="test",
+            actor=Actor.for_user(self.user),
         )
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {issued.plaintext}")

@@ -4,8 +4,10 @@ from typing import Any
 
 import factory
 from django.contrib.auth import get_user_model
+from django.db import transaction
 
 from fleetops.access.models import Membership, Organization, Role
+from fleetops.audit.services import record as audit_record
 
 
 class OrganizationFactory(factory.django.DjangoModelFactory):
@@ -65,3 +67,10 @@ def make_indexed_chain(org: Organization, *, slug: str = "sim", blocks: int = 0,
         IndexerState.objects.filter(chain=chain).update(**state)
     chain.refresh_from_db()
     return chain
+
+
+def record(**kwargs):
+    """`fleetops.audit.services.record` inside its own transaction (it refuses to run outside one),
+    for tests that seed audit rows directly."""
+    with transaction.atomic():
+        return audit_record(**kwargs)

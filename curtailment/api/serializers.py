@@ -4,9 +4,10 @@ from typing import Any
 
 from rest_framework import serializers
 
-from curtailment.models import CurtailmentEvent, CurtailmentTarget, EventState, Priority, ScopeType
+from curtailment.models import TERMINATE_STATES, CurtailmentEvent, CurtailmentTarget, Priority, ScopeType
+from curtailment.planning import TEXT_CAP, trimmed_snapshot
 from curtailment.selector import REASON_SELECTED, Plan
-from curtailment.services import trimmed_snapshot
+from fleetops.api.fields import ReasonField
 
 
 class PlanInput(serializers.Serializer):
@@ -23,7 +24,8 @@ class PlanInput(serializers.Serializer):
 
 
 class StartInput(PlanInput):
-    reason = serializers.CharField(max_length=256, trim_whitespace=False)
+    # The event's title, not a reason for an action: its own cap (`curtailment.planning`).
+    reason = serializers.CharField(max_length=TEXT_CAP, trim_whitespace=False)
     max_duration_seconds = serializers.IntegerField(required=False, default=0)
     restore_batch_size = serializers.IntegerField(required=False, default=0)
     restore_batch_interval_sec = serializers.IntegerField(required=False, default=0)
@@ -37,7 +39,8 @@ class StartInput(PlanInput):
 
 
 class UpdateInput(serializers.Serializer):
-    reason = serializers.CharField(max_length=256, required=False, trim_whitespace=False)
+    # A new title for the event (its `reason` field).
+    reason = serializers.CharField(max_length=TEXT_CAP, required=False, trim_whitespace=False)
     restore_batch_size = serializers.IntegerField(required=False)
     restore_batch_interval_sec = serializers.IntegerField(required=False)
     max_duration_seconds = serializers.IntegerField(required=False)
@@ -45,12 +48,12 @@ class UpdateInput(serializers.Serializer):
 
 class StopInput(serializers.Serializer):
     force = serializers.BooleanField(default=False)
-    reason = serializers.CharField(max_length=2000, required=False, default="")
+    reason = ReasonField(required=False)
 
 
 class TerminateInput(serializers.Serializer):
-    target_state = serializers.ChoiceField(choices=[EventState.CANCELLED, EventState.FAILED])
-    reason = serializers.CharField(max_length=256, trim_whitespace=False)
+    target_state = serializers.ChoiceField(choices=list(TERMINATE_STATES))
+    reason = ReasonField()
 
 
 class ReconcilerStatusOutput(serializers.Serializer):

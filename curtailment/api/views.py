@@ -23,11 +23,9 @@ from curtailment.api.serializers import (
     UpdateInput,
 )
 from curtailment.models import EVENT_NON_TERMINAL, CurtailmentEvent, CurtailmentTarget, EventState
+from curtailment.planning import PlanRequest, StartRequest, curtailment_preview
 from curtailment.selectors import event_get, event_list, target_list
 from curtailment.services import (
-    PlanRequest,
-    StartRequest,
-    curtailment_preview,
     curtailment_start,
     curtailment_stop,
     curtailment_terminate,
@@ -56,9 +54,10 @@ class PreviewView(OrgScopedMixin, APIView):
     def post(self, request: Request) -> Response:
         data = PlanInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         plan = curtailment_preview(
-            org=access.org, role=access.role, req=PlanRequest(**_plan_request(data.validated_data))
+            org=self.org_access.org,
+            actor=self.actor,
+            req=PlanRequest(**_plan_request(data.validated_data)),
         )
         return Response(PlanOutput.from_plan(plan))
 
@@ -93,10 +92,7 @@ class EventListCreate(OrgScopedListView):
         # The header doubles as the event's own key: after the 24 h response store is pruned, a
         # retry still replays the event while it is live.
         values["idempotency_key"] = values.get("idempotency_key") or request.headers.get(IDEMPOTENCY_HEADER)
-        access = self.org_access
-        result = curtailment_start(
-            org=access.org, actor=self.actor, role=access.role, req=StartRequest(**values)
-        )
+        result = curtailment_start(org=self.org_access.org, actor=self.actor, req=StartRequest(**values))
         return Response(
             EventOutput(result.event).data,
             status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
@@ -114,11 +110,9 @@ class EventDetail(OrgScopedMixin, APIView):
     def patch(self, request: Request, uuid: str) -> Response:
         data = UpdateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         event = curtailment_update(
-            event=event_get(org=access.org, uuid=uuid),
+            event=event_get(org=self.org_access.org, uuid=uuid),
             actor=self.actor,
-            role=access.role,
             patch=dict(data.validated_data),
         )
         return Response(EventOutput(event).data)
@@ -145,11 +139,9 @@ class EventStop(OrgScopedMixin, APIView):
     def post(self, request: Request, uuid: str) -> Response:
         data = StopInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         event = curtailment_stop(
-            event=event_get(org=access.org, uuid=uuid),
+            event=event_get(org=self.org_access.org, uuid=uuid),
             actor=self.actor,
-            role=access.role,
             force=data.validated_data["force"],
             reason=data.validated_data["reason"],
         )
@@ -167,11 +159,9 @@ class EventTerminate(OrgScopedMixin, APIView):
     def post(self, request: Request, uuid: str) -> Response:
         data = TerminateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         event, _ = curtailment_terminate(
-            event=event_get(org=access.org, uuid=uuid),
+            event=event_get(org=self.org_access.org, uuid=uuid),
             actor=self.actor,
-            role=access.role,
             target_state=data.validated_data["target_state"],
             reason=data.validated_data["reason"],
         )
@@ -190,11 +180,7 @@ class ReconcilerStatus(OrgScopedMixin, APIView):
         from fleetops.observability.models import Heartbeat
 
         heartbeat = Heartbeat.objects.filter(name=HEARTBEAT).first()
-        live = (
-            event_list(org=self.org_access.org)
-            .filter(state__in=[s.value for s in EVENT_NON_TERMINAL])
-            .count()
-        )
+        live = event_list(org=self.org_access.org).filter(state__in=EVENT_NON_TERMINAL).count()
         return Response(
             {
                 "last_tick_at": heartbeat.last_beat_at if heartbeat else None,

@@ -139,7 +139,7 @@ class ApiTokenAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
             issued = api_token_create(
                 user=request.user,
                 org=obj.org,
-                role=obj.role,
+                token_role=obj.role,
                 name=obj.name,
                 expires_at=obj.expires_at,
                 actor=Actor.for_user(request.user),

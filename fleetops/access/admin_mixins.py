@@ -17,12 +17,17 @@ from django.contrib.admin import helpers
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils.html import format_html_join
+from django.utils.safestring import SafeString, mark_safe
 
 from fleetops.access.models import Organization, Role
 from fleetops.access.permissions import audit_denied
 from fleetops.access.selectors import highest_role, org_ids_for_user, org_ids_with_role, role_in_org
 from fleetops.audit.actors import Actor
+from fleetops.lib.diagram import svg
 from fleetops.lib.errors import DomainError
+from fleetops.lib.machine import Machine
+from fleetops.lib.reason import REASON_MAX_LENGTH, clean_reason
 
 
 def _org_id_of(obj: Model, org_field: str) -> int | None:
@@ -96,12 +101,25 @@ class OrgScopedAdminMixin:
         return super().formfield_for_foreignkey(db_field, request, **kwargs)  # type: ignore[misc]
 
 
+class ReasonField(forms.CharField):
+    """The reason an operator gives for an action: `fleetops.lib.reason.clean_reason`'s rules."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("widget", forms.Textarea(attrs={"rows": 3, "cols": 80}))
+        kwargs.setdefault("max_length", REASON_MAX_LENGTH)
+        kwargs.setdefault("help_text", "Recorded in the audit log with your name.")
+        super().__init__(**kwargs)
+
+    def clean(self, value: Any) -> str:
+        value = super().clean(value)
+        try:
+            return clean_reason(value, required=self.required)
+        except DomainError as exc:
+            raise forms.ValidationError(exc.message) from exc
+
+
 class ReasonForm(forms.Form):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
-        max_length=2000,
-        help_text="Recorded in the audit log with your name.",
-    )
+    reason = ReasonField()
 
 
 ActionService = Callable[..., Any]
@@ -192,11 +210,30 @@ def reasoned_action(
 
 
 class ObjectActionForm(forms.Form):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
-        max_length=256,
-        help_text="Recorded in the audit log with your name.",
-    )
+    reason = ReasonField()
+
+
+class StateDiagramMixin:
+    """Shows the object's state machines, drawn from their declarations, on its detail page.
+
+    Set `state_machines = [MACHINE, ...]` and add `"state_diagram"` to `readonly_fields` (and to the
+    fieldsets when the admin declares them)."""
+
+    state_machines: ClassVar[list[Machine]] = []
+
+    @admin.display(description="State machine")
+    def state_diagram(self, obj: Model | None) -> SafeString:
+        if obj is None or obj.pk is None:
+            return mark_safe("")
+        drawings = [
+            (m.name, mark_safe(svg(m, current=getattr(obj, m.field, None))))  # noqa: S308 - built from escaped parts
+            for m in self.state_machines
+        ]
+        return format_html_join(
+            "",
+            '<figure class="state-machine"><figcaption>{}</figcaption>{}</figure>',
+            drawings,
+        )
 
 
 @dataclass(frozen=True)

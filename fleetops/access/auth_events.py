@@ -9,11 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.db import transaction
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import PlatformAction
-from fleetops.audit.services import record
+from fleetops.audit.services import record as _record
 from fleetops.observability.metrics import LOGIN_FAILURES
+
+
+def record(**kwargs: Any) -> None:
+    # A login outcome is its own change: its row commits on its own transaction.
+    with transaction.atomic():
+        _record(**kwargs)
 
 
 def _client_ip(request: Any) -> str:

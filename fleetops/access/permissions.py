@@ -7,11 +7,9 @@ from rest_framework.request import Request
 
 from fleetops.access.context import resolve_org_access
 from fleetops.access.models import Role
+from fleetops.access.roles import audit_denial
 from fleetops.audit.actors import Actor
-from fleetops.audit.models import PlatformAction
-from fleetops.audit.services import record
 from fleetops.observability.context import actor_var
-from fleetops.observability.metrics import ACCESS_DENIED
 
 ROLE_REQUIRED = "This needs the {role} role in the organization; you have {have}."
 INTERACTIVE_REQUIRED = "This needs an interactive session (log in to the portal); API tokens cannot do it."
@@ -30,12 +28,10 @@ def required_role_for(view: Any, request: Request) -> Role:
 
 
 def audit_denied(request: Any, *, surface: str, org: Any, required: str, have: str | None, what: str) -> None:
-    ACCESS_DENIED.labels(surface=surface).inc()
-    record(
-        action=PlatformAction.DENIED,
-        actor=Actor.from_request(request),
-        org=org,
-        metadata={"surface": surface, "what": what, "required_role": required, "role": have},
+    """A refusal at an edge (API permission class, admin gate): the same `access.denied` row as a
+    refusal inside a service (`fleetops.access.roles`)."""
+    audit_denial(
+        actor=Actor.from_request(request), org=org, surface=surface, what=what, required=required, have=have
     )
 
 

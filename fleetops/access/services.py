@@ -8,19 +8,20 @@ from typing import Any
 from django.db import transaction
 
 from fleetops.access.models import ApiToken, Organization, Role
+from fleetops.access.roles import audit_denial, require_role
 from fleetops.access.selectors import role_in_org
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import PlatformAction
 from fleetops.audit.services import record
 from fleetops.lib import clock
 from fleetops.lib.errors import Forbidden, NotFound, ValidationFailed
+from fleetops.lib.reason import clean_reason
 
 TOKEN_ROLE_TOO_HIGH = "A token's role cannot be higher than your own role in the organization."
 TOKEN_NOT_A_MEMBER = "You are not a member of this organization."
 TOKEN_NAME_REQUIRED = "Give the token a name so you can recognise it later."
 TOKEN_EXPIRY_IN_PAST = "The expiry must be in the future."
 TOKEN_REVOKE_FORBIDDEN = "Only the token's owner or an organization admin can revoke it."
-REASON_REQUIRED = "A reason is required."
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def api_token_create(
     *,
     user: Any,
     org: Organization,
-    role: str,
+    token_role: str,
     name: str,
     actor: Actor,
     expires_at: datetime | None = None,
@@ -42,14 +43,25 @@ def api_token_create(
     name = name.strip()
     if not name:
         raise ValidationFailed(TOKEN_NAME_REQUIRED, fields={"name": [TOKEN_NAME_REQUIRED]})
-    if role not in Role.values:
-        raise ValidationFailed(f"Unknown role {role!r}.", fields={"role": [f"Choose one of {Role.values}."]})
+    if token_role not in Role.values:
+        raise ValidationFailed(
+            f"Unknown role {token_role!r}.", fields={"role": [f"Choose one of {Role.values}."]}
+        )
     if expires_at is not None and expires_at <= clock.now():
         raise ValidationFailed(TOKEN_EXPIRY_IN_PAST, fields={"expires_at": [TOKEN_EXPIRY_IN_PAST]})
     own_role = role_in_org(user=user, org_id=org.pk)
     if own_role is None:
         raise NotFound(TOKEN_NOT_A_MEMBER)
-    if not Role.at_least(own_role, role):
+    if not Role.at_least(own_role, token_role):
+        audit_denial(
+            actor=actor,
+            org=org,
+            surface="service",
+            what="access.token_create",
+            required=token_role,
+            have=own_role,
+            asked={"role": token_role, "owner": user.get_username()},
+        )
         raise Forbidden(TOKEN_ROLE_TOO_HIGH, fields={"role": [TOKEN_ROLE_TOO_HIGH]})
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
@@ -58,7 +70,7 @@ def api_token_create(
         token = ApiToken.objects.create(
             user=user,
             org=org,
-            role=role,
+            role=token_role,
             name=name[:100],
             key_id=key_id,
             secret_hash=ApiToken.hash_secret(secret),
@@ -69,7 +81,7 @@ def api_token_create(
             actor=actor,
             org=org,
             target=token,
-            changes={"role": [None, role], "name": [None, token.name]},
+            changes={"role": [None, token_role], "name": [None, token.name]},
             metadata={"key_id": key_id, "owner": user.get_username()},
         )
     return IssuedToken(token=token, plaintext=plaintext)
@@ -77,21 +89,20 @@ def api_token_create(
 
 def api_token_revoke(*, token: ApiToken, actor: Actor, reason: str) -> bool:
     """Revoke a token. Returns False (and writes nothing) when it was already revoked."""
-    reason = reason.strip()
-    if not reason:
-        raise ValidationFailed(REASON_REQUIRED, fields={"reason": [REASON_REQUIRED]})
-    if actor.user_id != token.user_id and not actor.is_superuser:
-        from django.contrib.auth import get_user_model
-
-        acting_user = get_user_model().objects.filter(pk=actor.user_id or 0).first()
-        if acting_user is None or not Role.at_least(
-            role_in_org(user=acting_user, org_id=token.org_id), Role.ADMIN
-        ):
-            raise Forbidden(TOKEN_REVOKE_FORBIDDEN)
+    reason = clean_reason(reason)
+    if actor.user_id is None or actor.user_id != token.user_id:
+        require_role(
+            actor=actor,
+            org=token.org,
+            role=Role.ADMIN,
+            what="access.token_revoke",
+            message=TOKEN_REVOKE_FORBIDDEN,
+            target=token,
+        )
     now = clock.now()
     with transaction.atomic():
         changed = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
-            revoked_at=now, revoked_reason=reason[:500]
+            revoked_at=now, revoked_reason=reason
         )
         if not changed:
             return False
@@ -103,7 +114,7 @@ def api_token_revoke(*, token: ApiToken, actor: Actor, reason: str) -> bool:
             reason=reason,
             changes={"revoked_at": [None, now]},
         )
-    token.revoked_at, token.revoked_reason = now, reason[:500]
+    token.revoked_at, token.revoked_reason = now, reason
     return True
 
 

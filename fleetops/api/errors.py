@@ -1,7 +1,8 @@
 """The one error shape: `{"error": {"code": "...", "message": "...", "fields": {...}}}`.
 
 Every error leaving /api/ has it: DRF's own exceptions, domain errors raised by services, unknown
-paths, wrong methods and unexpected crashes (as a 500 with no internals).
+paths, wrong methods, a database outage (503 `database_unavailable` with Retry-After) and unexpected
+crashes (as a 500 with no internals).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from rest_framework.views import set_rollback
 
 from fleetops.lib.errors import DomainError
 from fleetops.observability.metrics import API_ERRORS
+from fleetops.observability.outages import (
+    DATABASE_ERRORS,
+    DATABASE_UNAVAILABLE,
+    DATABASE_UNAVAILABLE_MESSAGE,
+    RETRY_AFTER_SECONDS,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         body = error_body(code, message, fields)
         status_code = exc.status_code
         set_rollback()
+    elif isinstance(exc, DATABASE_ERRORS):
+        # PostgreSQL is down or restarting: not a bug and not the client's fault. Nothing committed
+        # (every write is one transaction), so the client may safely retry the same request.
+        log.warning("database unavailable: %s", one_line(exc))
+        body = error_body(DATABASE_UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
+        status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        set_rollback()
     else:
         # Anything else is our bug, never the client's: log it with the request id, answer 500.
         log.exception("unhandled API error", exc_info=exc)
@@ -102,6 +118,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
 def _json_error(status_code: int, code: str, message: str) -> JsonResponse:
     API_ERRORS.labels(status=str(status_code), code=code).inc()
     return JsonResponse(error_body(code, message), status=status_code)
+
+
+def database_unavailable_json() -> JsonResponse:
+    """The API's answer when the database fails outside a DRF view (authentication middleware,
+    session save): the same shape and header as `api_exception_handler` gives."""
+    response = _json_error(503, DATABASE_UNAVAILABLE, DATABASE_UNAVAILABLE_MESSAGE)
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 def api_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:

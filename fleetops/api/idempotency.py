@@ -27,9 +27,11 @@ from rest_framework.response import Response
 
 from fleetops.access.context import resolve_org_access
 from fleetops.access.models import Organization
-from fleetops.api.models import IdempotencyKey
+from fleetops.access.roles import denials_outlive_rollback
+from fleetops.api.models import IDEMPOTENCY_MACHINE, IdempotencyKey
 from fleetops.lib import clock
 from fleetops.lib.errors import Conflict, Unprocessable, ValidationFailed
+from fleetops.lib.transition import transition_rows
 from fleetops.observability.metrics import IDEMPOTENCY_OUTCOMES
 
 HEADER = "Idempotency-Key"
@@ -140,15 +142,23 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
                     headers={REPLAY_HEADER: "true"},
                 )
             try:
-                with transaction.atomic():
+                # A refusal audited inside the view is written after this block, so the rollback of
+                # the refused request does not take its `access.denied` row with it.
+                with denials_outlive_rollback(), transaction.atomic():
                     response = view_method(self, request, *args, **kwargs)
                     if response.status_code >= 500:
                         raise _ServerError(response)
-                    IdempotencyKey.objects.filter(pk=claim.row_id).update(
-                        state=IdempotencyKey.State.COMPLETED,
-                        response_status=response.status_code,
-                        response_body=_redacted(response.data, redact),
-                        completed_at=clock.now(),
+                    transition_rows(
+                        model=IdempotencyKey,
+                        machine=IDEMPOTENCY_MACHINE,
+                        rows=[{"pk": claim.row_id}],
+                        to=IdempotencyKey.State.COMPLETED,
+                        updates={
+                            "response_status": response.status_code,
+                            "response_body": _redacted(response.data, redact),
+                            "completed_at": clock.now(),
+                        },
+                        operation="idempotency_complete",
                     )
             except _ServerError as failed:
                 idempotency_release(row_id=claim.row_id)

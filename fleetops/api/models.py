@@ -3,6 +3,24 @@ from __future__ import annotations
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
+from fleetops.lib.machine import Machine
+
+
+class IdempotencyState(models.TextChoices):
+    IN_FLIGHT = "in_flight", "In flight"
+    COMPLETED = "completed", "Completed"
+
+
+# Plumbing, not an operator-visible change: the edge writes no audit row (the request it answers
+# writes its own).
+IDEMPOTENCY_MACHINE = Machine.declare(
+    "api.idempotency_key",
+    IdempotencyState,
+    field="state",
+    initial=IdempotencyState.IN_FLIGHT,
+    edges={IdempotencyState.IN_FLIGHT: {IdempotencyState.COMPLETED: None}},
+)
+
 
 class IdempotencyKey(models.Model):
     """A client's `Idempotency-Key` for one organization, with the request's fingerprint and, once
@@ -15,9 +33,7 @@ class IdempotencyKey(models.Model):
     Rows are pruned after IDEMPOTENCY_TTL_HOURS (24 h by default).
     """
 
-    class State(models.TextChoices):
-        IN_FLIGHT = "in_flight", "In flight"
-        COMPLETED = "completed", "Completed"
+    State = IdempotencyState
 
     org = models.ForeignKey("access.Organization", on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=255)
@@ -35,10 +51,11 @@ class IdempotencyKey(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["org", "key"], name="idempotency_key_unique_per_org"),
             models.CheckConstraint(
-                condition=models.Q(state__in=["in_flight", "completed"]), name="idempotency_state_valid"
+                condition=IDEMPOTENCY_MACHINE.constraint_q(), name="idempotency_state_valid"
             ),
             models.CheckConstraint(
-                condition=models.Q(state="in_flight") | models.Q(response_status__isnull=False),
+                condition=models.Q(state=IDEMPOTENCY_MACHINE.initial)
+                | models.Q(response_status__isnull=False),
                 name="idempotency_completed_has_response",
             ),
         ]

@@ -20,6 +20,29 @@ class Actor:
     is_superuser: bool = False
     interactive: bool = False
 
+    def to_payload(self) -> dict[str, Any]:
+        """Every field, as JSON-safe values, for a Celery task's arguments."""
+        return {
+            "type": str(self.type),
+            "id": self.id,
+            "label": self.label,
+            "user_id": self.user_id,
+            "is_superuser": self.is_superuser,
+            "interactive": self.interactive,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Actor:
+        """The inverse of `to_payload` (an unknown actor type raises ValueError)."""
+        return cls(
+            type=ActorType(payload["type"]),
+            id=str(payload.get("id", "")),
+            label=str(payload.get("label", "")),
+            user_id=payload.get("user_id"),
+            is_superuser=bool(payload.get("is_superuser", False)),
+            interactive=bool(payload.get("interactive", False)),
+        )
+
     @classmethod
     def for_user(cls, user: Any, *, interactive: bool = True) -> Actor:
         return cls(

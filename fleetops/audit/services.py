@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import connection, models
 
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
@@ -58,7 +58,12 @@ def record(
     changes: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> AuditEvent:
-    """Write one audit row. Call it inside the transaction of the change it describes."""
+    """Write one audit row inside the transaction of the change it describes.
+
+    Outside a transaction it raises `AuditOutsideTransaction`: an audit row committed apart from
+    its change is how a crash leaves a change without its row (or a row without its change).
+    """
+    _require_transaction()
     if target is not None:
         meta = target._meta
         target_type = target_type or f"{meta.app_label}.{meta.model_name}"
@@ -81,6 +86,61 @@ def record(
     )
     AUDIT_EVENTS.labels(actor_type=actor.type).inc()
     return event
+
+
+class AuditOutsideTransaction(RuntimeError):
+    """`record()` was called in autocommit: wrap the change and its audit row in one transaction."""
+
+
+def _require_transaction() -> None:
+    # The test suite wraps each test in atomic blocks marked `_from_testcase`; they do not count,
+    # or every test would pass whether the code under test opened its transaction or not.
+    if not any(not getattr(block, "_from_testcase", False) for block in connection.atomic_blocks):
+        raise AuditOutsideTransaction(
+            "audit rows are written inside the transaction of the change they describe; "
+            "call record() inside transaction.atomic()"
+        )
+
+
+def record_many(
+    *,
+    action: str,
+    actor: Actor,
+    entries: Iterable[Mapping[str, Any]],
+    reason: str = "",
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Write one audit row per entry with one INSERT (set-based engines and bulk operator actions).
+
+    Each entry has `org_id`, `target_type`, `target_id`, `target_label` and optionally `changes`
+    and `metadata` (merged over the shared `metadata`). Same transaction rule as `record()`.
+    """
+    _require_transaction()
+    at = clock.now()
+    request_id = current_request_id()
+    shared = _jsonable(dict(metadata or {}))
+    rows = [
+        AuditEvent(
+            at=at,
+            org_id=entry.get("org_id"),
+            actor_type=actor.type,
+            actor_id=actor.id,
+            actor_label=actor.label[:200],
+            action=action,
+            target_type=entry.get("target_type", ""),
+            target_id=str(entry.get("target_id", "")),
+            target_label=str(entry.get("target_label", ""))[:200],
+            reason=reason,
+            changes=_jsonable(dict(entry.get("changes") or {})),
+            metadata={**shared, **_jsonable(dict(entry.get("metadata") or {}))},
+            request_id=request_id,
+        )
+        for entry in entries
+    ]
+    AuditEvent.objects.bulk_create(rows, batch_size=1000)
+    if rows:
+        AUDIT_EVENTS.labels(actor_type=actor.type).inc(len(rows))
+    return len(rows)
 
 
 AUDIT_PRUNE_BATCH = 10_000
@@ -114,11 +174,12 @@ def audit_prune(*, older_than_days: int, actor: Actor) -> int:
             break
     from fleetops.audit.models import PlatformAction
 
-    record(
-        action=PlatformAction.AUDIT_PRUNED,
-        actor=actor,
-        org=None,
-        metadata={"deleted": deleted, "cutoff": cutoff.isoformat(), "retention_days": older_than_days},
-    )
+    with transaction.atomic():
+        record(
+            action=PlatformAction.AUDIT_PRUNED,
+            actor=actor,
+            org=None,
+            metadata={"deleted": deleted, "cutoff": cutoff.isoformat(), "retention_days": older_than_days},
+        )
     log.info("audit pruned", extra={"deleted": deleted})
     return deleted

@@ -1,7 +1,8 @@
 """Compare-and-set helpers: a conditional UPDATE whose row count is checked.
 
-`queryset.filter(pk=..., state__in=allowed).update(...)` is the only way rows change state. If the
-row count is not what the caller expected, somebody else moved the row first; that is a `RaceLost`,
+State columns move through the transition kernel (`fleetops.lib.transition`), which uses these;
+`cas_update` is for the other guarded columns (cursors, leases, counters). If the row count is
+not what the caller expected, somebody else moved the row first; that is a `RaceLost`,
 counted in `fleetops_platform_race_lost_total{operation}` and logged, never silently success.
 """
 
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 from django.db import models
 
 from fleetops.lib.errors import RaceLost
+from fleetops.observability.metrics import RACE_LOST
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=models.Model)
@@ -28,7 +30,6 @@ def cas_update(queryset: models.QuerySet[M], *, operation: str, expected: int = 
 
 
 def note_race_lost(operation: str, *, expected: int = 1, changed: int = 0) -> None:
-    from fleetops.observability.metrics import RACE_LOST
-
-    RACE_LOST.labels(operation=operation).inc()
-    log.info("race lost", extra={"operation": operation, "expected": expected, "changed": changed})
+    """Count a lost compare-and-set once per call (never a log line per row)."""
+    RACE_LOST.labels(operation=operation).inc(max(expected - changed, 1))
+    log.debug("race lost", extra={"operation": operation, "expected": expected, "changed": changed})

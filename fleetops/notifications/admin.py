@@ -14,11 +14,11 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from fleetops.access.admin_mixins import OrgScopedAdminMixin
+from fleetops.access.admin_mixins import OrgScopedAdminMixin, StateDiagramMixin
 from fleetops.access.models import Role
-from fleetops.access.selectors import organizations_for_user, role_in_org
+from fleetops.access.selectors import organizations_for_user
 from fleetops.audit.actors import Actor
-from fleetops.notifications.models import NotificationChannel, NotificationDelivery
+from fleetops.notifications.models import DELIVERY_MACHINE, NotificationChannel, NotificationDelivery
 from fleetops.notifications.registry import event_type_choices
 from fleetops.notifications.services import notification_channel_save
 
@@ -108,7 +108,6 @@ class NotificationChannelAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = notification_channel_save(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id),
             channel=NotificationChannel.objects.get(pk=obj.pk) if change else None,
             values=values,
             event_types=list(data.get("event_types") or []),
@@ -120,13 +119,14 @@ class NotificationChannelAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(NotificationDelivery)
-class NotificationDeliveryAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
+class NotificationDeliveryAdmin(StateDiagramMixin, OrgScopedAdminMixin, admin.ModelAdmin):
     """The notification log: what was sent where, when, and what went wrong."""
 
+    state_machines = [DELIVERY_MACHINE]
     list_display = ["created_at", "event_type", "subject", "channel", "status", "attempts", "error", "org"]
     list_filter = ["status", "event_type", OrgFilter]
     list_select_related = ["channel", "org"]
     search_fields = ["subject", "=event_type"]
-    readonly_fields = [f.name for f in NotificationDelivery._meta.fields]
+    readonly_fields = [*(f.name for f in NotificationDelivery._meta.fields), "state_diagram"]
     ordering = ["-id"]
     show_full_result_count = False

@@ -15,6 +15,8 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
+from fleetops.lib.machine import Machine
+
 
 class ChannelKind(models.TextChoices):
     WEBHOOK = "webhook", "Webhook"
@@ -27,10 +29,23 @@ class DeliveryStatus(models.TextChoices):
     ERROR = "error", "Error"
 
 
-DELIVERY_TERMINAL = (DeliveryStatus.SENT, DeliveryStatus.ERROR)
-DELIVERY_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    DeliveryStatus.PENDING: (DeliveryStatus.PENDING, DeliveryStatus.SENT, DeliveryStatus.ERROR),
-}
+# pending ─(attempt claimed / failed, retry later)─> pending ─> sent | error (attempts exhausted).
+# Every edge is the sender's (engine); deliveries are a log, so the edges write no audit row: the
+# channel changes that decide where they go are audited instead.
+DELIVERY_MACHINE = Machine.declare(
+    "notifications.delivery",
+    DeliveryStatus,
+    field="status",
+    initial=DeliveryStatus.PENDING,
+    edges={
+        DeliveryStatus.PENDING: {
+            DeliveryStatus.PENDING: None,
+            DeliveryStatus.SENT: None,
+            DeliveryStatus.ERROR: None,
+        },
+    },
+    terminal=(DeliveryStatus.SENT, DeliveryStatus.ERROR),
+)
 
 
 class NotificationChannel(models.Model):
@@ -95,7 +110,7 @@ class NotificationDelivery(models.Model):
         verbose_name_plural = "notification deliveries"
         constraints = [
             models.CheckConstraint(
-                condition=Q(status__in=DeliveryStatus.values), name="notifdelivery_status_valid"
+                condition=DELIVERY_MACHINE.constraint_q(), name="notifdelivery_status_valid"
             ),
         ]
         indexes = [

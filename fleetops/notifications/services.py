@@ -18,20 +18,22 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from celery import current_app
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import transaction
-from django.db.models import F
 
 from fleetops.access.models import Organization, Role
+from fleetops.access.roles import require_role
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import changes_between, record, snapshot
 from fleetops.lib import clock
 from fleetops.lib.backoff import backoff_delay
-from fleetops.lib.cas import note_race_lost
-from fleetops.lib.errors import Forbidden, ValidationFailed
+from fleetops.lib.errors import ValidationFailed
+from fleetops.lib.transition import transition_rows
 from fleetops.notifications.metrics import DELIVERIES, KICK_FAILURES
 from fleetops.notifications.models import (
+    DELIVERY_MACHINE,
     ChannelKind,
     DeliveryStatus,
     NotificationChannel,
@@ -92,12 +94,13 @@ def notification_publish(
     return ids
 
 
+DELIVER_TASK = "fleetops.notifications.tasks.deliver"
+
+
 def _kick(ids: list[int]) -> None:
     try:
-        from fleetops.notifications.tasks import deliver
-
         for delivery_id in ids:
-            deliver.delay(delivery_id)
+            current_app.send_task(DELIVER_TASK, args=[delivery_id])
     except Exception:
         # The rows are stored: the every-minute sweep sends them. Never fail the caller for this.
         KICK_FAILURES.inc()
@@ -173,60 +176,71 @@ def delivery_send(*, delivery_id: int) -> str | None:
     """Send one due pending delivery. Returns its new status, or None when it was not ours to send
     (already sent, not due, or claimed by another worker)."""
     now = clock.now()
-    # 1. Claim: count the attempt and push next_attempt_at out by the lease, in one UPDATE.
-    claimed = NotificationDelivery.objects.filter(
-        pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-    ).update(
-        attempts=F("attempts") + 1,
-        last_attempt_at=now,
-        next_attempt_at=now + timedelta(seconds=SEND_LEASE_SECONDS),
+    seen = (
+        NotificationDelivery.objects.filter(pk=delivery_id, next_attempt_at__lte=now)
+        .values("status", "attempts")
+        .first()
     )
-    if claimed != 1:
+    if seen is None or seen["status"] not in DELIVERY_MACHINE.allowed_from(DeliveryStatus.SENT):
+        return None
+    # 1. Claim: pending -> pending on the attempt counter we read (a concurrent claim moved it), count
+    #    the attempt and push next_attempt_at out by the lease, in one UPDATE.
+    claimed = transition_rows(
+        model=NotificationDelivery,
+        machine=DELIVERY_MACHINE,
+        rows=[{"pk": delivery_id, "attempts": seen["attempts"]}],
+        to=DeliveryStatus.PENDING,
+        match=("attempts",),
+        increments={"attempts": 1},
+        updates={"last_attempt_at": now, "next_attempt_at": now + timedelta(seconds=SEND_LEASE_SECONDS)},
+        operation="notifications_delivery_claim",
+    )
+    if not claimed:
         return None
     delivery = NotificationDelivery.objects.select_related("channel", "org").get(pk=delivery_id)
     # 2. Send, outside any transaction.
     outcome = _send(delivery)
     # 3. Record, conditional on the claim still being ours (same attempt number).
-    mine = NotificationDelivery.objects.filter(
-        pk=delivery_id, status=DeliveryStatus.PENDING, attempts=delivery.attempts
-    )
     kind = delivery.channel.kind
     if outcome.ok:
-        if not mine.update(
-            status=DeliveryStatus.SENT, sent_at=clock.now(), error="", response_status=outcome.response_status
-        ):
-            _claim_lost(delivery_id)
-            return None
-        DELIVERIES.labels(kind=kind, outcome="sent").inc()
-        return DeliveryStatus.SENT
-    if delivery.attempts >= settings.FLEETOPS_NOTIFICATION_MAX_ATTEMPTS:
-        if not mine.update(
-            status=DeliveryStatus.ERROR, error=outcome.error[:2000], response_status=outcome.response_status
-        ):
-            _claim_lost(delivery_id)
-            return None
-        DELIVERIES.labels(kind=kind, outcome="error").inc()
+        status = DeliveryStatus.SENT
+        updates: dict[str, Any] = {
+            "sent_at": clock.now(),
+            "error": "",
+            "response_status": outcome.response_status,
+        }
+    elif delivery.attempts >= settings.FLEETOPS_NOTIFICATION_MAX_ATTEMPTS:
+        status = DeliveryStatus.ERROR
+        updates = {"error": outcome.error[:2000], "response_status": outcome.response_status}
+    else:
+        status = DeliveryStatus.PENDING
+        delay = backoff_delay(delivery.attempts, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS, jitter=False)
+        updates = {
+            "error": outcome.error[:2000],
+            "response_status": outcome.response_status,
+            "next_attempt_at": clock.now() + timedelta(seconds=delay),
+        }
+    recorded = transition_rows(
+        model=NotificationDelivery,
+        machine=DELIVERY_MACHINE,
+        rows=[{"pk": delivery_id, "attempts": delivery.attempts}],
+        to=status,
+        match=("attempts",),
+        updates=updates,
+        operation="notifications_delivery_record",
+    )
+    if not recorded:
+        # Our lease expired mid-send and another worker re-claimed (or finished) the delivery: its
+        # outcome is the one that counts (the kernel counted the lost race).
+        log.warning("notification delivery claim lost before recording", extra={"delivery": delivery_id})
+        return None
+    outcome_label = {DeliveryStatus.SENT: "sent", DeliveryStatus.ERROR: "error"}.get(status, "retry")
+    DELIVERIES.labels(kind=kind, outcome=outcome_label).inc()
+    if status == DeliveryStatus.ERROR:
         log.warning(
             "notification delivery failed for good", extra={"delivery": delivery_id, "error": outcome.error}
         )
-        return DeliveryStatus.ERROR
-    delay = backoff_delay(delivery.attempts, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS, jitter=False)
-    if not mine.update(
-        error=outcome.error[:2000],
-        response_status=outcome.response_status,
-        next_attempt_at=clock.now() + timedelta(seconds=delay),
-    ):
-        _claim_lost(delivery_id)
-        return None
-    DELIVERIES.labels(kind=kind, outcome="retry").inc()
-    return DeliveryStatus.PENDING
-
-
-def _claim_lost(delivery_id: int) -> None:
-    """Our lease expired mid-send and another worker re-claimed (or finished) the delivery: its
-    outcome is the one that counts. Counted as a lost race, not as a send."""
-    note_race_lost("notifications_delivery_record")
-    log.warning("notification delivery claim lost before recording", extra={"delivery": delivery_id})
+    return status
 
 
 def deliveries_send_pending(*, limit: int = 200) -> int:
@@ -242,10 +256,6 @@ def deliveries_send_pending(*, limit: int = 200) -> int:
 CHANNEL_FIELDS = ("name", "kind", "target", "enabled", "secret")
 
 
-def _is_admin(role: str | None) -> bool:
-    return role in Role.values and Role.at_least(role, Role.ADMIN)
-
-
 def _validate_target(kind: str, target: str) -> None:
     if kind == ChannelKind.WEBHOOK and not target.startswith(("http://", "https://")):
         raise ValidationFailed(TARGET_INVALID_WEBHOOK, fields={"target": [TARGET_INVALID_WEBHOOK]})
@@ -257,15 +267,21 @@ def notification_channel_save(
     *,
     org: Organization,
     actor: Actor,
-    role: str | None,
     channel: NotificationChannel | None,
     values: Mapping[str, Any],
     event_types: list[str] | None = None,
 ) -> NotificationChannel:
     """Create or change a channel (and, when given, its subscriptions); admin only; one audit row.
     The secret is never written to the audit log, only whether it changed."""
-    if not _is_admin(role):
-        raise Forbidden(ADMIN_REQUIRED)
+    require_role(
+        actor=actor,
+        org=org,
+        role=Role.ADMIN,
+        what="notifications.channel_save",
+        message=ADMIN_REQUIRED,
+        target=channel,
+        asked={"fields": sorted(values)},
+    )
     unknown = set(values) - set(CHANNEL_FIELDS)
     if unknown:
         raise ValidationFailed(f"unknown fields {sorted(unknown)}")

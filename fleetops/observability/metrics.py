@@ -25,6 +25,11 @@ IDEMPOTENCY_OUTCOMES = Counter(
     "Requests carrying an Idempotency-Key, by outcome (new, replayed, in_flight, mismatch, takeover).",
     ["outcome"],
 )
+TRANSITIONS = Counter(
+    "fleetops_platform_transitions_total",
+    "State changes made through the transition kernel, by machine and target state.",
+    ["machine", "to"],
+)
 ACCESS_DENIED = Counter(
     "fleetops_access_denied_total",
     "Authenticated requests or admin actions refused for lack of role.",

@@ -6,7 +6,17 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from fleetops.settings.env import env_bool, env_choice, env_database, env_int, env_list, env_str
+from fleetops.settings.env import (
+    broker_ssl_options,
+    env_bool,
+    env_broker_url,
+    env_cache,
+    env_choice,
+    env_database,
+    env_int,
+    env_list,
+    env_str,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(env_str("FLEETOPS_VAR_DIR", str(BASE_DIR / "var")))
@@ -43,6 +53,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "fleetops.observability.middleware.RequestIdMiddleware",
+    # Outside the session and auth middleware, which load from (and save to) the database.
+    "fleetops.observability.middleware.DatabaseUnavailableMiddleware",
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -81,13 +93,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # The cache backs DRF throttles; the database cache is shared by every web process without extra
 # infrastructure. Point CACHE_URL at Redis when there is one (redis://host:6379/1).
-_cache_url = env_str("CACHE_URL", "")
-if _cache_url.startswith(("redis://", "rediss://")):
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url}}
-else:
-    CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "fleetops_cache"}
-    }
+CACHES = {"default": env_cache("CACHE_URL")}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -139,8 +145,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "fleetops.api.errors.api_exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
-        "rest_framework.throttling.AnonRateThrottle",
-        "rest_framework.throttling.UserRateThrottle",
+        # DRF's anon/user throttles, failing open while their cache (Redis) is unreachable.
+        "fleetops.api.throttling.AnonThrottle",
+        "fleetops.api.throttling.UserThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
         "anon": env_str("API_THROTTLE_ANON", "60/min"),
@@ -178,8 +185,24 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Celery ---------------------------------------------------------------------------------------
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
+# redis:// and rediss:// (Redis), amqp:// (RabbitMQ); filesystem:// for the demo, memory:// for tests.
+CELERY_BROKER_URL = env_broker_url("CELERY_BROKER_URL")
+CELERY_BROKER_USE_SSL = broker_ssl_options(CELERY_BROKER_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    # kombu's filesystem transport (the demo's embedded broker): every process that shares
+    # FLEETOPS_VAR_DIR shares one folder as the queue.
+    _broker_dir = VAR_DIR / "broker"
+    for _sub in ("queue", "processed", "control"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        # Broadcast (pidbox) bindings; kombu's default is ./control in the working directory.
+        "control_folder": str(_broker_dir / "control"),
+        "store_processed": False,
+    }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -194,6 +217,9 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker gives up after 100 failed reconnects by default (a few minutes); it must outlive a broker
+# outage of any length instead (DESIGN.md rule 15).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 
 # --- FleetOps ---------------------------------------------------------------------------------------
 FLEETOPS_AUDIT_RETENTION_DAYS = env_int("AUDIT_RETENTION_DAYS", 400, min_value=30)

@@ -25,19 +25,6 @@ if "DATABASE_URL" not in os.environ:
 os.environ.setdefault("CELERY_BROKER_URL", "filesystem://")
 
 from fleetops.settings.base import *  # noqa: E402,F403
-from fleetops.settings.base import VAR_DIR  # noqa: E402
 
 DEBUG = True
 ALLOWED_HOSTS = ["localhost", "127.0.0.1", "[::1]", "testserver"]
-
-if CELERY_BROKER_URL.startswith("filesystem://"):  # noqa: F405
-    # kombu's filesystem transport: every process of the demo shares one folder as the queue.
-    _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
-        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_broker_dir / "queue"),
-        "data_folder_out": str(_broker_dir / "queue"),
-        "processed_folder": str(_broker_dir / "processed"),
-        "store_processed": False,
-    }

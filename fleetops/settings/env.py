@@ -7,6 +7,7 @@ name in the message, not turn into a silent default three layers down.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,4 +106,60 @@ def env_database(
             f"{name} must point at PostgreSQL (postgresql://...); FleetOps relies on PostgreSQL features."
         )
     config["CONN_HEALTH_CHECKS"] = True
+    # A server that vanished without closing the socket (host down, network partition) must fail a
+    # connect in seconds, so loops back off and the web answers 503 instead of hanging a worker.
+    # `?connect_timeout=N` in the URL overrides it.
+    config.setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
     return config
+
+
+# Celery's brokers by URL scheme. `filesystem://` (the demo's embedded broker) and `memory://` (the
+# tests) only work inside one machine or one process; production refuses them.
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem", "memory")
+NETWORK_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+CACHE_SCHEMES = ("redis", "rediss")
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def env_broker_url(
+    name: str = "CELERY_BROKER_URL",
+    default: str = _MISSING,
+    *,
+    schemes: tuple[str, ...] = BROKER_SCHEMES,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """A Celery broker URL whose transport FleetOps supports; a typo'd scheme would otherwise only
+    surface when the first task is sent."""
+    url = env_str(name, default, environ=environ)
+    scheme = _scheme(url)
+    if scheme not in schemes:
+        raise ImproperlyConfigured(
+            f"{name} must be a broker URL starting with one of "
+            f"{', '.join(s + '://' for s in schemes)}; got {scheme + '://' if scheme else repr(url)}."
+        )
+    return url
+
+
+def env_cache(name: str = "CACHE_URL", *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The default cache: Redis when the URL says so, else the database cache (shared by every web
+    process without extra infrastructure). Anything else is refused rather than silently ignored."""
+    url = env_str(name, "", environ=environ)
+    if not url:
+        return {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "fleetops_cache"}
+    if _scheme(url) not in CACHE_SCHEMES:
+        raise ImproperlyConfigured(
+            f"{name} must start with redis:// or rediss:// (or be unset for the database cache)."
+        )
+    return {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}
+
+
+def broker_ssl_options(url: str) -> dict[str, Any] | None:
+    """`rediss://` without `ssl_cert_reqs` in the URL: require a valid certificate. kombu's own
+    default in that case is no verification at all (with a warning)."""
+    if _scheme(url) == "rediss" and "ssl_cert_reqs" not in url:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fleetops.settings.base import *  # noqa: F403
-from fleetops.settings.env import env_bool, env_int, env_list
+from fleetops.settings.env import NETWORK_BROKER_SCHEMES, env_bool, env_broker_url, env_int, env_list
 
 DEBUG = False
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
+# Several hosts share one broker: the demo's filesystem broker and the tests' in-memory one cannot.
+CELERY_BROKER_URL = env_broker_url("CELERY_BROKER_URL", schemes=NETWORK_BROKER_SCHEMES)
 
 # TLS terminates at the load balancer, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -4,15 +4,16 @@ from typing import Any
 
 from rest_framework import serializers
 
+from fleetops.api.fields import ReasonField
 from indexer.models import Block, Chain, Enrichment, Event, Mode, Transaction
 from indexer.selectors import ChainStatus, lag_of
-from indexer.services import REQUEUE_IDS_CAP, TEXT_CAP
+from indexer.services import REQUEUE_IDS_CAP
 
 # --- inputs ------------------------------------------------------------------------------------------
 
 
 class ChainActionInput(serializers.Serializer):
-    reason = serializers.CharField(max_length=TEXT_CAP, trim_whitespace=False)
+    reason = ReasonField()
 
 
 class ChainRollbackInput(ChainActionInput):

@@ -20,14 +20,17 @@ from fleetops.access.admin_mixins import (
     ObjectAction,
     ObjectActionsMixin,
     OrgScopedAdminMixin,
-    reasoned_action,
+    ReasonField,
+    ReasonForm,
+    StateDiagramMixin,
 )
-from fleetops.access.models import Role
-from fleetops.access.selectors import org_ids_for_user, org_ids_with_role, role_in_org
+from fleetops.access.models import Organization, Role
+from fleetops.access.selectors import org_ids_for_user, org_ids_with_role
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
 from fleetops.lib.errors import DomainError
+from migrations_app.keys.common import MAX_KEY_IDS
 from migrations_app.keys.selectors import KeyFilter, migration_label, stuck_keys
 from migrations_app.keys.services import (
     address_group_delete,
@@ -35,8 +38,11 @@ from migrations_app.keys.services import (
     key_config_update,
     key_migrate_to_group,
     key_migration_retry,
+    keys_migration_retry,
 )
 from migrations_app.models.keys import (
+    KEY_MIGRATION_MACHINE,
+    KEY_MIGRATION_RETRYABLE,
     AddressGroup,
     Key,
     KeyMigrationStatus,
@@ -146,22 +152,11 @@ class StakeTransactionInline(admin.TabularInline):
 
 class MigrateForm(forms.Form):
     target_group = forms.ModelChoiceField(queryset=AddressGroup.objects.none())
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
-        max_length=500,
-        help_text="Recorded in the audit log with your name.",
-    )
+    reason = ReasonField()
     key_ids = forms.CharField(widget=forms.HiddenInput)
 
     def frozen_ids(self) -> list[int]:
         return [int(x) for x in self.cleaned_data["key_ids"].split(",") if x.strip().isdigit()]
-
-
-def _retry_one(key: Key, *, actor: Actor, reason: str, user: Any) -> bool:
-    if key.migration_status not in (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED):
-        return False
-    key_migration_retry(key=key, actor=actor, role=role_in_org(user=user, org_id=key.org_id), reason=reason)
-    return True
 
 
 def migrate_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[Key]) -> HttpResponse | None:
@@ -189,7 +184,6 @@ def migrate_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[
                 result = key_migrate_to_group(
                     org=target.org,
                     actor=Actor.for_user(request.user),
-                    role=role_in_org(user=request.user, org_id=target.org_id),
                     target_group_id=target.pk,
                     flt=KeyFilter(key_ids=tuple(same_org)),
                     reason=form.cleaned_data["reason"],
@@ -240,26 +234,56 @@ migrate_keys.short_description = "Migrate… to another address group"  # type: 
 migrate_keys.required_role = Role.OPERATOR  # type: ignore[attr-defined]
 
 
-def _retry_keys_as(user: Any) -> Any:
-    """The reasoned Retry action bound to the requesting user: the role is looked up once per
-    action (memberships are cached on the user), not the user re-fetched per selected key."""
-
-    def service(key: Key, *, actor: Actor, reason: str) -> bool:
-        return _retry_one(key, actor=actor, reason=reason, user=user)
-
-    return reasoned_action(
-        name="retry_keys",
-        description=RETRY_DESCRIPTION,
-        required_role=Role.OPERATOR,
-        service=service,
-    )
-
-
 RETRY_DESCRIPTION = "Retry migration (failed or retrying keys)"
 
 
 def retry_keys(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[Key]) -> HttpResponse | None:
-    return _retry_keys_as(request.user)(modeladmin, request, queryset.select_related("org"))
+    """Retry…: asks for a reason, then retries the selected keys in bulk through
+    `keys_migration_retry` (one call per organization and 10,000 keys: one set-based UPDATE and one
+    audit INSERT per batch). The service checks the role per organization and audits a refusal."""
+    if "apply" in request.POST:
+        form = ReasonForm(request.POST)
+        if form.is_valid():
+            _retry_in_bulk(modeladmin, request, queryset, form.cleaned_data["reason"])
+            return None
+    else:
+        form = ReasonForm()
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": RETRY_DESCRIPTION,
+        "objects": queryset[:100],
+        "count": queryset.count(),
+        "form": form,
+        "action_name": "retry_keys",
+        "selected_ids": list(queryset.values_list("pk", flat=True)),
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "opts": Key._meta,
+        "required_role": Role.OPERATOR.label,
+    }
+    return TemplateResponse(request, "admin/fleetops/reason_action.html", context)
+
+
+def _retry_in_bulk(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySet[Key], reason: str) -> None:
+    by_org: dict[int, list[int]] = {}
+    for org_id, pk in queryset.order_by("org_id", "pk").values_list("org_id", "pk"):
+        by_org.setdefault(org_id, []).append(pk)
+    orgs = Organization.objects.in_bulk(list(by_org))
+    actor = Actor.for_user(request.user)
+    retried, skipped, errors = 0, 0, []
+    for org_id, ids in by_org.items():
+        for start in range(0, len(ids), MAX_KEY_IDS):
+            try:
+                result = keys_migration_retry(
+                    org=orgs[org_id], actor=actor, key_ids=ids[start : start + MAX_KEY_IDS], reason=reason
+                )
+            except DomainError as exc:
+                errors.append(f"{orgs[org_id]}: {exc.message}")
+                break
+            retried += len(result.retried)
+            skipped += len(result.skipped)
+    modeladmin.message_user(request, f"{RETRY_DESCRIPTION}: {retried} keys changed, {skipped} unchanged.")
+    for error in errors[:20]:
+        modeladmin.message_user(request, error, messages.ERROR)
 
 
 retry_keys.short_description = RETRY_DESCRIPTION  # type: ignore[attr-defined]
@@ -267,17 +291,14 @@ retry_keys.required_role = Role.OPERATOR  # type: ignore[attr-defined]
 
 
 def _retry_object(request: HttpRequest, key: Key, data: dict[str, Any]) -> str:
-    key_migration_retry(
-        key=key,
-        actor=Actor.for_user(request.user),
-        role=role_in_org(user=request.user, org_id=key.org_id),
-        reason=data["reason"],
-    )
+    key_migration_retry(key=key, actor=Actor.for_user(request.user), reason=data["reason"])
     return "Retry scheduled: attempts reset, the history is kept."
 
 
 @admin.register(Key)
-class KeyAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+class KeyAdmin(
+    BigTableAdminMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+):
     change_form_template = "admin/fleetops/change_form_actions.html"
     list_display = [
         "address",
@@ -293,7 +314,8 @@ class KeyAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admi
     list_select_related = ["address_group"]
     search_fields = ["=address", "=owner_address", "=public_key"]
     ordering = ["-id"]
-    readonly_fields = [f.name for f in Key._meta.fields] + ["migration_badge"]
+    state_machines = [KEY_MIGRATION_MACHINE]
+    readonly_fields = [f.name for f in Key._meta.fields] + ["migration_badge", "state_diagram"]
     fieldsets = [
         (
             None,
@@ -314,6 +336,7 @@ class KeyAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admi
             {
                 "fields": [
                     "migration_badge",
+                    "state_diagram",
                     "migration_status",
                     "migration_attempts",
                     "migration_max_attempts",
@@ -335,9 +358,7 @@ class KeyAdmin(BigTableAdminMixin, ObjectActionsMixin, OrgScopedAdminMixin, admi
             "Retry migration",
             Role.OPERATOR,
             _retry_object,
-            is_available=lambda k: (
-                k.migration_status in (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED)
-            ),
+            is_available=lambda k: k.migration_status in KEY_MIGRATION_RETRYABLE and k.retired_at is None,
         ),
     )
 
@@ -385,18 +406,13 @@ class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = address_group_save(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id),
             group=AddressGroup.objects.get(pk=obj.pk) if change else None,
             values=values,
         )
         obj.pk = saved.pk
 
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
-        address_group_delete(
-            group=obj,
-            actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id),
-        )
+        address_group_delete(group=obj, actor=Actor.for_user(request.user))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         """Bulk delete goes through the service per group too: same role check, same audit row;
@@ -404,9 +420,7 @@ class AddressGroupAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         actor = Actor.for_user(request.user)
         for group in queryset.order_by("pk"):
             try:
-                address_group_delete(
-                    group=group, actor=actor, role=role_in_org(user=request.user, org_id=group.org_id)
-                )
+                address_group_delete(group=group, actor=actor)
             except DomainError as exc:
                 self.message_user(request, f"{group}: {exc.message}", messages.ERROR)
 
@@ -439,7 +453,6 @@ class OrgKeyConfigAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
         saved = key_config_update(
             org=obj.org,
             actor=Actor.for_user(request.user),
-            role=role_in_org(user=request.user, org_id=obj.org_id),
             values=values,
         )
         obj.pk = saved.pk

@@ -14,7 +14,7 @@ from fleetops.observability.registry import DashboardCard
 from migrations_app.keys.schedule import HEARTBEAT as RESTAKE_HEARTBEAT
 from migrations_app.keys.selectors import migration_summary
 from migrations_app.keys.verification import HEARTBEAT as VERIFY_HEARTBEAT
-from migrations_app.models.keys import Key
+from migrations_app.models.keys import Key, KeyMigrationStatus
 
 
 def card_context(request: HttpRequest) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def card_context(request: HttpRequest) -> dict[str, Any]:
     return {
         "by_status": sorted(summary.by_status.items()),
         "failed": summary.failed,
-        "failed_count": summary.by_status.get("failed", 0),
+        "failed_count": summary.by_status.get(KeyMigrationStatus.FAILED, 0),
         "oldest_age": (now - oldest).total_seconds() if oldest else None,
         "stuck_after": settings.FLEETOPS_KEYS_STUCK_SECONDS,
         "loops": loops,

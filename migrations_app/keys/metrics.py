@@ -52,7 +52,13 @@ def collect_states() -> Iterable[Metric]:
     from django.db.models import Count, Max, Min
 
     from fleetops.lib import clock
-    from migrations_app.models.keys import Key, KeyMigrationStatus, StakeTransaction, StakeTxStatus
+    from migrations_app.models.keys import (
+        KEY_MIGRATION_DUE,
+        STAKE_TX_PENDING,
+        Key,
+        KeyMigrationStatus,
+        StakeTransaction,
+    )
 
     by_status = GaugeMetricFamily(
         "fleetops_keys_by_migration_status", "Keys by migration status.", labels=["status"]
@@ -72,12 +78,12 @@ def collect_states() -> Iterable[Metric]:
         "fleetops_keys_oldest_scheduled_age_seconds",
         "Age of the oldest key still scheduled or retrying, from the start of its round (0 when none).",
     )
-    first = Key.objects.filter(
-        migration_status__in=(KeyMigrationStatus.SCHEDULED, KeyMigrationStatus.RETRYING)
-    ).aggregate(at=Min("migration_scheduled_at"))["at"]
+    first = Key.objects.filter(migration_status__in=KEY_MIGRATION_DUE).aggregate(
+        at=Min("migration_scheduled_at")
+    )["at"]
     oldest.add_metric([], max(0.0, (clock.now() - first).total_seconds()) if first else 0.0)
     yield oldest
-    pending = StakeTransaction.objects.filter(status=StakeTxStatus.PENDING).aggregate(
+    pending = StakeTransaction.objects.filter(status=STAKE_TX_PENDING).aggregate(
         n=Count("id"), streak=Max("unavailable_checks")
     )
     txs = GaugeMetricFamily("fleetops_keys_pending_transactions", "Stake transactions awaiting a verdict.")

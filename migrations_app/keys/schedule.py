@@ -14,11 +14,18 @@ One pass (`restake_tick`, beat every 30 s and `manage.py keys_restake`):
    pending transactions refuses a second one anyway. A key with an older attempt still pending is
    never due (see the model docstring), so the claim does not probe the transactions table.
 4. Per batch, outside any transaction: one `/status` for the head height, then the deterministic tx
-   bytes and hash. A conditional UPDATE `claimed → broadcasting` (hash, heights) on our claim token
-   commits BEFORE the broadcast: a row whose claim was taken over is not ours to send, and a crash
-   from here on leaves a row that verification can settle by its hash. Then `broadcast_tx_sync`.
-5. Record: accepted → `sent` (bulk); refused by CheckTx (no hash) → the attempt fails at once
+   bytes and hash. The kernel moves `claimed → broadcasting` (hash, heights) for rows still holding
+   our claim token and commits BEFORE the broadcast: a row whose claim was taken over is not ours to
+   send, and a crash from here on leaves a row that verification can settle by its hash. Then
+   `broadcast_tx_sync`.
+5. Record: accepted → `sent` (one kernel UPDATE); refused by CheckTx → the attempt fails at once
    (verdict); timeout or transport error → left `broadcasting` for verification, never re-sent.
+
+Every state the SQL here filters on or inserts is read from the machines in
+`migrations_app.models.keys` and passed as a parameter; the claim and the orphan takeover keep their
+own SKIP LOCKED statements because they change no state (the key keeps its status while in flight,
+a taken-over transaction stays `claimed`). Broadcast moves are engine steps with no audit row: the
+key's history (`RemediationEntry`) records them.
 """
 
 from __future__ import annotations
@@ -37,23 +44,28 @@ from django.db import connection, transaction
 
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
-from fleetops.lib.cas import note_race_lost
+from fleetops.lib.transition import transition_rows
 from fleetops.observability.heartbeats import heartbeat_scope
 from indexer.rpc import parse
 from indexer.rpc.client import RpcError
 from migrations_app.keys.chain import rpc_for, stake_payload, tx_bytes, tx_hash
+from migrations_app.keys.common import Verdict
+from migrations_app.keys.lifecycle import keys_cooldown_reset
 from migrations_app.keys.metrics import ATTEMPTS, BROADCASTS, SCHEDULE_DURATION, SCHEDULE_FAILURES
-from migrations_app.keys.services import Verdict, keys_cooldown_reset, stake_txs_resolve
+from migrations_app.keys.verdicts import stake_txs_resolve
 from migrations_app.models.keys import (
+    BROADCAST_MACHINE,
+    KEY_MIGRATION_DUE,
+    STAKE_TX_MACHINE,
+    STAKE_TX_PENDING,
     AddressGroup,
     BroadcastState,
     Key,
-    KeyMigrationStatus,
     OrgKeyConfig,
     RemediationEntry,
     RemediationOutcome,
+    RemediationReason,
     StakeTransaction,
-    StakeTxStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -63,15 +75,25 @@ ACTOR = Actor.scheduler("keys.restake")
 KEY_TABLE = Key._meta.db_table
 TX_TABLE = StakeTransaction._meta.db_table
 CONFIG_TABLE = OrgKeyConfig._meta.db_table
-DUE = (KeyMigrationStatus.SCHEDULED.value, KeyMigrationStatus.RETRYING.value)
+# The states and constants the SQL below filters on or inserts, read from the machines and passed as
+# parameters (never typed into the statement text).
+CLAIM_CONSTANTS: dict[str, Any] = {
+    "due": list(KEY_MIGRATION_DUE),
+    "tx_status": STAKE_TX_MACHINE.initial,
+    "broadcast_state": BROADCAST_MACHINE.initial,
+    "reason": RemediationReason.ADDRESS_GROUP_MIGRATION.value,
+}
 
 # The claim, one statement: lock due keys (skipping locked ones), count the attempt, insert the
-# pending transaction. Shared verbatim with bench/b2_keys.py's raw baseline.
+# pending transaction. The key's status does not change (a claimed attempt keeps the status it was
+# claimed in, with no next attempt: "in flight"), so this is a claim, not a transition; the new
+# transaction enters both of its machines at their initial states. Shared verbatim with
+# bench/b2_keys.py's raw baseline (with CLAIM_CONSTANTS).
 CLAIM_SQL = f"""
 WITH due AS (
     SELECT k.id FROM {KEY_TABLE} k
     JOIN {CONFIG_TABLE} c ON c.org_id = k.org_id AND c.rpc_url <> ''
-    WHERE k.migration_status IN ('scheduled', 'retrying')
+    WHERE k.migration_status = ANY(%(due)s)
       AND k.migration_next_attempt_at <= %(now)s
       AND k.retired_at IS NULL
       AND k.migration_attempts < k.migration_max_attempts
@@ -88,30 +110,23 @@ WITH due AS (
 )
 INSERT INTO {TX_TABLE} (key_id, reason, round, attempt, status, broadcast_state, claim_token,
                         claimed_at, payload, hash, unavailable_checks, message, created_at)
-SELECT id, '1006', migration_round, migration_attempts, 'pending', 'claimed', %(token)s,
-       %(now)s, '{{}}'::jsonb, '', 0, '', %(now)s
+SELECT id, %(reason)s, migration_round, migration_attempts, %(tx_status)s, %(broadcast_state)s,
+       %(token)s, %(now)s, '{{}}'::jsonb, '', 0, '', %(now)s
 FROM claimed
 RETURNING id, key_id, round, attempt
 """  # noqa: S608 - table names come from the models, values are parameters
 
+# A dead worker's claim is taken over in place: the row stays in the broadcast machine's initial
+# state, only the claim token and time change.
 RECOVER_SQL = f"""
 UPDATE {TX_TABLE} SET claim_token = %(token)s, claimed_at = %(now)s
 WHERE id IN (
     SELECT id FROM {TX_TABLE}
-    WHERE status = 'pending' AND broadcast_state = 'claimed' AND claimed_at < %(stale)s
+    WHERE status = %(pending)s AND broadcast_state = %(claimed)s AND claimed_at < %(stale)s
     ORDER BY id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, key_id, round, attempt
-"""  # noqa: S608
-
-MARK_BROADCASTING_SQL = f"""
-UPDATE {TX_TABLE} t
-SET broadcast_state = 'broadcasting', hash = v.hash, payload = v.payload::jsonb,
-    execution_height = v.height, timeout_height = v.timeout
-FROM (VALUES {{values}}) AS v(id, hash, payload, height, timeout)
-WHERE t.id = v.id AND t.status = 'pending' AND t.broadcast_state = 'claimed' AND t.claim_token = %s
-RETURNING t.id
 """  # noqa: S608
 
 
@@ -146,7 +161,7 @@ def new_token() -> str:
 def claim_batch(*, token: str, limit: int) -> list[Claim]:
     """Claim up to `limit` due keys in one committed transaction (step 3)."""
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(CLAIM_SQL, {"now": clock.now(), "limit": limit, "token": token})
+        cursor.execute(CLAIM_SQL, {**CLAIM_CONSTANTS, "now": clock.now(), "limit": limit, "token": token})
         rows = cursor.fetchall()
     if rows:
         ATTEMPTS.labels(result="claimed").inc(len(rows))
@@ -157,7 +172,17 @@ def recover_orphans(*, token: str, limit: int) -> list[Claim]:
     """Take over claimed-but-never-sent transactions of dead workers (step 2)."""
     stale = clock.now() - timedelta(seconds=settings.FLEETOPS_KEYS_CLAIM_LEASE_SECONDS)
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(RECOVER_SQL, {"token": token, "now": clock.now(), "stale": stale, "limit": limit})
+        cursor.execute(
+            RECOVER_SQL,
+            {
+                "token": token,
+                "now": clock.now(),
+                "stale": stale,
+                "limit": limit,
+                "pending": STAKE_TX_PENDING,
+                "claimed": BROADCAST_MACHINE.initial,
+            },
+        )
         rows = cursor.fetchall()
     if rows:
         ATTEMPTS.labels(result="recovered").inc(len(rows))
@@ -193,19 +218,33 @@ def _prepare(claims: list[Claim]) -> dict[str, list[tuple[Claim, Key, AddressGro
     return by_url
 
 
-def _mark_broadcasting(prepared: list[_Prepared], token: str) -> set[int]:
+def stake_txs_mark_broadcasting(prepared: list[_Prepared], *, token: str) -> set[int]:
+    """`claimed -> broadcasting` with the hash, payload and heights, committed before the broadcast,
+    only for rows still pending and still holding our claim token (a row taken over is not ours)."""
     if not prepared:
         return set()
-    import json
-
-    values = ", ".join(["(%s::bigint, %s, %s, %s::bigint, %s::bigint)"] * len(prepared))
-    params: list[Any] = []
-    for p in prepared:
-        params += [p.claim.tx_id, p.hash, json.dumps(p.payload), p.height, p.timeout]
-    params.append(token)
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(MARK_BROADCASTING_SQL.format(values=values), params)
-        return {row[0] for row in cursor.fetchall()}
+    return set(
+        transition_rows(
+            model=StakeTransaction,
+            machine=BROADCAST_MACHINE,
+            rows=[
+                {
+                    "pk": p.claim.tx_id,
+                    "hash": p.hash,
+                    "payload": p.payload,
+                    "execution_height": p.height,
+                    "timeout_height": p.timeout,
+                    "claim_token": token,
+                    "status": STAKE_TX_PENDING,
+                }
+                for p in prepared
+            ],
+            to=BroadcastState.BROADCASTING,
+            set_fields=("hash", "payload", "execution_height", "timeout_height"),
+            match=("claim_token", "status"),
+            operation="keys_mark_broadcasting",
+        )
+    )
 
 
 def _broadcast(rpc: Any, item: _Prepared) -> tuple[_Prepared, str, parse.BroadcastResult | None, str]:
@@ -254,45 +293,49 @@ def broadcast_claims(claims: list[Claim], *, token: str, result: RestakeResult) 
             )
             raw = tx_bytes(payload)
             prepared.append(_Prepared(claim, raw, tx_hash(raw), payload, head, head + expiration))
-        ours = _mark_broadcasting(prepared, token)
+        ours = stake_txs_mark_broadcasting(prepared, token=token)
         result.not_ours += len(prepared) - len(ours)
         to_send = [p for p in prepared if p.claim.tx_id in ours]
         workers = max(1, min(settings.FLEETOPS_KEYS_BROADCAST_CONCURRENCY, len(to_send)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keys-broadcast") as pool:
             outcomes = list(pool.map(_broadcast, [rpc] * len(to_send), to_send))
-        _record(outcomes, result)
+        stake_txs_record_broadcasts(outcomes, result)
 
 
-def _record(
+def stake_txs_record_broadcasts(
     outcomes: list[tuple[_Prepared, str, parse.BroadcastResult | None, str]], result: RestakeResult
 ) -> None:
+    """Step 5: the broadcasts' outcomes. `sent` rows move `broadcasting -> sent`; CheckTx refusals
+    are failed attempts (`stake_txs_resolve`); unknown outcomes wait for verification."""
     now = clock.now()
     sent = [p for p, kind, _, _ in outcomes if kind == "sent"]
     rejected = [(p, r, error) for p, kind, r, error in outcomes if kind == "rejected"]
     result.unknown += sum(1 for _, kind, _, _ in outcomes if kind == "unknown")
     if sent:
         with transaction.atomic():
-            # Compare-and-set with the moved ids: lock the rows still broadcasting, move exactly
-            # those, and write history only for them. A row somebody else moved meanwhile (a
-            # verification that resolved it) is a lost race, counted, with no BROADCAST entry.
-            moved = set(
+            # Lock the rows in id order (as every resolver does), then `broadcasting -> sent`
+            # through the kernel for those still pending; history only for the rows it moved. A row
+            # somebody else moved meanwhile (a verification that resolved it) is a lost race,
+            # counted once, with no BROADCAST entry.
+            ids = [p.claim.tx_id for p in sent]
+            list(
                 StakeTransaction.objects.select_for_update()
-                .filter(
-                    pk__in=[p.claim.tx_id for p in sent],
-                    status=StakeTxStatus.PENDING,
-                    broadcast_state=BroadcastState.BROADCASTING,
-                )
+                .filter(pk__in=ids)
                 .order_by("pk")
-                .values_list("pk", flat=True)
+                .values_list("pk")
             )
-            if moved:
-                StakeTransaction.objects.filter(pk__in=moved).update(
-                    broadcast_state=BroadcastState.SENT, broadcast_at=now
+            moved = set(
+                transition_rows(
+                    model=StakeTransaction,
+                    machine=BROADCAST_MACHINE,
+                    rows=[{"pk": pk, "status": STAKE_TX_PENDING} for pk in ids],
+                    to=BroadcastState.SENT,
+                    match=("status",),
+                    updates={"broadcast_at": now},
+                    operation="keys_broadcast_record",
                 )
-            if lost := len(sent) - len(moved):
-                for _ in range(lost):
-                    note_race_lost("keys_broadcast_record")
-                result.races_lost += lost
+            )
+            result.races_lost += len(sent) - len(moved)
             sent = [p for p in sent if p.claim.tx_id in moved]
             RemediationEntry.objects.bulk_create(
                 [

@@ -36,9 +36,16 @@ from fleetops.observability.heartbeats import heartbeat_scope
 from indexer.rpc import parse
 from indexer.rpc.client import CometRpc, RpcError
 from migrations_app.keys.chain import rpc_for
+from migrations_app.keys.common import Verdict
 from migrations_app.keys.metrics import SCHEDULE_DURATION, SCHEDULE_FAILURES, UNVERIFIABLE, VERIFICATIONS
-from migrations_app.keys.services import Verdict, stake_txs_resolve
-from migrations_app.models.keys import Key, OrgKeyConfig, StakeTransaction
+from migrations_app.keys.verdicts import stake_txs_resolve
+from migrations_app.models.keys import (
+    BROADCAST_STARTED,
+    STAKE_TX_PENDING,
+    Key,
+    OrgKeyConfig,
+    StakeTransaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +58,14 @@ TX_TABLE = StakeTransaction._meta.db_table
 KEY_TABLE = Key._meta.db_table
 CONFIG_TABLE = OrgKeyConfig._meta.db_table
 
+# The pending transactions past their broadcast pre-state, due for a check; the states are read
+# from the machines and passed as parameters.
 CLAIM_SQL = f"""
 UPDATE {TX_TABLE} t SET last_verification_at = %(now)s
 FROM (
     SELECT t2.id FROM {TX_TABLE} t2
-    WHERE t2.status = 'pending' AND t2.hash <> '' AND t2.execution_height IS NOT NULL
-      AND t2.broadcast_state IN ('broadcasting', 'sent')
+    WHERE t2.status = %(pending)s AND t2.hash <> '' AND t2.execution_height IS NOT NULL
+      AND t2.broadcast_state = ANY(%(started)s)
       AND (t2.last_verification_at IS NULL
            OR t2.last_verification_at <= %(now)s - make_interval(
                 secs => GREATEST(LEAST(t2.unavailable_checks, {BACKOFF_MAX_STEPS}) * %(unit)s, %(min_gap)s)))
@@ -75,7 +84,7 @@ SET last_covered_height = GREATEST(COALESCE(t.last_covered_height, v.covered), v
     unavailable_checks = CASE WHEN v.unavailable THEN t.unavailable_checks + 1
                               ELSE GREATEST(t.unavailable_checks - 1, 0) END
 FROM (VALUES {{values}}) AS v(id, covered, unavailable)
-WHERE t.id = v.id AND t.status = 'pending'
+WHERE t.id = v.id AND t.status = %s
 """  # noqa: S608
 
 
@@ -139,6 +148,8 @@ def _claim(limit: int) -> list[Due]:
                 "limit": limit,
                 "unit": settings.FLEETOPS_KEYS_VERIFY_BACKOFF_SECONDS,
                 "min_gap": settings.FLEETOPS_KEYS_VERIFY_MIN_GAP_SECONDS,
+                "pending": STAKE_TX_PENDING,
+                "started": list(BROADCAST_STARTED),
             },
         )
         return [Due(*row) for row in cursor.fetchall()]
@@ -194,6 +205,7 @@ def _record_coverage(rows: list[tuple[int, int | None, bool]]) -> None:
         return
     values = ", ".join(["(%s::bigint, %s::bigint, %s::boolean)"] * len(rows))
     params: list[Any] = [x for row in rows for x in row]
+    params.append(STAKE_TX_PENDING)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(COVERAGE_SQL.format(values=values), params)
 

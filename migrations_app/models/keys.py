@@ -23,19 +23,37 @@ Stake transaction (one per attempt; at most one `pending` per key, by a partial 
         └─(no hash: CheckTx refused)─> failure     success <─ code 0 ──┤  (absent past the timeout)
                                                    failure <─ code ≠ 0 ┴──────────> failure
 
-Every change goes through `migrations_app.keys.services`; the re-stake and verification loops in
-`migrations_app.keys.schedule` claim rows with `FOR UPDATE SKIP LOCKED`.
+The three machines are declared once below (`KEY_MIGRATION_MACHINE`, `STAKE_TX_MACHINE`,
+`BROADCAST_MACHINE`): the check constraints, the state lists the code filters on, the transition
+kernel (`fleetops.lib.transition`), the generated tests and the drawn diagrams
+(`docs/state-machines.md`, the key's admin page) all read them. Every change goes through the
+services in `migrations_app.keys` (see `migrations_app.keys.services`); the re-stake and verification
+loops in `migrations_app.keys.schedule` / `verification` claim rows with `FOR UPDATE SKIP LOCKED`.
+Every `migration_status` change writes one audit row per key (bulk moves: one INSERT per batch), so
+a key's audit trail replays to its status. Stake-transaction and broadcast moves are engine steps
+recorded in the key's `RemediationEntry` history, not in the audit log.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from django.db import models
 from django.db.models import F, Q
 
+from fleetops.access.models import Role
+from fleetops.lib.machine import Machine
+
 __all__ = [
+    "BROADCAST_MACHINE",
+    "BROADCAST_STARTED",
     "KEY_MIGRATION_DUE",
+    "KEY_MIGRATION_GIVEN_UP",
+    "KEY_MIGRATION_MACHINE",
     "KEY_MIGRATION_RETRYABLE",
     "KEY_MIGRATION_TRANSITIONS",
+    "STAKE_TX_MACHINE",
+    "STAKE_TX_PENDING",
     "AddressGroup",
     "BroadcastState",
     "Key",
@@ -70,26 +88,61 @@ class KeyMigrationStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-# The schedule claims keys in these states whose next attempt is due.
-KEY_MIGRATION_DUE = (KeyMigrationStatus.SCHEDULED, KeyMigrationStatus.RETRYING)
-# A manual retry re-queues these.
-KEY_MIGRATION_RETRYABLE = (KeyMigrationStatus.RETRYING, KeyMigrationStatus.FAILED)
-KEY_MIGRATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    KeyMigrationStatus.NONE: (KeyMigrationStatus.SCHEDULED,),
-    KeyMigrationStatus.SCHEDULED: (
-        KeyMigrationStatus.SCHEDULED,  # migrated again
-        KeyMigrationStatus.RETRYING,
-        KeyMigrationStatus.SUCCEEDED,
-        KeyMigrationStatus.FAILED,  # a limit of one attempt
+KEY_MIGRATION_MACHINE = Machine.declare(
+    "keys.migration",
+    KeyMigrationStatus,
+    field="migration_status",
+    initial=KeyMigrationStatus.NONE,
+    description=(
+        "A key's address-group migration: the operator schedules it (migrate, manual retry), the "
+        "re-stake engine's verdicts move it on. The scheduler's cool-down reset takes the operator "
+        "edge failed -> scheduled (the scheduler acts as an operator)."
     ),
-    KeyMigrationStatus.RETRYING: (
-        KeyMigrationStatus.SCHEDULED,  # manual retry or migrated again
-        KeyMigrationStatus.RETRYING,
-        KeyMigrationStatus.SUCCEEDED,
-        KeyMigrationStatus.FAILED,
-    ),
-    KeyMigrationStatus.SUCCEEDED: (KeyMigrationStatus.SCHEDULED,),
-    KeyMigrationStatus.FAILED: (KeyMigrationStatus.SCHEDULED,),  # manual retry, cool-down, migrated again
+    edges={
+        # migrate
+        KeyMigrationStatus.NONE: {KeyMigrationStatus.SCHEDULED: Role.OPERATOR},
+        KeyMigrationStatus.SCHEDULED: {
+            KeyMigrationStatus.SCHEDULED: Role.OPERATOR,  # migrated again
+            # verdicts of the attempt in flight (success; failure with attempts left; at the limit)
+            KeyMigrationStatus.RETRYING: None,
+            KeyMigrationStatus.SUCCEEDED: None,
+            KeyMigrationStatus.FAILED: None,
+        },
+        KeyMigrationStatus.RETRYING: {
+            KeyMigrationStatus.SCHEDULED: Role.OPERATOR,  # manual retry or migrated again
+            KeyMigrationStatus.RETRYING: None,
+            KeyMigrationStatus.SUCCEEDED: None,
+            KeyMigrationStatus.FAILED: None,
+        },
+        KeyMigrationStatus.SUCCEEDED: {KeyMigrationStatus.SCHEDULED: Role.OPERATOR},  # migrated again
+        # manual retry, migrated again, cool-down reset (scheduler)
+        KeyMigrationStatus.FAILED: {KeyMigrationStatus.SCHEDULED: Role.OPERATOR},
+    },
+)
+
+# The state lists the code filters on, all read from the machine (never retyped):
+# - due: the states the engine still moves on its own (they have a verdict edge out); the schedule
+#   claims keys in them whose next attempt is due;
+KEY_MIGRATION_DUE: tuple[str, ...] = tuple(
+    s
+    for s in KEY_MIGRATION_MACHINE.states
+    if any(e.engine_only and e.source == s for e in KEY_MIGRATION_MACHINE.edges)
+)
+# - retryable: where a failing verdict leaves a key (the verdict edges' targets but the success
+#   one); a manual retry re-queues exactly these;
+KEY_MIGRATION_RETRYABLE: tuple[str, ...] = tuple(
+    s
+    for s in KEY_MIGRATION_MACHINE.states
+    if s != KeyMigrationStatus.SUCCEEDED
+    and any(e.engine_only and e.target == s for e in KEY_MIGRATION_MACHINE.edges)
+)
+# - given up: retryable keys the engine no longer moves (the cool-down reset's and `--all-failed`'s).
+KEY_MIGRATION_GIVEN_UP: tuple[str, ...] = tuple(
+    s for s in KEY_MIGRATION_RETRYABLE if s not in KEY_MIGRATION_DUE
+)
+# Where each status may go next (a view of the machine, for readers of the old map).
+KEY_MIGRATION_TRANSITIONS: Mapping[str, tuple[str, ...]] = {
+    s: KEY_MIGRATION_MACHINE.targets(s) for s in KEY_MIGRATION_MACHINE.states
 }
 
 
@@ -122,6 +175,38 @@ class BroadcastState(models.TextChoices):
     CLAIMED = "claimed", "Claimed, not sent"
     BROADCASTING = "broadcasting", "Broadcast started (outcome unknown until verified)"
     SENT = "sent", "Accepted by the node"
+
+
+STAKE_TX_MACHINE = Machine.declare(
+    "keys.stake_tx",
+    StakeTxStatus,
+    field="status",
+    initial=StakeTxStatus.PENDING,
+    description="One re-stake attempt's transaction: verification (or CheckTx) gives its verdict once.",
+    edges={StakeTxStatus.PENDING: {StakeTxStatus.SUCCESS: None, StakeTxStatus.FAILURE: None}},
+)
+# The one open state of a stake transaction (unpacking fails loudly if the machine grows another).
+(STAKE_TX_PENDING,) = STAKE_TX_MACHINE.non_terminal
+
+BROADCAST_MACHINE = Machine.declare(
+    "keys.stake_tx_broadcast",
+    BroadcastState,
+    field="broadcast_state",
+    initial=BroadcastState.CLAIMED,
+    description=(
+        "Where a pending stake transaction is on its way to the node. `broadcasting` is committed "
+        "before the call (a crash leaves a row verification settles by its hash); a claimed row of "
+        "a dead worker is taken over in place (no state change)."
+    ),
+    edges={
+        BroadcastState.CLAIMED: {BroadcastState.BROADCASTING: None},
+        BroadcastState.BROADCASTING: {BroadcastState.SENT: None},
+    },
+)
+# Past the pre-state commit: the transaction has its hash and may be on chain (verification's queue).
+BROADCAST_STARTED: tuple[str, ...] = tuple(
+    s for s in BROADCAST_MACHINE.states if s != BROADCAST_MACHINE.initial
+)
 
 
 class AddressGroup(models.Model):
@@ -198,7 +283,10 @@ class Key(models.Model):
     state = models.CharField(max_length=24, choices=KeyState.choices, default=KeyState.STAKED)
     retired_at = models.DateTimeField(null=True, blank=True, help_text="Unbonding: never re-staked again.")
     migration_status = models.CharField(
-        max_length=16, choices=KeyMigrationStatus.choices, default=KeyMigrationStatus.NONE, db_index=True
+        max_length=16,
+        choices=KeyMigrationStatus.choices,
+        default=KEY_MIGRATION_MACHINE.initial,
+        db_index=True,
     )
     migration_attempts = models.PositiveSmallIntegerField(default=0)
     migration_max_attempts = models.PositiveSmallIntegerField(default=0)
@@ -217,7 +305,7 @@ class Key(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(state__in=KeyState.values), name="key_state_valid"),
             models.CheckConstraint(
-                condition=Q(migration_status__in=KeyMigrationStatus.values), name="key_migration_status_valid"
+                condition=KEY_MIGRATION_MACHINE.constraint_q(), name="key_migration_status_valid"
             ),
             models.CheckConstraint(
                 condition=Q(migration_attempts__lte=F("migration_max_attempts")),
@@ -284,9 +372,9 @@ class StakeTransaction(models.Model):
     )
     round = models.PositiveIntegerField()
     attempt = models.PositiveSmallIntegerField()
-    status = models.CharField(max_length=8, choices=StakeTxStatus.choices, default=StakeTxStatus.PENDING)
+    status = models.CharField(max_length=8, choices=StakeTxStatus.choices, default=STAKE_TX_MACHINE.initial)
     broadcast_state = models.CharField(
-        max_length=16, choices=BroadcastState.choices, default=BroadcastState.CLAIMED
+        max_length=16, choices=BroadcastState.choices, default=BROADCAST_MACHINE.initial
     )
     # Who holds the claim (a random token per worker pass) and since when: a claimed row whose
     # holder went silent past the lease is taken over and broadcast by the next pass.
@@ -309,18 +397,18 @@ class StakeTransaction(models.Model):
     class Meta:
         ordering = ["-id"]
         constraints = [
-            models.CheckConstraint(condition=Q(status__in=StakeTxStatus.values), name="staketx_status_valid"),
+            models.CheckConstraint(condition=STAKE_TX_MACHINE.constraint_q(), name="staketx_status_valid"),
             models.CheckConstraint(
-                condition=Q(broadcast_state__in=BroadcastState.values), name="staketx_broadcast_state_valid"
+                condition=BROADCAST_MACHINE.constraint_q(), name="staketx_broadcast_state_valid"
             ),
             # At most one pending transaction per key: two workers cannot both claim a key.
             models.UniqueConstraint(
-                fields=["key"], condition=Q(status=StakeTxStatus.PENDING), name="staketx_one_pending_per_key"
+                fields=["key"], condition=Q(status=STAKE_TX_PENDING), name="staketx_one_pending_per_key"
             ),
             # Every attempt is counted once.
             models.UniqueConstraint(fields=["key", "round", "attempt"], name="staketx_one_per_attempt"),
             models.CheckConstraint(
-                condition=Q(status=StakeTxStatus.PENDING) | Q(resolved_at__isnull=False),
+                condition=Q(status=STAKE_TX_PENDING) | Q(resolved_at__isnull=False),
                 name="staketx_resolved_when_terminal",
             ),
         ]
@@ -328,7 +416,7 @@ class StakeTransaction(models.Model):
             # The verification queue.
             models.Index(
                 fields=["last_verification_at"],
-                condition=Q(status=StakeTxStatus.PENDING),
+                condition=Q(status=STAKE_TX_PENDING),
                 name="staketx_pending_verify",
             ),
         ]

@@ -5,14 +5,17 @@ are written live by the indexer's producer hook for every new block and backfill
 `manage.py protocol_migrate history`; both advance the protocol's `Cursor` row by compare-and-set in
 the transaction that writes the rows, so each height is written by exactly one of them.
 
-Every status column (classification, history migration, current-state migration)::
+The three status columns are state machines declared below (`CLASSIFICATION_MACHINE`,
+`HISTORY_MACHINE`, `CURRENT_STATE_MACHINE`), moved only by `migrations_app.protocols.status` through the
+transition kernel; the drawn diagrams are in `docs/state-machines.md`::
 
     not_started ──> in_progress ──> success
                         │  ▲  └──> failed ──> in_progress (a re-run resumes at cursor + 1)
                         └──┘ (a run killed mid-way is resumed by the next run)
 
 `success` is terminal for the two migrations (a re-run skips the protocol); classification may be
-re-run (success -> in_progress) when new contracts were seen.
+re-run (success -> in_progress) when new contracts were seen. Starting (or resuming) is an admin's
+edge; the outcome edges are the run's own (engine) steps.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
+from fleetops.access.models import Role
+from fleetops.lib.machine import Machine
+
 __all__ = [
-    "CLASSIFICATION_TRANSITIONS",
-    "MIGRATION_TRANSITIONS",
+    "CLASSIFICATION_MACHINE",
+    "CURRENT_STATE_MACHINE",
+    "HISTORY_MACHINE",
     "ChangeKind",
     "Cursor",
     "MigrationStatus",
@@ -43,26 +50,46 @@ class MigrationStatus(models.TextChoices):
     FAILED = "failed"
 
 
-CLASSIFICATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    MigrationStatus.NOT_STARTED: (MigrationStatus.IN_PROGRESS,),
-    MigrationStatus.IN_PROGRESS: (
-        MigrationStatus.SUCCESS,
-        MigrationStatus.FAILED,
-        MigrationStatus.IN_PROGRESS,
-    ),
-    MigrationStatus.SUCCESS: (MigrationStatus.IN_PROGRESS,),
-    MigrationStatus.FAILED: (MigrationStatus.IN_PROGRESS,),
+_S = MigrationStatus
+# Who takes which edge: an admin starts a run (or classifies again, or resumes a run killed mid-way:
+# in_progress -> in_progress); the run itself settles it (engine edges, authorized by its start).
+CLASSIFICATION_MACHINE = Machine.declare(
+    "protocols.classification",
+    MigrationStatus,
+    field="classification_status",
+    initial=_S.NOT_STARTED,
+    edges={
+        _S.NOT_STARTED: {_S.IN_PROGRESS: Role.ADMIN},
+        # in_progress -> in_progress: a classification left in_progress past the stale threshold.
+        _S.IN_PROGRESS: {_S.SUCCESS: None, _S.FAILED: None, _S.IN_PROGRESS: Role.ADMIN},
+        _S.SUCCESS: {_S.IN_PROGRESS: Role.ADMIN},
+        _S.FAILED: {_S.IN_PROGRESS: Role.ADMIN},
+    },
+    description="Protocol classification: which contracts belong to the protocol.",
+)
+_MIGRATION_EDGES: dict[str, dict[str, str | None]] = {
+    _S.NOT_STARTED: {_S.IN_PROGRESS: Role.ADMIN},
+    _S.IN_PROGRESS: {_S.SUCCESS: None, _S.FAILED: None, _S.IN_PROGRESS: Role.ADMIN},
+    _S.FAILED: {_S.IN_PROGRESS: Role.ADMIN},
 }
-MIGRATION_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    MigrationStatus.NOT_STARTED: (MigrationStatus.IN_PROGRESS,),
-    MigrationStatus.IN_PROGRESS: (
-        MigrationStatus.SUCCESS,
-        MigrationStatus.FAILED,
-        MigrationStatus.IN_PROGRESS,
-    ),
-    MigrationStatus.FAILED: (MigrationStatus.IN_PROGRESS,),
-    MigrationStatus.SUCCESS: (),
-}
+HISTORY_MACHINE = Machine.declare(
+    "protocols.history_migration",
+    MigrationStatus,
+    field="history_migration_status",
+    initial=_S.NOT_STARTED,
+    edges=_MIGRATION_EDGES,
+    terminal=(_S.SUCCESS,),
+    description="Protocol history migration: backfill state changes until live ingestion takes over.",
+)
+CURRENT_STATE_MACHINE = Machine.declare(
+    "protocols.current_state_migration",
+    MigrationStatus,
+    field="current_state_migration_status",
+    initial=_S.NOT_STARTED,
+    edges=_MIGRATION_EDGES,
+    terminal=(_S.SUCCESS,),
+    description="Protocol current-state migration: balances / owners from a start height on.",
+)
 
 
 def _status_field() -> models.CharField[str, str]:
@@ -98,16 +125,14 @@ class Protocol(models.Model):
         ordering = ["id"]
         constraints = [
             models.CheckConstraint(
-                condition=Q(classification_status__in=MigrationStatus.values),
+                condition=CLASSIFICATION_MACHINE.constraint_q(),
                 name="protocol_classification_status_valid",
             ),
             models.CheckConstraint(
-                condition=Q(history_migration_status__in=MigrationStatus.values),
-                name="protocol_history_status_valid",
+                condition=HISTORY_MACHINE.constraint_q(), name="protocol_history_status_valid"
             ),
             models.CheckConstraint(
-                condition=Q(current_state_migration_status__in=MigrationStatus.values),
-                name="protocol_current_state_status_valid",
+                condition=CURRENT_STATE_MACHINE.constraint_q(), name="protocol_current_state_status_valid"
             ),
         ]
 

@@ -1,6 +1,7 @@
 """Protocol migrations in the operator console.
 
-Protocols show their statuses, cursors, lag to the indexed height, handoff time and who wrote which
+Protocols show their statuses (with the three state machines drawn from their declarations, the
+current state highlighted), cursors, lag to the indexed height, handoff time and who wrote which
 heights (the write spans), with admin-role actions that call the services: classify again, start the
 history migration, start the current-state migration (both run on a worker as Celery tasks). State
 changes, balances and owners are read-only lists over big tables (no exact COUNT(*), no sorting off
@@ -24,12 +25,16 @@ from fleetops.access.admin_mixins import (
     ObjectActionForm,
     ObjectActionsMixin,
     OrgScopedAdminMixin,
+    StateDiagramMixin,
 )
 from fleetops.access.models import Role
 from fleetops.access.selectors import org_ids_for_user
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from migrations_app.models import (
+    CLASSIFICATION_MACHINE,
+    CURRENT_STATE_MACHINE,
+    HISTORY_MACHINE,
     Cursor,
     MigrationStatus,
     Protocol,
@@ -99,23 +104,22 @@ def _start_current_state(request: HttpRequest, protocol: Protocol, data: dict[st
 
 
 def _history_startable(p: Protocol) -> bool:
-    return (
-        p.classification_status == MigrationStatus.SUCCESS
-        and p.history_migration_status != MigrationStatus.SUCCESS
+    return p.classification_status == MigrationStatus.SUCCESS and HISTORY_MACHINE.can(
+        p.history_migration_status, MigrationStatus.IN_PROGRESS
     )
 
 
 def _current_state_startable(p: Protocol) -> bool:
-    return (
-        p.classification_status == MigrationStatus.SUCCESS
-        and p.current_state_migration_status != MigrationStatus.SUCCESS
+    return p.classification_status == MigrationStatus.SUCCESS and CURRENT_STATE_MACHINE.can(
+        p.current_state_migration_status, MigrationStatus.IN_PROGRESS
     )
 
 
 @admin.register(Protocol)
-class ProtocolAdmin(ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+class ProtocolAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
     change_form_template = "admin/migrations_app/protocol/change_form.html"
     org_field = "chain__org"
+    state_machines = [CLASSIFICATION_MACHINE, HISTORY_MACHINE, CURRENT_STATE_MACHINE]
     list_display = [
         "id",
         "chain",
@@ -148,7 +152,7 @@ class ProtocolAdmin(ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
     )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return [f.name for f in Protocol._meta.fields]
+        return [*(f.name for f in Protocol._meta.fields), "state_diagram"]
 
     def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
         return False  # protocol_setup registers protocols from the classifier registry
@@ -210,10 +214,8 @@ class ProtocolAdmin(ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
         protocol = self.get_object(request, object_id)
         context = dict(extra_context or {})
         if protocol is not None:
-            context.update(
-                status=selectors.protocol_status(protocol=protocol),
-                spans=selectors.write_spans(protocol=protocol),
-            )
+            context["status"] = selectors.protocol_status(protocol=protocol)
+            context["spans"] = selectors.write_spans(protocol=protocol)
         return super().change_view(request, object_id, form_url, context)
 
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from django.db import transaction
-
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
-from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
-from indexer.models import Chain, IndexerState
-from migrations_app.models import MigrationStatus, Protocol
-from migrations_app.protocols import registry, store
-from migrations_app.protocols.cursor import cursor_create, cursor_get
+from fleetops.lib.errors import Conflict, ValidationFailed
+from indexer import selectors as indexer_selectors
+from indexer.selectors import ChainModel as Chain
+from migrations_app.models import Protocol
+from migrations_app.protocols import store
+from migrations_app.protocols.cursor import cursor_get
 from migrations_app.protocols.history import (
     ALREADY_RUNNING,
     DEFAULT_WINDOW_SIZE,
-    STATUS_MOVED,
     MigrationRun,
     Progress,
     RunResult,
@@ -30,11 +28,12 @@ from migrations_app.protocols.history import (
     Tracker,
     _summarize,
     check_window_size,
-    set_status,
+    start_trackers,
     try_lock,
     unlock,
     validate_protocols,
 )
+from migrations_app.protocols.status import CURRENT_STATE_KIND
 from migrations_app.protocols.store import Row
 
 ONE_PROTOCOL = "the current-state migration runs one protocol at a time"
@@ -52,10 +51,8 @@ def _persist_current_state(t: Tracker, chain_id: int, rows: Sequence[Row], start
 
 
 CURRENT_STATE = Strategy(
-    migration="current_state",
+    kind=CURRENT_STATE_KIND,
     writer="current_state",
-    status_field="current_state_migration_status",
-    error_field="current_state_error",
     cursor_name=lambda p: p.current_state_cursor_name,
     persist=_persist_current_state,
     handed_off_fields=lambda t: {"current_state_handed_off_at": clock.now()},
@@ -69,17 +66,17 @@ def current_state_validate(
     ValidationFailed and writes nothing. Run by the admin's request (so a bad request is refused
     before anything is audited or queued) and again by the run itself."""
     check_window_size(window_size)
-    chain, protocols, skipped = validate_protocols(
-        [protocol_id], migration="current_state", status_field=CURRENT_STATE.status_field
-    )
+    chain, protocols, skipped = validate_protocols([protocol_id], kind=CURRENT_STATE_KIND)
     if not protocols:
         return chain, None, skipped
     if len(protocols) != 1:
         raise ValidationFailed(ONE_PROTOCOL)
     protocol = protocols[0]
-    state = IndexerState.objects.get(chain=chain)
-    assert state.oldest_indexed_height is not None  # validated
-    assert state.last_indexed_height is not None
+    indexed = indexer_selectors.indexed_range(chain_id=chain.pk)
+    assert indexed is not None  # validated
+    oldest, latest = indexed
+    assert oldest is not None
+    assert latest is not None
     existing = cursor_get(protocol.current_state_cursor_name)
     started = protocol.current_state_start_height
     if existing is not None and started is not None and started != start_height:
@@ -87,11 +84,9 @@ def current_state_validate(
             START_HEIGHT_CHANGED.format(id=protocol.id, started=started, asked=start_height),
             fields={"start_height": [start_height]},
         )
-    if existing is None and not state.oldest_indexed_height <= start_height <= state.last_indexed_height + 1:
+    if existing is None and not oldest <= start_height <= latest + 1:
         raise ValidationFailed(
-            START_HEIGHT_RANGE.format(
-                oldest=state.oldest_indexed_height, latest=state.last_indexed_height + 1
-            ),
+            START_HEIGHT_RANGE.format(oldest=oldest, latest=latest + 1),
             fields={"start_height": [start_height]},
         )
     return chain, protocol, skipped
@@ -116,24 +111,14 @@ def current_state_migrate(
     if not try_lock("current_state", protocol.id):
         raise Conflict(ALREADY_RUNNING.format(migration="current-state", id=protocol.id))
     try:
-        with transaction.atomic():
-            created = cursor_create(name=protocol.current_state_cursor_name, height=start_height - 1)
-            cursor = cursor_get(protocol.current_state_cursor_name)
-            assert cursor is not None
-            if not set_status(
-                protocol=protocol,
-                field_name=CURRENT_STATE.status_field,
-                to=MigrationStatus.IN_PROGRESS,
-                allowed=(MigrationStatus.NOT_STARTED, MigrationStatus.FAILED, MigrationStatus.IN_PROGRESS),
-                actor=actor,
-                action="protocol.current_state_started",
-                extra={"current_state_start_height": start_height, "current_state_error": ""},
-                metadata={"cursor": cursor, "resumed": not created, "start_height": start_height},
-            ):  # validated a moment ago: somebody moved the status since (rolls back the cursor)
-                raise RaceLost(STATUS_MOVED.format(field=CURRENT_STATE.status_field, id=protocol.id))
-        spec = registry.get(protocol.id)
-        assert spec is not None
-        trackers = [Tracker(protocol=protocol, spec=spec, cursor=cursor, start_cursor=cursor)]
+        trackers = start_trackers(
+            strategy=CURRENT_STATE,
+            protocols=[protocol],
+            cursor_at=start_height - 1,
+            actor=actor,
+            updates={"current_state_start_height": start_height},
+            metadata={"start_height": start_height},
+        )
         run = MigrationRun(
             strategy=CURRENT_STATE,
             chain=chain,

@@ -3,8 +3,9 @@
 1. Validate, changing nothing on error: every id has a classifier and a row, is classified
    `success`, and all are on one chain the indexer has started; ids already `success` are skipped.
    Then take a session advisory lock per protocol (a second run is refused; a killed run's lock dies
-   with its connection), set `in_progress` and create the cursor at oldest - 1 unless it exists (a
-   re-run resumes at cursor + 1).
+   with its connection), check the actor may take the start edge (audited refusal), and in one
+   transaction create the cursor at oldest - 1 unless it exists (a re-run resumes at cursor + 1)
+   and move the status to `in_progress` (`status.migration_start`).
 2. Process to the tip, window by window: read the stored events of [low, min(low + window - 1,
    latest)] once, and per protocol commit ONE transaction: `CAS(cursor: start - 1 -> end)`, check
    the block at `end` is still the one we read (a rollback in between would leave stale rows), then
@@ -16,33 +17,34 @@
    ingestion is down we keep winning and keep going, which is the right degraded behaviour.
 4. Complete: a handed-off protocol becomes `success` once its cursor is at or past the last height
    we attempted. On an error the handed-off ones are `success`, the rest `failed` (logged, audited).
+   Every status change goes through `migrations_app.protocols.status` (the transition kernel); a
+   lost compare-and-set there means somebody else settled the protocol: not ours to report.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q
 
 from fleetops.audit.actors import Actor
-from fleetops.audit.services import record
 from fleetops.lib import clock
-from fleetops.lib.cas import note_race_lost
 from fleetops.lib.errors import Conflict, DomainError, RaceLost, ValidationFailed
 from fleetops.observability.heartbeats import heartbeat_beat
-from indexer.models import Chain, IndexerState
+from indexer import selectors as indexer_selectors
+from indexer.selectors import ChainModel as Chain
 from migrations_app.models import MigrationStatus, Protocol, Writer
-from migrations_app.protocols import registry, store
+from migrations_app.protocols import registry, status, store
 from migrations_app.protocols.cursor import CasResult, cursor_cas, cursor_create, cursor_get
 from migrations_app.protocols.metrics import HANDOFFS, HEIGHTS, STATE_CHANGES, WINDOW_RETRIES, WINDOW_SECONDS
+from migrations_app.protocols.progress import Progress
 from migrations_app.protocols.registry import ProtocolSpec
+from migrations_app.protocols.status import HISTORY_KIND, MigrationKind
 from migrations_app.protocols.store import Row
 
 log = logging.getLogger(__name__)
@@ -77,50 +79,6 @@ class _Reorged(Exception):
     """The block at the window's end changed under us: throw the window away and read it again."""
 
 
-# --- progress --------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line bar with heights/s and ETA on a terminal; on anything else a log line every
-    `log_every` seconds (so a worker's logs stay quiet and structured)."""
-
-    def __init__(self, stream: TextIO | None = None, *, log_every: float = 30.0, width: int = 30):
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.log_every, self.width = log_every, width
-        self.started = time.monotonic()
-        self.last_log = 0.0
-        self.first_done: int | None = None
-
-    def update(self, *, label: str, done: int, total: int, note: str = "") -> None:
-        now = time.monotonic()
-        if self.first_done is None:
-            self.first_done, self.started = done, now
-        elapsed = max(now - self.started, 1e-6)
-        rate = (done - self.first_done) / elapsed
-        remaining = max(total - done, 0)
-        eta = remaining / rate if rate > 0 else None
-        if self.tty:
-            filled = int(self.width * done / total) if total > 0 else self.width
-            bar = "#" * filled + "-" * (self.width - filled)
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
-            pct = 100.0 * done / total if total > 0 else 100.0
-            line = f"{label} [{bar}] {pct:5.1f}% {done}/{total} heights {rate:,.0f} h/s ETA {eta_text} {note}"
-            self.stream.write(f"\r{line}\x1b[K")
-            self.stream.flush()
-        elif now - self.last_log >= self.log_every:
-            self.last_log = now
-            log.info(
-                "migration progress",
-                extra={"label": label, "done": done, "total": total, "rate": round(rate, 1), "eta_s": eta},
-            )
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # --- the engine ------------------------------------------------------------------------------------------
 
 
@@ -141,13 +99,19 @@ class Tracker:
 
 @dataclass(frozen=True)
 class Strategy:
-    migration: str  # "history" | "current_state"
+    kind: MigrationKind  # the status machine, error column and audit names
     writer: str
-    status_field: str
-    error_field: str
     cursor_name: Callable[[Protocol], str]
     persist: Callable[[Tracker, int, Sequence[Row], int, int], None]
     handed_off_fields: Callable[[Tracker], dict[str, Any]]
+
+    @property
+    def migration(self) -> str:  # "history" | "current_state"
+        return self.kind.name
+
+    @property
+    def status_field(self) -> str:
+        return self.kind.status_field
 
 
 @dataclass
@@ -162,7 +126,7 @@ class RunResult:
 
 
 def validate_protocols(
-    protocol_ids: Sequence[str], *, migration: str, status_field: str
+    protocol_ids: Sequence[str], *, kind: MigrationKind
 ) -> tuple[Chain, list[Protocol], list[str]]:
     """(chain, protocols to run, ids skipped as already done); raises ValidationFailed, writes nothing."""
     ids = list(dict.fromkeys(i.strip() for i in protocol_ids if i.strip()))
@@ -178,19 +142,20 @@ def validate_protocols(
     for pid in ids:
         if pid not in rows:
             raise ValidationFailed(NOT_SET_UP.format(id=pid), fields={"protocol_id": [pid]})
-        status = rows[pid].classification_status
-        if status != MigrationStatus.SUCCESS:
+        classified = rows[pid].classification_status
+        if classified != MigrationStatus.SUCCESS:
             raise ValidationFailed(
-                NOT_CLASSIFIED.format(id=pid, status=status), fields={"protocol_id": [pid]}
+                NOT_CLASSIFIED.format(id=pid, status=classified), fields={"protocol_id": [pid]}
             )
     chains = {rows[pid].chain_id for pid in ids}
     if len(chains) > 1:
         raise ValidationFailed(MIXED_CHAINS.format(ids=", ".join(ids)))
     chain = rows[ids[0]].chain
-    state = IndexerState.objects.filter(chain=chain).first()
-    if state is None or state.oldest_indexed_height is None or state.last_indexed_height is None:
+    indexed = indexer_selectors.indexed_range(chain_id=chain.pk)
+    if indexed is None or indexed[0] is None or indexed[1] is None:
         raise ValidationFailed(INDEXER_NOT_STARTED.format(chain=chain.slug))
-    skipped = [pid for pid in ids if getattr(rows[pid], status_field) == MigrationStatus.SUCCESS]
+    # Done for good: the migration's terminal state (a re-run skips it).
+    skipped = [pid for pid in ids if kind.machine.is_terminal(getattr(rows[pid], kind.status_field))]
     return chain, [rows[pid] for pid in ids if pid not in skipped], skipped
 
 
@@ -211,51 +176,45 @@ def unlock(migration: str, protocol_id: str) -> None:
 
 
 def latest_indexed(chain: Chain) -> int | None:
-    return IndexerState.objects.filter(chain=chain).values_list("last_indexed_height", flat=True).first()
+    indexed = indexer_selectors.indexed_range(chain_id=chain.pk)
+    return None if indexed is None else indexed[1]
 
 
-def set_status(
+def start_trackers(
     *,
-    protocol: Protocol,
-    field_name: str,
-    to: str,
-    allowed: Sequence[str],
+    strategy: Strategy,
+    protocols: Sequence[Protocol],
+    cursor_at: int,
     actor: Actor,
-    action: str,
-    extra: dict[str, Any] | None = None,
-    reason: str = "",
-    metadata: dict[str, Any] | None = None,
-    where: Q | None = None,
-) -> bool:
-    """CAS a status column (`allowed` -> `to`, and `where` if given) with its audit row, in the
-    caller's transaction. Returns False when the row was not in an allowed state: the loss is counted
-    (`fleetops_platform_race_lost_total{operation=action}`) and logged here, and the caller must not
-    report the change as done."""
-    before = getattr(protocol, field_name)
-    rows = Protocol.objects.filter(pk=protocol.pk, **{f"{field_name}__in": allowed})
-    if where is not None:
-        rows = rows.filter(where)
-    changed = rows.update(**{field_name: to, "updated_at": clock.now()}, **(extra or {}))
-    if not changed:
-        note_race_lost(action, expected=1, changed=0)
-        log.warning(
-            "protocol status compare-and-set lost",
-            extra={"protocol": protocol.pk, "field": field_name, "to": to, "action": action},
-        )
-    else:
-        setattr(protocol, field_name, to)
-        for key, value in (extra or {}).items():
-            setattr(protocol, key, value)
-        record(
-            action=action,
-            actor=actor,
-            org=protocol.chain.org,
-            target=protocol,
-            reason=reason,
-            changes={field_name: [before, to]},
-            metadata=metadata,
-        )
-    return bool(changed)
+    updates: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+) -> list[Tracker]:
+    """Check the actor may start (or resume) the migration of every protocol (audited refusal,
+    before the transaction so the denial row commits), then in ONE transaction create each cursor
+    at `cursor_at` unless it exists and move each status to in_progress. A status moved since the
+    validation (e.g. completed by another process) raises `RaceLost` and rolls back every cursor."""
+    status.migration_authorize(protocols=protocols, kind=strategy.kind, actor=actor)
+    trackers: list[Tracker] = []
+    with transaction.atomic():
+        for p in protocols:
+            name = strategy.cursor_name(p)
+            created = cursor_create(name=name, height=cursor_at)
+            cursor = cursor_get(name)
+            assert cursor is not None
+            try:
+                status.migration_start(
+                    protocol=p,
+                    kind=strategy.kind,
+                    actor=actor,
+                    updates=updates,
+                    metadata={"cursor": cursor, "resumed": not created, **metadata},
+                )
+            except RaceLost as exc:
+                raise RaceLost(STATUS_MOVED.format(field=strategy.status_field, id=p.id)) from exc
+            spec = registry.get(p.id)
+            assert spec is not None
+            trackers.append(Tracker(protocol=p, spec=spec, cursor=cursor, start_cursor=cursor))
+    return trackers
 
 
 class MigrationRun:
@@ -400,26 +359,31 @@ class MigrationRun:
         current = cursor_get(self.strategy.cursor_name(t.protocol))
         if current is None or t.last_attempted is None or current < t.last_attempted:
             return  # live has not yet passed the heights we tried (e.g. it is re-indexing a rollback)
-        with transaction.atomic():
-            won = set_status(
-                protocol=t.protocol,
-                field_name=self.strategy.status_field,
-                to=MigrationStatus.SUCCESS,
-                allowed=(MigrationStatus.IN_PROGRESS,),
-                actor=self.actor,
-                action=f"protocol.{self.strategy.migration}_completed",
-                extra={self.strategy.error_field: "", **self.strategy.handed_off_fields(t)},
-                metadata={
-                    "start_cursor": t.start_cursor,
-                    "handoff_height": t.cursor + 1,
-                    "heights_written": t.heights,
-                    "rows_written": t.rows,
-                },
+        t.done = self._settle(
+            t,
+            status.migration_complete,
+            updates=self.strategy.handed_off_fields(t),
+            metadata={
+                "start_cursor": t.start_cursor,
+                "handoff_height": t.cursor + 1,
+                "heights_written": t.heights,
+                "rows_written": t.rows,
+            },
+        )
+
+    def _settle(self, t: Tracker, step: Callable[..., Any], **kwargs: Any) -> bool:
+        """Take an outcome edge (`status.migration_complete` or `_fail`). A lost compare-and-set
+        (counted by the kernel) means somebody else moved the status: not ours to report."""
+        try:
+            step(protocol=t.protocol, kind=self.strategy.kind, actor=self.actor, **kwargs)
+        except RaceLost:
+            log.warning(
+                "protocol status moved under the migration",
+                extra={"protocol": t.protocol.id, "migration": self.strategy.migration},
             )
-        if won:
-            t.done = True
-        else:  # somebody else moved the status (counted and logged by set_status): not our success
             t.lost = True
+            return False
+        return True
 
     def _fail(self, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, DomainError) else f"{type(exc).__name__}: {exc}"
@@ -428,30 +392,11 @@ class MigrationRun:
                 if t.done or t.lost:
                     continue
                 if t.handed_off:  # handed off is success, whatever the cursor says now
-                    with transaction.atomic():
-                        won = set_status(
-                            protocol=t.protocol,
-                            field_name=self.strategy.status_field,
-                            to=MigrationStatus.SUCCESS,
-                            allowed=(MigrationStatus.IN_PROGRESS,),
-                            actor=self.actor,
-                            action=f"protocol.{self.strategy.migration}_completed",
-                            extra=self.strategy.handed_off_fields(t),
-                        )
-                    t.done = won
-                    t.lost = not won
-                    continue
-                with transaction.atomic():
-                    t.lost = not set_status(
-                        protocol=t.protocol,
-                        field_name=self.strategy.status_field,
-                        to=MigrationStatus.FAILED,
-                        allowed=(MigrationStatus.IN_PROGRESS,),
-                        actor=self.actor,
-                        action=f"protocol.{self.strategy.migration}_failed",
-                        extra={self.strategy.error_field: message[:2000]},
-                        metadata={"cursor": t.cursor, "error": message[:500]},
+                    t.done = self._settle(
+                        t, status.migration_complete, updates=self.strategy.handed_off_fields(t)
                     )
+                    continue
+                self._settle(t, status.migration_fail, error=message, metadata={"cursor": t.cursor})
             except Exception:
                 log.exception("could not record the migration outcome", extra={"protocol": t.protocol.id})
         log.error(
@@ -471,10 +416,8 @@ def _persist_history(t: Tracker, chain_id: int, rows: Sequence[Row], start: int,
 
 
 HISTORY = Strategy(
-    migration="history",
+    kind=HISTORY_KIND,
     writer="history",
-    status_field="history_migration_status",
-    error_field="history_error",
     cursor_name=lambda p: p.history_cursor_name,
     persist=_persist_history,
     handed_off_fields=lambda t: {
@@ -495,7 +438,7 @@ def history_validate(
     *, protocol_ids: Sequence[str], window_size: int = DEFAULT_WINDOW_SIZE
 ) -> tuple[Chain, list[Protocol], list[str]]:
     check_window_size(window_size)
-    return validate_protocols(protocol_ids, migration="history", status_field=HISTORY.status_field)
+    return validate_protocols(protocol_ids, kind=HISTORY_KIND)
 
 
 def history_migrate(
@@ -541,29 +484,17 @@ def history_migrate(
 
 
 def _start(*, chain: Chain, protocols: list[Protocol], actor: Actor) -> list[Tracker]:
-    oldest = IndexerState.objects.filter(chain=chain).values_list("oldest_indexed_height", flat=True).first()
+    indexed = indexer_selectors.indexed_range(chain_id=chain.pk)
+    oldest = None if indexed is None else indexed[0]
     assert oldest is not None  # validated
-    trackers: list[Tracker] = []
-    with transaction.atomic():
-        for p in protocols:
-            created = cursor_create(name=p.history_cursor_name, height=oldest - 1)
-            cursor = cursor_get(p.history_cursor_name)
-            assert cursor is not None
-            if not set_status(
-                protocol=p,
-                field_name=HISTORY.status_field,
-                to=MigrationStatus.IN_PROGRESS,
-                allowed=(MigrationStatus.NOT_STARTED, MigrationStatus.FAILED, MigrationStatus.IN_PROGRESS),
-                actor=actor,
-                action="protocol.history_started",
-                extra={"history_started_at": clock.now(), "history_error": ""},
-                metadata={"cursor": cursor, "resumed": not created, "oldest_indexed_height": oldest},
-            ):  # validated as not success a moment ago: somebody moved it since (rolls back the cursors)
-                raise RaceLost(STATUS_MOVED.format(field=HISTORY.status_field, id=p.id))
-            spec = registry.get(p.id)
-            assert spec is not None
-            trackers.append(Tracker(protocol=p, spec=spec, cursor=cursor, start_cursor=cursor))
-    return trackers
+    return start_trackers(
+        strategy=HISTORY,
+        protocols=protocols,
+        cursor_at=oldest - 1,
+        actor=actor,
+        updates={"history_started_at": clock.now()},
+        metadata={"oldest_indexed_height": oldest},
+    )
 
 
 def _summarize(result: RunResult, trackers: list[Tracker]) -> None:

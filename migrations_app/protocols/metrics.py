@@ -9,8 +9,16 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from indexer import selectors as indexer_selectors
+from migrations_app.models import Cursor, MigrationStatus, Protocol
+
 # The seed's numbering (wallet_migration_status): 0 in_progress, 1 success, 2 failed; 3 not started.
-STATUS_VALUES = {"in_progress": 0, "success": 1, "failed": 2, "not_started": 3}
+STATUS_VALUES: dict[str, int] = {
+    MigrationStatus.IN_PROGRESS: 0,
+    MigrationStatus.SUCCESS: 1,
+    MigrationStatus.FAILED: 2,
+    MigrationStatus.NOT_STARTED: 3,
+}
 
 CAS_RESULTS = Counter(
     "fleetops_protocol_cas_results_total",
@@ -44,12 +52,9 @@ WINDOW_RETRIES = Counter(
 
 
 def collect_states() -> Iterable[Metric]:
-    from indexer.models import IndexerState
-    from migrations_app.models import Cursor, Protocol
-
     protocols = list(Protocol.objects.all())
     cursors = dict(Cursor.objects.values_list("name", "height"))
-    indexed = dict(IndexerState.objects.values_list("chain_id", "last_indexed_height"))
+    indexed = {chain_id: last for chain_id, (_, last) in indexer_selectors.indexed_ranges().items()}
     cursor = GaugeMetricFamily(
         "fleetops_protocol_migration_cursor",
         "Cursor height by protocol and migration (history, current_state); absent until created.",

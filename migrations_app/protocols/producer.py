@@ -26,7 +26,7 @@ from migrations_app.protocols.metrics import STATE_CHANGES
 
 if TYPE_CHECKING:
     from indexer.ingest import IndexedBlock
-    from indexer.models import Chain
+    from indexer.selectors import ChainModel as Chain
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from fleetops.access.models import Organization
 from fleetops.lib.errors import NotFound
-from indexer.models import IndexerState
+from indexer import selectors as indexer_selectors
 from migrations_app.models import (
     Cursor,
     Protocol,
@@ -76,11 +76,7 @@ def protocol_statuses(protocols: Iterable[Protocol]) -> list[ProtocolStatus]:
     protocols = list(protocols)
     names = [n for p in protocols for n in (p.history_cursor_name, p.current_state_cursor_name)]
     cursors = dict(Cursor.objects.filter(name__in=names).values_list("name", "height"))
-    states = {
-        s.chain_id: s for s in IndexerState.objects.filter(chain_id__in={p.chain_id for p in protocols})
-    }
-    from django.db.models import Count
-
+    indexed = indexer_selectors.indexed_ranges(chain_ids={p.chain_id for p in protocols})
     contracts = dict(
         Protocol.objects.filter(pk__in=[p.pk for p in protocols])
         .annotate(n=Count("contracts"))
@@ -88,15 +84,14 @@ def protocol_statuses(protocols: Iterable[Protocol]) -> list[ProtocolStatus]:
     )
     out = []
     for p in protocols:
-        state = states.get(p.chain_id)
-        top = state.last_indexed_height if state else None
+        oldest, top = indexed.get(p.chain_id, (None, None))
         h, c = cursors.get(p.history_cursor_name), cursors.get(p.current_state_cursor_name)
         out.append(
             ProtocolStatus(
                 protocol=p,
                 chain_slug=p.chain.slug,
                 indexed_height=top,
-                oldest_indexed_height=state.oldest_indexed_height if state else None,
+                oldest_indexed_height=oldest,
                 classification_status=p.classification_status,
                 classified_at=p.classified_at,
                 contracts=contracts.get(p.pk, 0),

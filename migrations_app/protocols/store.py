@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from django.db import connection, transaction
 
 from fleetops.lib import clock
-from indexer.models import Block, Event
+from indexer import selectors as indexer_selectors
 from migrations_app.models import (
     ProtocolBalance,
     ProtocolContract,
@@ -56,12 +56,6 @@ STATE_CHANGE_COLUMNS = [
 
 
 PHASE_RANK = {"begin_block": 0, "tx": 1, "end_block": 2, "finalize_block": 3}
-# Read with SQL, not the ORM: a window is thousands of events and only these columns are needed.
-_EVENTS = f"""
-SELECT height, phase, tx_index, event_index, type, attributes FROM {Event._meta.db_table}
-WHERE chain_id = %s AND type = ANY(%s) AND height BETWEEN %s AND %s
-"""  # noqa: S608 - table name from the model
-_BLOCK_HASH = f"SELECT hash FROM {Block._meta.db_table} WHERE chain_id = %s AND height = %s"  # noqa: S608
 
 
 def _order(r: Row) -> tuple[int, int, int, int]:
@@ -69,17 +63,13 @@ def _order(r: Row) -> tuple[int, int, int, int]:
 
 
 def read_events(*, chain_id: int, types: Iterable[str], low: int, high: int) -> list[EventTuple]:
-    """Stored events of the given types in [low, high] (the (chain, type, height) index answers it)."""
-    with connection.cursor() as cursor:
-        cursor.execute(_EVENTS, [chain_id, sorted(types), low, high])
-        return list(cursor.fetchall())
+    """Stored events of the given types in [low, high] (one indexed read through the indexer's
+    selectors; the (chain, type, height) index answers it)."""
+    return indexer_selectors.event_tuples(chain_id=chain_id, types=types, low=low, high=high)
 
 
 def block_hash(*, chain_id: int, height: int) -> str | None:
-    with connection.cursor() as cursor:
-        cursor.execute(_BLOCK_HASH, [chain_id, height])
-        row = cursor.fetchone()
-    return str(row[0]) if row else None
+    return indexer_selectors.block_hash(chain_id=chain_id, height=height)
 
 
 def classify_events(spec: ProtocolSpec, events: Iterable[EventTuple]) -> list[Row]:

@@ -1,7 +1,13 @@
 """Thin Celery tasks: the admin's "Start history migration" / "Start current-state migration" run
 the same services as `manage.py protocol_migrate` on a worker, "Classify again" the same service as
-`manage.py protocol_setup`. A run blocks its worker slot until the
-handoff; a redelivery after a worker crash resumes at cursor + 1."""
+`manage.py protocol_setup`. A run blocks its worker slot until the handoff; a redelivery after a
+worker crash resumes at cursor + 1.
+
+The services queue these by name (`services.CLASSIFY_TASK`, …) once the request commits, so the two
+modules do not import each other. The actor travels as `Actor.to_payload()` and is rebuilt with
+every field (`Actor.from_payload`): a superuser's or a session's request runs with the same rights
+on the worker as in the web request.
+"""
 
 from __future__ import annotations
 
@@ -11,63 +17,55 @@ from typing import Any
 from celery import shared_task
 
 from fleetops.audit.actors import Actor
-from fleetops.audit.models import ActorType
 from fleetops.lib.errors import DomainError
 from fleetops.observability.context import bound
+from migrations_app.models import Protocol
+from migrations_app.protocols.current_state import current_state_migrate as run_current_state
+from migrations_app.protocols.history import history_migrate as run_history
+from migrations_app.protocols.services import (
+    CLASSIFY_TASK,
+    CURRENT_STATE_TASK,
+    HISTORY_TASK,
+    protocol_classify,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _actor(payload: dict[str, Any]) -> Actor:
-    return Actor(
-        type=ActorType(payload.get("type", ActorType.SYSTEM)),
-        id=str(payload.get("id", "")),
-        label=str(payload.get("label", "")),
-        user_id=payload.get("user_id"),
-    )
-
-
-@shared_task(name="migrations_app.protocols.tasks.history_migrate", ignore_result=True)
+@shared_task(name=HISTORY_TASK, ignore_result=True)
 def history_migrate(*, protocol_ids: list[str], window_size: int, actor: dict[str, Any]) -> None:
-    from migrations_app.protocols.history import history_migrate as run
-
     with bound(actor=f"task:protocol_history:{','.join(protocol_ids)}"):
         try:
-            run(protocol_ids=protocol_ids, window_size=window_size, actor=_actor(actor))
+            run_history(protocol_ids=protocol_ids, window_size=window_size, actor=Actor.from_payload(actor))
         except DomainError as exc:  # recorded on the protocol and in the audit log already
             log.warning("history migration stopped: %s", exc.message)
 
 
-@shared_task(name="migrations_app.protocols.tasks.current_state_migrate", ignore_result=True)
+@shared_task(name=CURRENT_STATE_TASK, ignore_result=True)
 def current_state_migrate(
     *, protocol_id: str, start_height: int, window_size: int, actor: dict[str, Any]
 ) -> None:
-    from migrations_app.protocols.current_state import current_state_migrate as run
-
     with bound(actor=f"task:protocol_current_state:{protocol_id}"):
         try:
-            run(
+            run_current_state(
                 protocol_id=protocol_id,
                 start_height=start_height,
                 window_size=window_size,
-                actor=_actor(actor),
+                actor=Actor.from_payload(actor),
             )
         except DomainError as exc:
             log.warning("current-state migration stopped: %s", exc.message)
 
 
-@shared_task(name="migrations_app.protocols.tasks.classify", ignore_result=True)
+@shared_task(name=CLASSIFY_TASK, ignore_result=True)
 def classify(*, protocol_id: str, actor: dict[str, Any]) -> None:
-    from migrations_app.models import Protocol
-    from migrations_app.protocols.services import protocol_classify
-
     with bound(actor=f"task:protocol_classify:{protocol_id}"):
         protocol = Protocol.objects.select_related("chain__org").filter(pk=protocol_id).first()
         if protocol is None:
             log.warning("classification skipped: protocol %s is gone", protocol_id)
             return
         try:
-            result = protocol_classify(protocol=protocol, actor=_actor(actor))
+            result = protocol_classify(protocol=protocol, actor=Actor.from_payload(actor))
         except DomainError as exc:  # another classification running, or the role was revoked
             log.warning("classification not run: %s", exc.message)
             return

@@ -5,7 +5,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from curtailment.models import CurtailmentEvent, CurtailmentTarget, DeviceSample, OrgCurtailmentConfig
-from curtailment.services import StartRequest, curtailment_start
+from curtailment.planning import StartRequest
+from curtailment.services import curtailment_start
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -16,9 +17,7 @@ pytestmark = pytest.mark.django_db
 def _event(member, **kw):
     kw.setdefault("target_kw", 6.0)
     kw.setdefault("reason", "grid request")
-    return curtailment_start(
-        org=member.org, actor=Actor.for_user(member.user), role=member.role, req=StartRequest(**kw)
-    ).event
+    return curtailment_start(org=member.org, actor=Actor.for_user(member.user), req=StartRequest(**kw)).event
 
 
 def test_the_start_page_previews_then_starts(client, operator, fleet):
@@ -160,3 +159,25 @@ def test_the_dashboard_has_a_curtailment_card(client, operator, fleet):
 def test_the_reconciler_status_endpoint(viewer):
     body = viewer.token_client().get("/api/v1/curtailment/reconciler").json()
     assert body["last_tick_at"] is None and body["live_events"] == 0
+
+
+def test_the_event_page_draws_its_state_machine_with_the_current_state(client, operator, fleet):
+    event = _event(operator)
+    client.force_login(operator.user)
+    page = client.get(f"/admin/curtailment/curtailmentevent/{event.pk}/change/").content.decode()
+    assert 'aria-label="curtailment.event state diagram"' in page
+    assert 'class="state current" data-state="pending"' in page
+    assert page.count('class="state current"') == 1
+
+
+def test_a_stop_reason_past_the_one_cap_is_refused_on_the_form(client, operator, fleet):
+    from fleetops.lib.reason import REASON_MAX_LENGTH
+
+    event = _event(operator)
+    client.force_login(operator.user)
+    url = f"/admin/curtailment/curtailmentevent/{event.pk}/action/stop/"
+    page = client.post(url, {"reason": "x" * (REASON_MAX_LENGTH + 1)})
+    assert page.status_code == 200 and b"errorlist" in page.content
+    assert CurtailmentEvent.objects.get().state == "pending"
+    assert client.post(url, {"reason": "x" * REASON_MAX_LENGTH}).status_code == 302
+    assert AuditEvent.objects.get(action="curtailment.stopped").reason == "x" * REASON_MAX_LENGTH

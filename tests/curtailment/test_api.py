@@ -136,3 +136,24 @@ def test_terminate_needs_an_admin_with_an_interactive_session(operator, admin_me
     assert done.status_code == 200
     assert done.json()["state"] == "cancelled"
     assert done.json()["target_rollup"]["restore_failed"] == 1
+
+
+def test_stop_and_terminate_reasons_follow_the_one_reason_rule(admin_member, fleet):
+    from fleetops.lib.reason import REASON_MAX_LENGTH
+
+    session = admin_member.session()
+    event = _start(session, target_kw=3).json()["uuid"]
+    too_long = "x" * (REASON_MAX_LENGTH + 1)
+    stop = session.post(f"{BASE}/events/{event}/stop", {"reason": too_long}, format="json")
+    assert stop.status_code == 400
+    assert "reason" in stop.json()["error"]["fields"]
+    terminate = f"{BASE}/events/{event}/terminate"
+    for reason in ("", "   ", too_long):
+        refused = session.post(terminate, {"target_state": "cancelled", "reason": reason}, format="json")
+        assert refused.status_code == 400, reason
+    assert CurtailmentEvent.objects.get().state == "pending"
+    done = session.post(
+        terminate, {"target_state": "cancelled", "reason": "x" * REASON_MAX_LENGTH}, format="json"
+    )
+    assert done.status_code == 200
+    assert done.json()["state"] == "cancelled"

@@ -19,8 +19,9 @@ from django.test.utils import CaptureQueriesContext
 from curtailment.fleet import fleet_sync, telemetry_poll
 from curtailment.gateway import FleetGateway
 from curtailment.models import CurtailmentEvent, CurtailmentTarget, Device, OrgCurtailmentConfig
+from curtailment.planning import StartRequest
 from curtailment.reconciler import HEARTBEAT, reconcile_tick
-from curtailment.services import StartRequest, curtailment_start, curtailment_stop, curtailment_update
+from curtailment.services import curtailment_start, curtailment_stop, curtailment_update
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -61,7 +62,6 @@ def start(member, kw=8.0, **extra):
     return curtailment_start(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role=member.role,
         req=StartRequest(target_kw=kw, reason="test", **extra),
     ).event
 
@@ -88,7 +88,7 @@ def test_an_event_runs_from_start_to_completed(operator, wired):
     curtailed = [d for d in simulator.devices.values() if not d.mining]
     assert len(curtailed) == n
 
-    curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=operator.role)
+    curtailment_stop(event=event, actor=Actor.for_user(operator.user))
     for step in range(10):
         with later(31 * (step + 1)):
             reconcile_tick()
@@ -113,7 +113,7 @@ def test_an_event_runs_from_start_to_completed(operator, wired):
 def test_restore_goes_in_batches_of_the_effective_size_with_the_interval(operator, wired):
     event = start(operator, kw=500.0, tolerance_kw=499.9)  # all 40 devices: batch size 10
     reconcile_tick()
-    curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=operator.role)
+    curtailment_stop(event=event, actor=Actor.for_user(operator.user))
     event.refresh_from_db()
     assert event.effective_batch_size == 10
 
@@ -370,10 +370,8 @@ def test_two_reconciler_processes_never_double_dispatch(operator, wired):
         event.refresh_from_db()
         assert event.state == "active"
         actor = Actor.for_user(operator.user)
-        event = curtailment_update(
-            event=event, actor=actor, role=operator.role, patch={"restore_batch_interval_sec": 0}
-        )
-        curtailment_stop(event=event, actor=actor, role=operator.role)
+        event = curtailment_update(event=event, actor=actor, patch={"restore_batch_interval_sec": 0})
+        curtailment_stop(event=event, actor=actor)
         while time.monotonic() < deadline and CurtailmentEvent.objects.get(pk=event.pk).state == "restoring":
             time.sleep(0.2)
     finally:

@@ -14,23 +14,24 @@ from curtailment.models import (
     OrgCurtailmentConfig,
     TargetState,
 )
-from curtailment.services import (
+from curtailment.planning import (
     ADMIN_OVERRIDE_FIELDS,
     DEVICES_NOT_FOUND,
-    FORCE_ADMIN_ONLY,
-    TERMINATE_IN_FLIGHT,
     UNBOUNDED_WITH_MAX,
-    UPDATE_EMPTY,
     PlanRequest,
     StartRequest,
     curtailment_preview,
+    trimmed_snapshot,
+)
+from curtailment.services import (
+    FORCE_ADMIN_ONLY,
+    TERMINATE_IN_FLIGHT,
+    UPDATE_EMPTY,
     curtailment_start,
     curtailment_stop,
     curtailment_terminate,
     curtailment_update,
-    trimmed_snapshot,
 )
-from fleetops.access.models import Role
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -40,19 +41,21 @@ from tests.curtailment.conftest import make_fleet
 pytestmark = pytest.mark.django_db
 
 
-def start(member, *, role=None, **kw):
+def start(member, **kw):
     kw.setdefault("target_kw", 6.0)
     kw.setdefault("reason", "grid request")
-    return curtailment_start(
-        org=member.org, actor=Actor.for_user(member.user), role=role or member.role, req=StartRequest(**kw)
-    )
+    return curtailment_start(org=member.org, actor=Actor.for_user(member.user), req=StartRequest(**kw))
+
+
+def actor(member):
+    return Actor.for_user(member.user)
 
 
 # --- preview ------------------------------------------------------------------------------------
 
 
 def test_preview_plans_least_efficient_first_and_writes_nothing(operator, fleet):
-    plan = curtailment_preview(org=operator.org, role=Role.VIEWER, req=PlanRequest(target_kw=7.0))
+    plan = curtailment_preview(org=operator.org, actor=actor(operator), req=PlanRequest(target_kw=7.0))
 
     assert [s.candidate.identifier for s in plan.selected] == ["m-009", "m-008", "m-007"]
     assert plan.estimated_reduction_kw == 9.0
@@ -61,23 +64,25 @@ def test_preview_plans_least_efficient_first_and_writes_nothing(operator, fleet)
     assert not OrgCurtailmentConfig.objects.exists()
 
 
-def test_preview_min_power_override_is_admin_only(operator, fleet):
+def test_preview_min_power_override_is_admin_only(operator, admin_member, fleet):
     with pytest.raises(Forbidden, match=ADMIN_OVERRIDE_FIELDS):
         curtailment_preview(
             org=operator.org,
-            role=Role.OPERATOR,
+            actor=actor(operator),
             req=PlanRequest(target_kw=1, candidate_min_power_w_override=10),
         )
     with pytest.raises(ValidationFailed) as caught:
         curtailment_preview(
             org=operator.org,
-            role=Role.ADMIN,
+            actor=actor(admin_member),
             req=PlanRequest(target_kw=1, candidate_min_power_w_override=3500),
         )
     # Every device hashes at 3 kW, below the overridden 3.5 kW floor: the dead-meter reason.
     assert "candidate_min_power_w=3500W; excluded: power_telemetry_unreliable=10" in caught.value.message
     plan = curtailment_preview(
-        org=operator.org, role=Role.ADMIN, req=PlanRequest(target_kw=1, candidate_min_power_w_override=2500)
+        org=operator.org,
+        actor=actor(admin_member),
+        req=PlanRequest(target_kw=1, candidate_min_power_w_override=2500),
     )
     assert plan.floor_w == 2500
     assert len(plan.selected) == 1
@@ -87,7 +92,7 @@ def test_preview_of_unknown_or_foreign_devices_is_not_found(operator, outsider, 
     make_fleet(outsider.org, 2, start=500)
     req = PlanRequest(target_kw=1, scope_type="device_list", device_identifiers=("m-001", "m-500", "nope"))
     with pytest.raises(NotFound) as caught:
-        curtailment_preview(org=operator.org, role=Role.VIEWER, req=req)
+        curtailment_preview(org=operator.org, actor=actor(operator), req=req)
     assert caught.value.message == DEVICES_NOT_FOUND.format(ids=["m-500", "nope"])
 
 
@@ -104,15 +109,15 @@ def test_preview_of_unknown_or_foreign_devices_is_not_found(operator, outsider, 
         ({"target_kw": 5, "scope_type": "device_sets"}, "scope_type"),
     ],
 )
-def test_preview_validation(operator, fleet, kwargs, field):
+def test_preview_validation(admin_member, fleet, kwargs, field):
     with pytest.raises(ValidationFailed) as caught:
-        curtailment_preview(org=operator.org, role=Role.ADMIN, req=PlanRequest(**kwargs))
+        curtailment_preview(org=admin_member.org, actor=actor(admin_member), req=PlanRequest(**kwargs))
     assert field in caught.value.fields
 
 
 def test_insufficient_load_is_a_validation_error_with_counts(operator, fleet):
     with pytest.raises(ValidationFailed) as caught:
-        curtailment_preview(org=operator.org, role=Role.VIEWER, req=PlanRequest(target_kw=1000))
+        curtailment_preview(org=operator.org, actor=actor(operator), req=PlanRequest(target_kw=1000))
     assert caught.value.code == "insufficient_load"
     assert caught.value.message.startswith("insufficient curtailable load: 30.000 kW available, 1000.000 kW")
 
@@ -187,7 +192,6 @@ def test_the_same_idempotency_key_replays_the_live_event_and_is_free_again_once_
     curtailment_terminate(
         event=first.event,
         actor=Actor.for_user(admin_member.user),
-        role=Role.ADMIN,
         target_state="cancelled",
         reason="test",
     )
@@ -274,14 +278,14 @@ def test_stop_moves_to_restoring_and_resets_targets(operator, fleet):
     event = start(operator).event
     CurtailmentTarget.objects.filter(event=event).update(state="confirmed", retry_count=2, last_error="x")
 
-    stopped = curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=Role.OPERATOR)
+    stopped = curtailment_stop(event=event, actor=Actor.for_user(operator.user))
 
     assert stopped.state == EventState.RESTORING
     assert set(event.targets.values_list("state", "desired_state", "retry_count", "last_error")) == {
         ("pending", "active", 0, "")
     }
     assert AuditEvent.objects.filter(action="curtailment.stopped").count() == 1
-    again = curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=Role.OPERATOR)
+    again = curtailment_stop(event=event, actor=Actor.for_user(operator.user))
     assert again.state == EventState.RESTORING
     assert AuditEvent.objects.filter(action="curtailment.stopped").count() == 1
 
@@ -291,13 +295,11 @@ def test_stop_honours_the_minimum_duration_unless_an_admin_forces_it(operator, a
     CurtailmentEvent.objects.filter(pk=event.pk).update(state="active", started_at=clock.now())
     event.refresh_from_db()
     with pytest.raises(Conflict) as caught:
-        curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=Role.OPERATOR)
+        curtailment_stop(event=event, actor=Actor.for_user(operator.user))
     assert caught.value.code == "min_duration_not_elapsed"
     with pytest.raises(Forbidden, match=FORCE_ADMIN_ONLY):
-        curtailment_stop(event=event, actor=Actor.for_user(operator.user), role=Role.OPERATOR, force=True)
-    forced = curtailment_stop(
-        event=event, actor=Actor.for_user(admin_member.user), role=Role.ADMIN, force=True
-    )
+        curtailment_stop(event=event, actor=Actor.for_user(operator.user), force=True)
+    forced = curtailment_stop(event=event, actor=Actor.for_user(admin_member.user), force=True)
     assert forced.state == EventState.RESTORING
     assert AuditEvent.objects.filter(action="curtailment.force_stopped").exists()
 
@@ -305,9 +307,9 @@ def test_stop_honours_the_minimum_duration_unless_an_admin_forces_it(operator, a
 def test_stop_of_a_terminal_event_is_a_conflict(admin_member, fleet):
     event = start(admin_member).event
     actor = Actor.for_user(admin_member.user)
-    curtailment_terminate(event=event, actor=actor, role=Role.ADMIN, target_state="failed", reason="r")
+    curtailment_terminate(event=event, actor=actor, target_state="failed", reason="r")
     with pytest.raises(Conflict) as caught:
-        curtailment_stop(event=event, actor=actor, role=Role.ADMIN)
+        curtailment_stop(event=event, actor=actor)
     assert caught.value.code == "state_conflict"
 
 
@@ -315,21 +317,16 @@ def test_update_collapses_no_ops_and_gates_the_effective_patch(operator, fleet):
     event = start(operator).event
     actor = Actor.for_user(operator.user)
     with pytest.raises(ValidationFailed, match=UPDATE_EMPTY):
-        curtailment_update(event=event, actor=actor, role=Role.OPERATOR, patch={})
-    same = curtailment_update(
-        event=event, actor=actor, role=Role.OPERATOR, patch={"restore_batch_interval_sec": 30}
-    )
+        curtailment_update(event=event, actor=actor, patch={})
+    same = curtailment_update(event=event, actor=actor, patch={"restore_batch_interval_sec": 30})
     assert same.pk == event.pk
     assert not AuditEvent.objects.filter(action="curtailment.updated").exists()
     with pytest.raises(Forbidden):
-        curtailment_update(
-            event=event, actor=actor, role=Role.OPERATOR, patch={"max_duration_seconds": 99999}
-        )
+        curtailment_update(event=event, actor=actor, patch={"max_duration_seconds": 99999})
 
     updated = curtailment_update(
         event=event,
         actor=actor,
-        role=Role.OPERATOR,
         patch={"restore_batch_interval_sec": 60, "reason": "new"},
     )
     assert (updated.restore_batch_interval_sec, updated.reason) == (60, "new")
@@ -340,10 +337,10 @@ def test_update_collapses_no_ops_and_gates_the_effective_patch(operator, fleet):
 def test_update_is_refused_once_restoring(operator, fleet):
     event = start(operator).event
     actor = Actor.for_user(operator.user)
-    curtailment_stop(event=event, actor=actor, role=Role.OPERATOR)
+    curtailment_stop(event=event, actor=actor)
     event.refresh_from_db()
     with pytest.raises(Conflict) as caught:
-        curtailment_update(event=event, actor=actor, role=Role.OPERATOR, patch={"reason": "x"})
+        curtailment_update(event=event, actor=actor, patch={"reason": "x"})
     assert caught.value.code == "state_conflict"
 
 
@@ -353,15 +350,12 @@ def test_terminate_needs_an_interactive_admin(operator, admin_member, fleet):
         curtailment_terminate(
             event=event,
             actor=Actor.for_user(operator.user),
-            role=Role.OPERATOR,
             target_state="cancelled",
             reason="r",
         )
     token_actor = Actor.for_user(admin_member.user, interactive=False)
     with pytest.raises(Forbidden):
-        curtailment_terminate(
-            event=event, actor=token_actor, role=Role.ADMIN, target_state="cancelled", reason="r"
-        )
+        curtailment_terminate(event=event, actor=token_actor, target_state="cancelled", reason="r")
 
 
 def test_terminate_refuses_while_curtail_commands_are_in_flight(admin_member, fleet):
@@ -371,7 +365,6 @@ def test_terminate_refuses_while_curtail_commands_are_in_flight(admin_member, fl
         curtailment_terminate(
             event=event,
             actor=Actor.for_user(admin_member.user),
-            role=Role.ADMIN,
             target_state="cancelled",
             reason="stuck",
         )
@@ -382,31 +375,29 @@ def test_terminate_sweeps_targets_and_echoes_the_same_state(admin_member, fleet)
     event = start(admin_member).event
     actor = Actor.for_user(admin_member.user)
     done, transitioned = curtailment_terminate(
-        event=event, actor=actor, role=Role.ADMIN, target_state="cancelled", reason="gateway down"
+        event=event, actor=actor, target_state="cancelled", reason="gateway down"
     )
     assert (done.state, transitioned) == ("cancelled", True)
     assert done.ended_at is not None
     assert set(event.targets.values_list("state", "last_error")) == {("restore_failed", "gateway down")}
     echo, transitioned = curtailment_terminate(
-        event=event, actor=actor, role=Role.ADMIN, target_state="cancelled", reason="again"
+        event=event, actor=actor, target_state="cancelled", reason="again"
     )
     assert not transitioned
     assert echo.state == "cancelled"
     assert AuditEvent.objects.filter(action="curtailment.admin_terminated_replay").count() == 1
     with pytest.raises(Conflict) as caught:
-        curtailment_terminate(event=event, actor=actor, role=Role.ADMIN, target_state="failed", reason="x")
+        curtailment_terminate(event=event, actor=actor, target_state="failed", reason="x")
     assert caught.value.code == "state_conflict"
 
 
 def test_a_restoring_event_can_be_terminated_with_uncurtails_in_flight(admin_member, fleet):
     event = start(admin_member).event
     actor = Actor.for_user(admin_member.user)
-    curtailment_stop(event=event, actor=actor, role=Role.ADMIN)
+    curtailment_stop(event=event, actor=actor)
     CurtailmentTarget.objects.filter(event=event).update(state=TargetState.DISPATCHED)
     assert set(event.targets.values_list("desired_state", flat=True)) == {DesiredState.ACTIVE}
-    done, _ = curtailment_terminate(
-        event=event, actor=actor, role=Role.ADMIN, target_state="failed", reason="r"
-    )
+    done, _ = curtailment_terminate(event=event, actor=actor, target_state="failed", reason="r")
     assert done.state == "failed"
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,16 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from fleetops.settings.env import env_bool, env_database, env_int, env_list, env_str
+from fleetops.settings.env import (
+    broker_ssl_options,
+    env_bool,
+    env_broker_url,
+    env_cache,
+    env_database,
+    env_int,
+    env_list,
+    env_str,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +83,54 @@ def test_production_refuses_to_start_without_a_secret_key():
     result = _production_check({"SECRET_KEY": ""})
     assert result.returncode != 0
     assert "SECRET_KEY" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://:secret@redis.internal:6380/0",
+        "amqp://guest:guest@127.0.0.1:5672/fleetops",
+        "amqps://user:pass@mq.internal:5671/",
+        "filesystem://",
+        "memory://",
+    ],
+)
+def test_the_supported_brokers_are_accepted(url):
+    assert env_broker_url(environ={"CELERY_BROKER_URL": url}) == url
+
+
+@pytest.mark.parametrize("url", ["sqs://", "redis:/127.0.0.1", "localhost:6379", "kafka://broker:9092"])
+def test_any_other_broker_url_stops_the_process_with_its_name(url):
+    with pytest.raises(ImproperlyConfigured, match="CELERY_BROKER_URL must be a broker URL"):
+        env_broker_url(environ={"CELERY_BROKER_URL": url})
+
+
+@pytest.mark.parametrize("url", ["filesystem://", "memory://"])
+def test_production_refuses_the_single_machine_brokers(url):
+    result = _production_check({"CELERY_BROKER_URL": url})
+    assert result.returncode != 0
+    assert "CELERY_BROKER_URL must be a broker URL" in result.stderr
+
+
+def test_a_tls_redis_broker_verifies_the_certificate_unless_the_url_says_otherwise():
+    assert broker_ssl_options("rediss://redis.internal:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert broker_ssl_options("rediss://redis.internal:6380/0?ssl_cert_reqs=optional") is None
+    assert broker_ssl_options("redis://127.0.0.1:6379/0") is None
+
+
+def test_the_cache_is_redis_for_a_redis_url_the_database_otherwise_and_nothing_else():
+    assert env_cache(environ={"CACHE_URL": "redis://r:6379/1"}) == {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://r:6379/1",
+    }
+    assert env_cache(environ={"CACHE_URL": "rediss://r:6380/1"})["LOCATION"] == "rediss://r:6380/1"
+    assert env_cache(environ={})["BACKEND"] == "django.core.cache.backends.db.DatabaseCache"
+    with pytest.raises(ImproperlyConfigured, match="CACHE_URL"):
+        env_cache(environ={"CACHE_URL": "memcached://m:11211"})
+
+
+def test_a_database_connect_gives_up_after_ten_seconds_unless_the_url_says_otherwise():
+    assert env_database(environ={"DATABASE_URL": "postgresql://u@db/f"})["OPTIONS"]["connect_timeout"] == 10
+    slow = env_database(environ={"DATABASE_URL": "postgresql://u@db/f?connect_timeout=30"})
+    assert int(slow["OPTIONS"]["connect_timeout"]) == 30

@@ -14,7 +14,7 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import lease_acquire
 from indexer.admin import BlockAdmin, EnrichmentAdmin, EventAdmin, TransactionAdmin
-from indexer.ingest import lease_name
+from indexer.blocks import lease_name
 from indexer.models import (
     ChainLagSample,
     ConnectionStatus,
@@ -89,6 +89,17 @@ def test_the_chain_page_shows_state_sources_with_reasons_and_the_lag_chart(clien
     assert ">dead<" in page  # 3 failures for 2 days
     assert "<strong>31</strong>" in page  # poison height
     assert f"/chain/{chain.pk}/action/" not in page  # viewers get no buttons
+    # The mode machine, drawn from its declaration, with the chain's mode highlighted.
+    assert 'aria-label="indexer.mode state diagram"' in page
+    assert '<g class="state current" data-state="normal">' in page
+
+
+def test_the_source_page_draws_the_connection_machine_at_its_status(client, chain, viewer):
+    source = _source(chain)
+    client.force_login(viewer.user)
+    page = _page(client, f"{ADMIN}/syncsource/{source.pk}/change/")
+    assert 'aria-label="indexer.source_connection state diagram"' in page
+    assert f'<g class="state current" data-state="{ConnectionStatus.CONNECTED_DEGRADED.value}">' in page
 
 
 def test_the_chain_list_shows_mode_lag_and_leader_in_a_flat_number_of_queries(client, org, superuser):
@@ -352,3 +363,11 @@ def test_the_chain_list_names_only_the_users_organizations(client, chain, other_
     page = _page(client, f"{ADMIN}/chain/")
     assert '">sim</a>' in page
     assert "globex-chain" not in page and other_org.name not in page
+
+
+def test_the_enrichment_page_draws_its_machine_at_the_rows_status(client, chain, viewer):
+    [row] = _enrichments(chain, ["undecodable"])
+    client.force_login(viewer.user)
+    page = _page(client, f"{ADMIN}/enrichment/{row.pk}/change/")
+    assert 'aria-label="indexer.enrichment state diagram"' in page
+    assert '<g class="state current" data-state="undecodable">' in page

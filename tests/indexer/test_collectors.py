@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetops.lib import clock
 from fleetops.observability import registry
 from fleetops.observability.leases import lease_acquire
+from indexer.blocks import lease_name
+from indexer.collectors import collect_states
 from indexer.dashboard import check_chains
-from indexer.ingest import lease_name
-from indexer.metrics import collect_states
 from indexer.models import ConnectionStatus, DegradedReason, Enrichment, IndexerState, SyncSource
 from tests.factories import make_indexed_chain
 

@@ -19,6 +19,7 @@ from fleetops.lib import clock
 from fleetops.observability.leases import lease_acquire
 from fleetops.observability.models import Heartbeat
 from indexer import enrichment
+from indexer.blocks import IndexedBlock, lease_name
 from indexer.decoder import (
     BREAKER_OPEN_MESSAGE,
     UNDECODABLE_MESSAGE,
@@ -39,7 +40,7 @@ from indexer.enrichment import (
     enrichment_rows_for,
     enrichment_run_once,
 )
-from indexer.ingest import IndexedBlock, blocks_commit, blocks_rollback, event_rows, lease_name
+from indexer.ingest import blocks_commit, blocks_rollback, event_rows
 from indexer.models import Chain, Enrichment, IndexerState, SyncSource
 from indexer.rpc.client import CometRpc, SourceConfig
 from indexer.tasks import enrich

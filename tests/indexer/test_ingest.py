@@ -12,14 +12,8 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import LeaseLost, lease_acquire
-from indexer.ingest import (
-    IndexedBlock,
-    NotNextHeight,
-    ReorgDetected,
-    blocks_commit,
-    blocks_rollback,
-    lease_name,
-)
+from indexer.blocks import IndexedBlock, lease_name
+from indexer.ingest import NotNextHeight, ReorgDetected, blocks_commit, blocks_rollback
 from indexer.models import Block, Chain, Event, IndexerState, Transaction
 from indexer.producers import Producer, register_producer, unregister_producer
 from indexer.rpc.parse import Attribute, BlockResults, TxResult

@@ -23,7 +23,7 @@ from django.core.management.base import CommandError
 
 from fleetops.audit.models import AuditEvent
 from fleetops.observability.models import Lease
-from indexer.ingest import lease_name
+from indexer.blocks import lease_name
 from indexer.models import Block, Chain, Event, IndexerState, SyncSource
 from indexer.verify import digests_stored, range_checksum
 from simulators.chain.server import serve_in_thread

@@ -12,16 +12,20 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
+from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import lease_acquire
-from indexer.ingest import lease_name
+from indexer import services
+from indexer.blocks import lease_name
 from indexer.models import Block, Chain, Event, IndexerState, Mode, SyncSource, Transaction
 from indexer.rpc.client import CometRpc, SourceConfig
 from indexer.runner import IndexerRunner
 from indexer.verify import digests_stored, range_checksum
 from simulators.chain.server import serve_in_thread
+from tests.indexer.mode_trail import assert_mode_trail_replays
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -364,3 +368,80 @@ def clock_deadline(seconds: float) -> Any:
 
     end = time.monotonic() + seconds
     return lambda: time.monotonic() > end
+
+
+# --- the mode's audit trail (issue 10) ------------------------------------------------------------------
+
+
+def mode_audit(chain: Chain) -> list[tuple[str, list[str]]]:
+    rows = AuditEvent.objects.filter(target_type="indexer.indexerstate", target_id=str(chain.pk))
+    return [(a.action, a.changes["mode"]) for a in rows.order_by("id") if "mode" in a.changes]
+
+
+def mode_changes(chain: Chain, source: str, target: str) -> float:
+    labels = {"chain": chain.slug, "from_mode": source, "to_mode": target}
+    return REGISTRY.get_sample_value("fleetops_indexer_mode_changes_total", labels) or 0.0
+
+
+def test_entering_and_leaving_halted_is_audited_by_the_writer(chain, sim, admin_member):
+    _, url = sim
+    head = produce(url, 40)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    assert mode_audit(chain) == []  # catching_up -> normal: a quiet change
+    control(url, "reorg", {"depth": 20})  # deeper than the finality depth (16)
+    produce(url, 1)
+    assert runner.step().mode == Mode.HALTED
+    halted = AuditEvent.objects.get(action="indexer.halted")
+    assert halted.changes["mode"] == [Mode.NORMAL, Mode.HALTED]
+    assert "finality" in halted.changes["last_error"][1] and "finality" in halted.reason
+    assert (halted.actor_type, halted.actor_id, halted.org_id) == ("scheduler", "indexer_run", chain.org_id)
+    services.indexer_request_rollback(
+        chain=chain, to_height=head - 25, actor=Actor.for_user(admin_member.user), reason="deep reorg"
+    )
+    run_until_caught_up(runner)
+    assert mode_audit(chain) == [
+        ("indexer.halted", [Mode.NORMAL, Mode.HALTED]),
+        ("indexer.unhalted", [Mode.HALTED, Mode.CATCHING_UP]),
+    ]
+    unhalted = AuditEvent.objects.get(action="indexer.unhalted")
+    assert unhalted.metadata["requested_by"] == admin_member.user.username
+    assert state(chain).mode == Mode.NORMAL
+    assert_mode_trail_replays(state(chain))
+
+
+def test_idle_normal_flapping_is_counted_but_never_floods_the_audit_log(chain, sim):
+    _, url = sim
+    produce(url, 5)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    before = mode_changes(chain, Mode.NORMAL, Mode.IDLE), mode_changes(chain, Mode.IDLE, Mode.NORMAL)
+    for _ in range(3):
+        with clock.frozen(clock.now() + timedelta(seconds=30)):  # the head has not moved for 30 block times
+            assert runner.step().mode == Mode.IDLE
+        produce(url, 1)
+        assert runner.step().mode == Mode.NORMAL
+    after = mode_changes(chain, Mode.NORMAL, Mode.IDLE), mode_changes(chain, Mode.IDLE, Mode.NORMAL)
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
+    assert mode_audit(chain) == []
+    assert_mode_trail_replays(state(chain))
+
+
+def test_a_stalled_writer_is_degraded_audited_and_recovers_audited(chain, sim, monkeypatch):
+    _, url = sim
+    head = produce(url, 4)
+    runner = runner_for(chain, url)
+
+    def sources_down(heights: range) -> Any:
+        raise RuntimeError("every source times out")
+
+    monkeypatch.setattr(runner, "_fetch", sources_down)
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            runner.step()
+    assert state(chain).mode == Mode.DEGRADED
+    monkeypatch.undo()
+    run_until_caught_up(runner)
+    assert state(chain).last_indexed_height == head
+    assert [action for action, _ in mode_audit(chain)] == ["indexer.degraded", "indexer.recovered"]
+    assert_mode_trail_replays(state(chain))

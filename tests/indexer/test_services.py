@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from fleetops.access.services import api_token_create
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib.errors import Conflict, Forbidden, RaceLost, ValidationFailed
+from fleetops.lib.reason import REASON_MAX_LENGTH, REASON_REQUIRED, REASON_TOO_LONG
 from indexer import services
 from indexer.models import Enrichment, EnrichmentStatus, IndexerState, Mode
 from tests.factories import make_indexed_chain
@@ -97,13 +99,20 @@ def test_admin_actions_refuse_operators_and_outsiders_inside_the_service(
     state = _state(chain)
     assert (state.paused, state.poison_attempts, state.rollback_requested_to) == (True, 3, None)
     assert not AuditEvent.objects.filter(action__startswith="indexer.").exists()
+    # Each refusal inside the service wrote its access.denied row (the same row the API writes).
+    denied = list(AuditEvent.objects.filter(action="access.denied").order_by("id"))
+    assert [d.actor_id for d in denied] == [str(m.user.pk) for m in (viewer, operator, outsider)]
+    assert {(d.org_id, d.metadata["surface"], d.metadata["required_role"]) for d in denied} == {
+        (chain.org_id, "service", "admin")
+    }
+    assert len({d.metadata["what"] for d in denied}) == 1 and denied[0].metadata["what"].endswith("on sim")
 
 
 def test_a_token_acts_with_the_lower_of_its_role_and_the_membership(chain, admin_member):
     issued = api_token_create(
         user=admin_member.user,
         org=admin_member.org,
-        role=Role.OPERATOR,
+        token_role=Role.OPERATOR,
         name="ci",
         actor=_actor(admin_member),
     )
@@ -119,19 +128,26 @@ def test_system_actors_are_trusted_and_anonymous_ones_are_not(chain):
         services.indexer_resume(chain=chain, actor=Actor.anonymous(), reason="sneaky")
 
 
-@pytest.mark.parametrize("reason", ["", "   ", "x" * 257])
-def test_every_service_needs_a_reason(chain, admin_member, reason):
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [("", REASON_REQUIRED), ("   ", REASON_REQUIRED), ("x" * (REASON_MAX_LENGTH + 1), REASON_TOO_LONG)],
+    ids=["empty", "blank", "too-long"],
+)
+def test_every_service_needs_a_reason(chain, admin_member, reason, message):
     for call in (
         lambda: services.indexer_pause(chain=chain, actor=_actor(admin_member), reason=reason),
+        lambda: services.indexer_resume(chain=chain, actor=_actor(admin_member), reason=reason),
+        lambda: services.indexer_retry_poison(chain=chain, actor=_actor(admin_member), reason=reason),
         lambda: services.indexer_request_rollback(
             chain=chain, to_height=5, actor=_actor(admin_member), reason=reason
         ),
         lambda: services.enrichment_requeue(chain=chain, ids=None, actor=_actor(admin_member), reason=reason),
     ):
-        with pytest.raises(ValidationFailed, match="reason is required") as error:
+        with pytest.raises(ValidationFailed, match=re.escape(message)) as error:
             call()
-        assert error.value.fields == {"reason": [services.REASON_REQUIRED]}
+        assert error.value.fields == {"reason": [message]}
     assert _state(chain).paused is False
+    assert not AuditEvent.objects.exists()
 
 
 def test_retry_poison_clears_the_attempts_and_leaves_degraded(chain, admin_member):
@@ -242,6 +258,9 @@ def test_requeue_needs_an_operator_and_valid_ids(chain, viewer, operator):
     _enrichments(chain, ["failed"])
     with pytest.raises(Forbidden, match=services.OPERATOR_REQUIRED):
         services.enrichment_requeue(chain=chain, ids=None, actor=_actor(viewer), reason="r")
+    denied = AuditEvent.objects.get(action="access.denied")
+    assert denied.metadata["what"] == "requeue enrichment on sim"
+    assert (denied.metadata["required_role"], denied.metadata["role"]) == ("operator", "viewer")
     bad: list[Any] = [[], [0], ["1"], [True], list(range(1, services.REQUEUE_IDS_CAP + 2))]
     for ids in bad:
         with pytest.raises(ValidationFailed, match="ids must be"):

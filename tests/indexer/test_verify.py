@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fleetops.observability.leases import lease_acquire
-from indexer.ingest import IndexedBlock, blocks_commit, lease_name
+from indexer.blocks import IndexedBlock, lease_name
+from indexer.ingest import blocks_commit
 from indexer.models import Chain, Event, IndexerState
 from indexer.rpc.parse import Attribute, BlockResults, TxResult
 from indexer.rpc.parse import Block as RpcBlock

@@ -88,6 +88,7 @@ def test_the_key_page_has_history_and_transactions_and_the_retry_button(client, 
     client.force_login(operator.user)
     page = client.get(f"{CHANGELIST}{keys[0].pk}/change/").content.decode()
     assert "migration history" in page.lower() and "stake transactions" in page.lower()
+    assert 'class="state-machine"' in page and "keys.migration" in page  # drawn from the machine
     assert "action/retry/" in page
     done = client.post(f"{CHANGELIST}{keys[0].pk}/action/retry/", {"reason": "fixed"})
     assert done.status_code == 302

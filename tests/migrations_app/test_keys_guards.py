@@ -4,6 +4,7 @@ broadcast record writes history only for rows it moved, and the group list count
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from django.core.management import call_command
@@ -14,7 +15,7 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import Forbidden
-from migrations_app.keys.schedule import Claim, RestakeResult, _Prepared, _record
+from migrations_app.keys.schedule import Claim, RestakeResult, _Prepared, stake_txs_record_broadcasts
 from migrations_app.keys.services import (
     NOT_A_MEMBER,
     KeyAction,
@@ -33,6 +34,7 @@ from migrations_app.models.keys import (
     StakeTransaction,
     StakeTxStatus,
 )
+from tests.factories import UserFactory
 from tests.migrations_app.keys_fixtures import make_group, make_keys
 
 pytestmark = pytest.mark.django_db
@@ -64,21 +66,38 @@ def test_the_group_list_counts_keys_without_a_query_per_row(
     assert page.status_code == 200
 
 
-@pytest.mark.parametrize("role", [None, "", "bogus"])
-def test_services_treat_a_missing_or_unknown_role_as_forbidden(operator, org, role):
+@pytest.mark.parametrize("who", ["outsider", "anonymous", "stranger"])
+def test_services_refuse_an_actor_without_a_role_and_audit_each_refusal(outsider, org, who):
     group = make_group(org)
     [key] = make_keys(org, 1, group=group, migration_status="failed")
-    actor = Actor.for_user(operator.user)
-    calls = [
-        lambda: key_migration_retry(key=key, actor=actor, role=role, reason="x"),
-        lambda: keys_migration_retry(org=org, actor=actor, role=role, key_ids=[key.pk], reason="x"),
-        lambda: key_config_update(org=org, actor=actor, role=role, values={"max_attempts": 3}),
-        lambda: address_group_save(org=org, actor=actor, role=role, group=None, values={"name": "n"}),
-        lambda: address_group_delete(group=group, actor=actor, role=role),
-    ]
-    for call in calls:
-        with pytest.raises(Forbidden, match=re.escape(NOT_A_MEMBER)):
-            call()
+    actor = {
+        "outsider": Actor.for_user(outsider.user),  # an admin, but of another organization
+        "anonymous": Actor.anonymous(),
+        "stranger": Actor.for_user(UserFactory(username="no-memberships")),
+    }[who]
+    calls: dict[str, list[Callable[[], object]]] = {
+        "keys.migration_retry": [
+            lambda: key_migration_retry(key=key, actor=actor, reason="x"),
+            lambda: keys_migration_retry(org=org, actor=actor, key_ids=[key.pk], reason="x"),
+        ],
+        "keys.config_update": [lambda: key_config_update(org=org, actor=actor, values={"max_attempts": 3})],
+        "keys.address_group_save": [
+            lambda: address_group_save(org=org, actor=actor, group=None, values={"name": "n"})
+        ],
+        "keys.address_group_delete": [lambda: address_group_delete(group=group, actor=actor)],
+    }
+    for what, attempts in calls.items():
+        for call in attempts:
+            with pytest.raises(Forbidden, match=re.escape(NOT_A_MEMBER)):
+                call()
+        denied = AuditEvent.objects.filter(action="access.denied", metadata__what=what)
+        assert denied.count() == len(attempts)
+        assert {(d.org_id, d.actor_type, d.metadata["surface"]) for d in denied} == {
+            (org.pk, actor.type, "service")
+        }
+    assert Key.objects.get(pk=key.pk).migration_status == "failed"
+    assert AddressGroup.objects.filter(org=org).count() == 1
+    assert not AuditEvent.objects.exclude(action="access.denied").exists()
 
 
 def test_keys_retry_refuses_a_non_member_cleanly(outsider, org):
@@ -131,7 +150,7 @@ def test_broadcast_history_is_written_only_for_rows_the_update_moved(org):
     ]
     result = RestakeResult()
     before = _race_lost("keys_broadcast_record")
-    _record([(p, "sent", None, "") for p in prepared], result)
+    stake_txs_record_broadcasts([(p, "sent", None, "") for p in prepared], result)
     entries = RemediationEntry.objects.filter(outcome=RemediationOutcome.BROADCAST)
     assert list(entries.values_list("key_id", flat=True)) == [keys[0].pk]
     assert StakeTransaction.objects.get(pk=txs[0].pk).broadcast_state == BroadcastState.SENT

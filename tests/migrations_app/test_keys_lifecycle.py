@@ -35,7 +35,6 @@ def migrate(member, keys, target):
     return key_migrate_to_group(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role=member.role,
         target_group_id=target.pk,
         flt=KeyFilter(key_ids=tuple(k.pk for k in keys)),
     )
@@ -203,7 +202,6 @@ def test_exhausted_attempts_fail_the_key_notify_the_org_and_audit_it(
     notification_channel_save(
         org=operator.org,
         actor=actor,
-        role="admin",
         channel=None,
         values={"name": "hook", "kind": "webhook", "target": receiver.url, "secret": "s3"},
         event_types=[FAILED_EVENT],
@@ -211,7 +209,6 @@ def test_exhausted_attempts_fail_the_key_notify_the_org_and_audit_it(
     notification_channel_save(
         org=operator.org,
         actor=actor,
-        role="admin",
         channel=None,
         values={"name": "other", "kind": "webhook", "target": receiver.url},
         event_types=["something.else"],
@@ -250,10 +247,8 @@ def test_a_manual_retry_reschedules_a_failed_key_and_keeps_its_history(operator,
         key.refresh_from_db()
         assert key.migration_status == "failed"
         with pytest.raises(Forbidden):
-            key_migration_retry(key=key, actor=Actor.for_user(viewer.user), role=viewer.role, reason="x")
-        key = key_migration_retry(
-            key=key, actor=Actor.for_user(operator.user), role=operator.role, reason="fee bumped"
-        )
+            key_migration_retry(key=key, actor=Actor.for_user(viewer.user), reason="x")
+        key = key_migration_retry(key=key, actor=Actor.for_user(operator.user), reason="fee bumped")
         assert (key.migration_status, key.migration_attempts, key.migration_manual_retries) == (
             "scheduled",
             0,
@@ -322,7 +317,6 @@ def test_a_channel_without_the_subscription_hears_nothing(operator, admin_member
     channel = notification_channel_save(
         org=operator.org,
         actor=Actor.for_user(admin_member.user),
-        role="admin",
         channel=None,
         values={"name": "mail", "kind": "email", "target": "ops@example.com"},
         event_types=["other.event"],

@@ -31,7 +31,6 @@ def _migrate(member, keys, target):
     key_migrate_to_group(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role=member.role,
         target_group_id=target.pk,
         flt=KeyFilter(key_ids=tuple(k.pk for k in keys)),
     )

@@ -4,6 +4,7 @@ import logging
 from unittest import mock
 
 import pytest
+from celery import current_app
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
@@ -31,7 +32,6 @@ def migrate(member, target, **kwargs):
     return key_migrate_to_group(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role=member.role,
         target_group_id=target.pk,
         flt=flt,
         **kwargs,
@@ -118,7 +118,7 @@ def test_a_failed_kick_is_logged_and_counted_and_the_migration_still_succeeds(
     source, target, _ = setup
     before = metrics.TRIGGER_FAILURES._value.get()
     with (
-        mock.patch("migrations_app.keys.tasks.restake.apply_async", side_effect=OSError("broker down")),
+        mock.patch.object(current_app, "send_task", side_effect=OSError("broker down")) as send,
         caplog.at_level(logging.WARNING),
         django_capture_on_commit_callbacks(execute=True),
     ):
@@ -127,6 +127,7 @@ def test_a_failed_kick_is_logged_and_counted_and_the_migration_still_succeeds(
     assert Key.objects.filter(migration_status="scheduled").count() == 6
     assert metrics.TRIGGER_FAILURES._value.get() == before + 1
     assert "kick failed" in caplog.text
+    send.assert_called_once_with("migrations_app.keys.tasks.restake", expires=25)
 
 
 def test_bulk_retry_skips_keys_that_are_neither_failed_nor_retrying(operator, setup):
@@ -137,7 +138,6 @@ def test_bulk_retry_skips_keys_that_are_neither_failed_nor_retrying(operator, se
     result = keys_migration_retry(
         org=operator.org,
         actor=Actor.for_user(operator.user),
-        role=operator.role,
         key_ids=[keys[0].pk, keys[1].pk],
         reason="go",
     )
@@ -146,7 +146,6 @@ def test_bulk_retry_skips_keys_that_are_neither_failed_nor_retrying(operator, se
         keys_migration_retry(
             org=operator.org,
             actor=Actor.for_user(operator.user),
-            role=operator.role,
             key_ids=[keys[0].pk],
             reason=" ",
         )
@@ -169,6 +168,6 @@ def test_the_cool_down_reset_is_off_by_default_and_requeues_old_failures_when_se
 def test_a_group_with_keys_cannot_be_deleted(admin_member, setup):
     source, target, _ = setup
     with pytest.raises(Conflict):
-        address_group_delete(group=source, actor=Actor.for_user(admin_member.user), role=admin_member.role)
-    address_group_delete(group=target, actor=Actor.for_user(admin_member.user), role=admin_member.role)
+        address_group_delete(group=source, actor=Actor.for_user(admin_member.user))
+    address_group_delete(group=target, actor=Actor.for_user(admin_member.user))
     assert AuditEvent.objects.filter(action="keys.address_group_deleted").count() == 1

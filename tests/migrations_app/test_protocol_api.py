@@ -26,7 +26,7 @@ from migrations_app.models import (
     ProtocolStateChange,
     ProtocolWriteSpan,
 )
-from migrations_app.protocols import metrics, tasks
+from migrations_app.protocols import metrics, services
 from migrations_app.protocols.history import NOT_CLASSIFIED
 from migrations_app.protocols.selectors import PROTOCOL_NOT_FOUND
 from migrations_app.protocols.services import protocol_history_request
@@ -157,10 +157,8 @@ def test_balances_and_owners_are_listed(protocol, viewer):
 
 
 @pytest.fixture
-def queued(monkeypatch) -> list[dict[str, Any]]:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(tasks.history_migrate, "delay", lambda **kwargs: calls.append(kwargs))
-    return calls
+def queued(sent_tasks) -> Any:
+    return sent_tasks
 
 
 def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task(
@@ -182,10 +180,13 @@ def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(url, {"reason": "backfill for the wallet", "window_size": 250})
     assert response.status_code == 302
-    assert (
-        queued == [{"protocol_ids": ["SEP41"], "window_size": 250, "actor": queued[0]["actor"]}]
-        and queued[0]["actor"]["label"] == admin_member.user.username
-    )
+    assert queued == [
+        (
+            services.HISTORY_TASK,
+            {"protocol_ids": ["SEP41"], "window_size": 250, "actor": queued[0][1]["actor"]},
+        )
+    ]
+    assert queued[0][1]["actor"]["label"] == admin_member.user.username
     assert AuditEvent.objects.get(action="protocol.history_requested").reason == "backfill for the wallet"
 
 

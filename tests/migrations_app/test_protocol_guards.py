@@ -16,8 +16,8 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
 from fleetops.observability.metrics import RACE_LOST
-from migrations_app.models import Cursor, MigrationStatus, Protocol, ProtocolContract
-from migrations_app.protocols import current_state, history, registry, services, store, tasks
+from migrations_app.models import CLASSIFICATION_MACHINE, Cursor, MigrationStatus, Protocol, ProtocolContract
+from migrations_app.protocols import current_state, history, registry, services, status, store, tasks
 from migrations_app.protocols.history import HISTORY, MigrationRun, Tracker
 from migrations_app.protocols.store import Row
 from tests.factories import make_indexed_chain
@@ -28,6 +28,11 @@ ADMIN = "/admin/migrations_app"
 
 def race_lost(operation: str) -> float:
     return RACE_LOST.labels(operation=operation)._value.get()
+
+
+# The kernel counts a lost compare-and-set under "<machine>><target state>".
+CLASSIFICATION_START = f"{CLASSIFICATION_MACHINE.name}>{MigrationStatus.IN_PROGRESS.value}"
+HISTORY_COMPLETE = f"{HISTORY.kind.machine.name}>{MigrationStatus.SUCCESS.value}"
 
 
 @pytest.fixture
@@ -68,16 +73,16 @@ def test_a_second_classification_while_one_runs_is_a_conflict(protocol, actor):
         classification_status=MigrationStatus.IN_PROGRESS, updated_at=clock.now()
     )
     protocol.refresh_from_db()
-    before = race_lost("protocol.classification_started")
+    before = race_lost(CLASSIFICATION_START)
     with pytest.raises(Conflict, match="is being classified by another process"):
         services.protocol_classify(protocol=protocol, actor=actor)
-    assert race_lost("protocol.classification_started") == before + 1
+    assert race_lost(CLASSIFICATION_START) == before + 1
     assert Protocol.objects.get(pk=protocol.pk).classification_status == MigrationStatus.IN_PROGRESS
     assert not AuditEvent.objects.filter(action="protocol.classified").exists()
 
 
 def test_a_classification_stuck_in_progress_past_the_stale_threshold_is_taken_over(protocol, actor):
-    old = clock.now() - services.CLASSIFICATION_STALE_AFTER - timedelta(seconds=1)
+    old = clock.now() - status.CLASSIFICATION_STALE_AFTER - timedelta(seconds=1)
     Protocol.objects.filter(pk=protocol.pk).update(
         classification_status=MigrationStatus.IN_PROGRESS, updated_at=old
     )
@@ -91,10 +96,8 @@ def test_a_classification_stuck_in_progress_past_the_stale_threshold_is_taken_ov
 
 
 @pytest.fixture
-def queued_current_state(monkeypatch) -> list[dict[str, Any]]:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(tasks.current_state_migrate, "delay", lambda **kwargs: calls.append(kwargs))
-    return calls
+def queued_current_state(sent_tasks) -> Any:
+    return sent_tasks
 
 
 def test_a_current_state_request_outside_the_indexed_range_is_refused_and_changes_nothing(
@@ -110,7 +113,7 @@ def test_a_current_state_request_outside_the_indexed_range_is_refused_and_change
         assert services.protocol_current_state_request(
             protocol=protocol, actor=actor, reason="go", start_height=5
         )
-    assert [c["start_height"] for c in queued_current_state] == [5]
+    assert [c["start_height"] for c in queued_current_state.of(services.CURRENT_STATE_TASK)] == [5]
 
 
 def test_the_admin_shows_the_current_state_refusal_on_the_form(
@@ -133,10 +136,10 @@ def test_a_lost_completion_cas_is_counted_and_not_reported_as_done(protocol, act
     assert spec is not None
     t = Tracker(protocol=protocol, spec=spec, cursor=30, start_cursor=0, handed_off=True, last_attempted=35)
     run = MigrationRun(strategy=HISTORY, chain=protocol.chain, trackers=[t], window_size=10, actor=actor)
-    before = race_lost("protocol.history_completed")
+    before = race_lost(HISTORY_COMPLETE)
     run._complete(t)
     assert not t.done and t.lost
-    assert race_lost("protocol.history_completed") == before + 1
+    assert race_lost(HISTORY_COMPLETE) == before + 1
     assert not AuditEvent.objects.filter(action="protocol.history_completed").exists()
     result = history.RunResult(migration="history")
     history._summarize(result, [t])
@@ -152,7 +155,15 @@ def test_a_lost_start_cas_raises_and_rolls_the_cursor_back(protocol, actor):
 
 
 def test_a_lost_current_state_start_raises_and_rolls_the_cursor_back(protocol, actor, monkeypatch):
-    monkeypatch.setattr(current_state, "set_status", lambda **kwargs: False)
+    real = current_state.current_state_validate
+
+    def validated_then_completed_elsewhere(**kwargs: Any) -> Any:
+        validated = real(**kwargs)
+        # Another process completes the migration between the validation and the start.
+        Protocol.objects.filter(pk=protocol.pk).update(current_state_migration_status=MigrationStatus.SUCCESS)
+        return validated
+
+    monkeypatch.setattr(current_state, "current_state_validate", validated_then_completed_elsewhere)
     with pytest.raises(RaceLost):
         current_state.current_state_migrate(protocol_id="SEP41", start_height=5, actor=actor)
     assert not Cursor.objects.filter(name=protocol.current_state_cursor_name).exists()
@@ -187,10 +198,8 @@ def test_the_protocol_filter_offers_only_the_users_protocols(client, protocol, f
 
 
 def test_classify_again_is_queued_on_a_worker(
-    client, protocol, admin_member, monkeypatch, django_capture_on_commit_callbacks
+    client, protocol, admin_member, monkeypatch, sent_tasks, django_capture_on_commit_callbacks
 ):
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(tasks.classify, "delay", lambda **kwargs: calls.append(kwargs))
     ran: list[Any] = []
     monkeypatch.setattr(services, "protocol_classify", lambda **kwargs: ran.append(kwargs))
     client.force_login(admin_member.user)
@@ -199,24 +208,23 @@ def test_classify_again_is_queued_on_a_worker(
         response = client.post(url, {"reason": "new contracts"}, follow=True)
     assert "Classification queued" in response.content.decode()
     assert ran == []  # not in the web request
+    calls = sent_tasks.of(services.CLASSIFY_TASK)
     assert [c["protocol_id"] for c in calls] == ["SEP41"]
     assert AuditEvent.objects.get(action="protocol.classification_requested").reason == "new contracts"
     monkeypatch.undo()
-    tasks.classify(protocol_id="SEP41", actor=calls[0]["actor"])  # the worker's side
+    tasks.classify(**calls[0])  # the worker's side
     assert Protocol.objects.get(pk="SEP41").classification_status == MigrationStatus.SUCCESS
     assert AuditEvent.objects.filter(action="protocol.classified", target_id="SEP41").count() == 1
 
 
-def test_classify_again_while_one_runs_is_refused_on_the_form(client, protocol, admin_member, monkeypatch):
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(tasks.classify, "delay", lambda **kwargs: calls.append(kwargs))
+def test_classify_again_while_one_runs_is_refused_on_the_form(client, protocol, admin_member, sent_tasks):
     Protocol.objects.filter(pk=protocol.pk).update(
         classification_status=MigrationStatus.IN_PROGRESS, updated_at=clock.now()
     )
     client.force_login(admin_member.user)
     response = client.post(f"{ADMIN}/protocol/{protocol.pk}/action/classify/", {"reason": "again"})
     assert response.status_code == 200 and "is being classified" in response.content.decode()
-    assert calls == []
+    assert sent_tasks == []
 
 
 # 6. no other tenant's chain in the message ------------------------------------------------------------------

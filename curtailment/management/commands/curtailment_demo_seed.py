@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from curtailment.services import curtailment_config_update
-from fleetops.access.models import Organization, Role
+from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
 
 
@@ -26,7 +26,6 @@ class Command(BaseCommand):
         curtailment_config_update(
             org=org,
             actor=Actor.system("curtailment_demo_seed"),
-            role=Role.ADMIN,
             values={"gateway_url": options["gateway_url"]},
         )
         self.stdout.write(f"{org.slug}: fleet gateway {options['gateway_url']}")

@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from fleetops.access.models import ApiToken, Role
+from fleetops.api.fields import ReasonField
 
 
 class MembershipOutput(serializers.Serializer):
@@ -69,4 +70,4 @@ class ApiTokenCreated(ApiTokenOutput):
 
 
 class ReasonInput(serializers.Serializer):
-    reason = serializers.CharField(max_length=2000)
+    reason = ReasonField()

@@ -94,7 +94,7 @@ class ApiTokenListCreate(OrgScopedListView):
         issued = api_token_create(
             user=request.user,
             org=self.org_access.org,
-            role=data.validated_data["role"],
+            token_role=data.validated_data["role"],
             name=data.validated_data["name"],
             expires_at=data.validated_data.get("expires_at"),
             actor=self.actor,

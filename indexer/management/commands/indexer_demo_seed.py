@@ -21,9 +21,12 @@ from django.db import transaction
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import changes_between, record, snapshot
+from fleetops.lib.transition import transition
 from fleetops.observability.leases import LeaseGrant, lease_acquire, lease_assert_held, lease_release
-from indexer.ingest import blocks_rollback, lease_name
-from indexer.models import Block, Chain, IndexerState, Mode, SyncSource
+from indexer.blocks import lease_name
+from indexer.ingest import blocks_rollback
+from indexer.metrics import MODE_CHANGES
+from indexer.models import MODE_MACHINE, Block, Chain, IndexerState, SyncSource, mode_edge_audited
 from indexer.rpc.client import CometRpc, RpcError, SourceConfig
 
 ACTOR = Actor.system("indexer_demo_seed")
@@ -165,31 +168,58 @@ class Command(BaseCommand):
                 actor=ACTOR,
                 reason=f"demo seed: the simulator restarted (head {head}); indexing starts over",
             )
+            reset: dict[str, Any] = {
+                "oldest_indexed_height": None,
+                "head_height": None,
+                "head_moved_at": None,
+                "paused": False,
+                "poison_height": None,
+                "poison_attempts": 0,
+                "last_error": "",
+                "rollback_requested_to": None,
+                "rollback_requested_reason": "",
+                "rollback_requested_by": "",
+            }
+            why = "demo seed: the simulator restarted"
+            metadata = {"blocks_removed": removed, "simulator_head": head}
             with transaction.atomic():
                 lease_assert_held(name=grant.name, token=grant.token)
-                # The old run's verdicts (halt, poison height, identity) were about the old chain.
-                IndexerState.objects.filter(chain=chain).update(
-                    oldest_indexed_height=None,
-                    head_height=None,
-                    head_moved_at=None,
-                    mode=Mode.CATCHING_UP,
-                    paused=False,
-                    poison_height=None,
-                    poison_attempts=0,
-                    last_error="",
-                    rollback_requested_to=None,
-                    rollback_requested_reason="",
-                    rollback_requested_by="",
-                )
+                # The old run's verdicts (halt, poison height, identity) were about the old chain:
+                # the mode starts over too, through the kernel (the system actor takes any edge).
+                state = IndexerState.objects.select_for_update().get(chain=chain)
+                before = state.mode
+                # Out of degraded / halted the mode change is the audit row (MODE_MACHINE's
+                # policy); from a quiet mode it is not, and the reset gets a row of its own.
+                audited = before != MODE_MACHINE.initial and mode_edge_audited(before, MODE_MACHINE.initial)
+                if before != MODE_MACHINE.initial:
+                    transition(
+                        state,
+                        machine=MODE_MACHINE,
+                        to=MODE_MACHINE.initial,
+                        actor=ACTOR,
+                        org=chain.org,
+                        action="indexer.state_reset" if audited else None,
+                        reason=why,
+                        updates=reset,
+                        audit_fields=("paused", "poison_height"),
+                        metadata=metadata,
+                    )
+                    counter = MODE_CHANGES.labels(
+                        chain=chain.slug, from_mode=before, to_mode=MODE_MACHINE.initial
+                    )
+                    transaction.on_commit(counter.inc)
+                else:
+                    IndexerState.objects.filter(chain=chain).update(**reset)
+                if not audited:
+                    record(
+                        action="indexer.state_reset",
+                        actor=ACTOR,
+                        org=chain.org,
+                        target=state,
+                        reason=why,
+                        metadata={**metadata, "mode": before},
+                    )
                 Chain.objects.filter(pk=chain.pk).update(fingerprint="")
-                record(
-                    action="indexer.state_reset",
-                    actor=ACTOR,
-                    org=chain.org,
-                    target=chain,
-                    reason="demo seed: the simulator restarted",
-                    metadata={"blocks_removed": removed, "simulator_head": head},
-                )
         finally:
             lease_release(grant=grant)
         self.stdout.write(f"{chain.slug}: the simulator restarted; removed {removed} indexed blocks")

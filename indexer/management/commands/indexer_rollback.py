@@ -4,6 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from fleetops.lib.errors import ValidationFailed
+from fleetops.lib.reason import clean_reason
 from fleetops.observability.leases import lease_release
 from indexer.commands_common import chain_or_error, command_actor, take_writer_lease
 from indexer.ingest import blocks_rollback
@@ -26,9 +28,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         chain = chain_or_error(options["chain"])
-        reason = options["reason"].strip()
-        if not reason:
-            raise CommandError("--reason must not be empty")
+        try:
+            reason = clean_reason(options["reason"])
+        except ValidationFailed as exc:
+            raise CommandError(f"--reason: {exc.message}") from exc
         state = IndexerState.objects.get(chain=chain)
         to = options["to"]
         last, oldest = state.last_indexed_height, state.oldest_indexed_height

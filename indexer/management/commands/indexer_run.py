@@ -15,7 +15,7 @@ from django.db.backends.signals import connection_created
 from fleetops.lib import clock
 from fleetops.observability.context import bound
 from fleetops.observability.models import Lease
-from indexer.ingest import lease_name
+from indexer.blocks import lease_name
 from indexer.models import Chain, IndexerState
 from indexer.runner import LEASE_TTL, IndexerRunner, StepResult, head_watcher_for, rpc_for
 

@@ -5,6 +5,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from fleetops.api.fields import ReasonField
 from fleetops.lib import clock
 from migrations_app.keys.selectors import migration_label
 from migrations_app.models.keys import AddressGroup, Key, KeyState, RemediationEntry, StakeTransaction
@@ -29,9 +30,7 @@ class MigrateInput(serializers.Serializer):
     )
     filter = KeyFilterInput(required=False, allow_null=True, default=None)
     dry_run = serializers.BooleanField(default=False)
-    reason = serializers.CharField(
-        required=False, allow_blank=True, default="", max_length=500, trim_whitespace=False
-    )
+    reason = ReasonField(required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs.get("key_ids") is not None and attrs.get("filter"):
@@ -51,7 +50,7 @@ class MigrateOutput(serializers.Serializer):
 
 
 class RetryInput(serializers.Serializer):
-    reason = serializers.CharField(max_length=500, trim_whitespace=False)
+    reason = ReasonField()
 
 
 class BulkRetryInput(RetryInput):

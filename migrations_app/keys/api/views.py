@@ -82,11 +82,9 @@ class KeyRetry(OrgScopedMixin, APIView):
     def post(self, request: Request, pk: int) -> Response:
         data = RetryInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         key = key_migration_retry(
-            key=key_get(org=access.org, pk=pk),
+            key=key_get(org=self.org_access.org, pk=pk),
             actor=self.actor,
-            role=access.role,
             reason=data.validated_data["reason"],
         )
         return Response(KeyDetailOutput(key).data)
@@ -107,11 +105,9 @@ class KeyBulkRetry(OrgScopedMixin, APIView):
     def post(self, request: Request) -> Response:
         data = BulkRetryInput(data=request.data)
         data.is_valid(raise_exception=True)
-        access = self.org_access
         result = keys_migration_retry(
-            org=access.org,
+            org=self.org_access.org,
             actor=self.actor,
-            role=access.role,
             key_ids=data.validated_data["key_ids"],
             reason=data.validated_data["reason"],
         )
@@ -139,11 +135,9 @@ class KeyMigrate(OrgScopedMixin, APIView):
             states=tuple(given.get("states") or ()),
             owner_address=given.get("owner_address") or "",
         )
-        access = self.org_access
         result = key_migrate_to_group(
-            org=access.org,
+            org=self.org_access.org,
             actor=self.actor,
-            role=access.role,
             target_group_id=values["target_group"],
             flt=flt,
             dry_run=values["dry_run"],

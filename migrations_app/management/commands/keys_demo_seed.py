@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from fleetops.access.models import Organization, Role
+from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
 from fleetops.notifications.models import ChannelKind, NotificationChannel
 from fleetops.notifications.services import notification_channel_save
@@ -48,19 +48,19 @@ class Command(BaseCommand):
         org = Organization.objects.filter(slug=options["org"]).first()
         if org is None:
             raise CommandError(f"no organization {options['org']!r}; run demo_seed first")
+        # The system actor (shell access: an admin by `fleetops.access.roles`), never a passed role.
         actor = Actor.system("keys_demo_seed")
         with transaction.atomic():
             key_config_update(
                 org=org,
                 actor=actor,
-                role=Role.ADMIN,
                 values={"rpc_url": options["rpc_url"], "max_attempts": options["max_attempts"]},
             )
             groups = {}
             for name, values in GROUPS.items():
                 existing = AddressGroup.objects.filter(org=org, name=name).first()
                 groups[name] = existing or address_group_save(
-                    org=org, actor=actor, role=Role.ADMIN, group=None, values={"name": name, **values}
+                    org=org, actor=actor, group=None, values={"name": name, **values}
                 )
             names = list(GROUPS)
             keys = []
@@ -81,7 +81,6 @@ class Command(BaseCommand):
                 notification_channel_save(
                     org=org,
                     actor=actor,
-                    role=Role.ADMIN,
                     channel=None,
                     values={
                         "name": "Provider ops email",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import transaction
 
 from fleetops.access.models import ApiToken, Role
 from fleetops.audit.actors import Actor
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.django_db
 
 
 def _event(org, action="test.thing"):
-    return record(action=action, actor=Actor.system("test"), org=org)
+    with transaction.atomic():
+        return record(action=action, actor=Actor.system("test"), org=org)
 
 
 def test_audit_detail_of_another_org_is_404(viewer, other_org):

@@ -12,7 +12,8 @@ from fleetops.access.services import TOKEN_ROLE_TOO_HIGH, api_token_create, api_
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent, PlatformAction
 from fleetops.lib import clock
-from fleetops.lib.errors import Forbidden
+from fleetops.lib.errors import Forbidden, ValidationFailed
+from fleetops.lib.reason import REASON_MAX_LENGTH, REASON_TOO_LONG
 
 pytestmark = pytest.mark.django_db
 
@@ -48,7 +49,7 @@ def test_it_refuses_a_token_role_above_the_users(operator):
     assert not ApiToken.objects.exists()
     with pytest.raises(Forbidden):
         api_token_create(
-            user=operator.user, org=operator.org, role=Role.ADMIN, name="x", actor=Actor.system("t")
+            user=operator.user, org=operator.org, token_role=Role.ADMIN, name="x", actor=Actor.system("t")
         )
 
 
@@ -77,7 +78,7 @@ def test_malformed_or_unknown_tokens_are_401(header, db):
 
 def test_a_correct_key_id_with_a_wrong_secret_is_401(viewer):
     issued = api_token_create(
-        user=viewer.user, org=viewer.org, role="viewer", name="t", actor=Actor.system("t")
+        user=viewer.user, org=viewer.org, token_role="viewer", name="t", actor=Actor.system("t")
     )
     forged = issued.plaintext[:-4] + "AAAA"
     assert _bearer(forged).get("/api/v1/me/").status_code == 401
@@ -86,14 +87,14 @@ def test_a_correct_key_id_with_a_wrong_secret_is_401(viewer):
 
 def test_revoked_expired_and_orphaned_tokens_are_refused(viewer):
     actor = Actor.for_user(viewer.user)
-    revoked = api_token_create(user=viewer.user, org=viewer.org, role="viewer", name="r", actor=actor)
+    revoked = api_token_create(user=viewer.user, org=viewer.org, token_role="viewer", name="r", actor=actor)
     api_token_revoke(token=revoked.token, actor=actor, reason="leaked in a log")
     assert _bearer(revoked.plaintext).get("/api/v1/me/").json()["error"]["message"] == TOKEN_REVOKED
 
     soon = api_token_create(
         user=viewer.user,
         org=viewer.org,
-        role="viewer",
+        token_role="viewer",
         name="e",
         actor=actor,
         expires_at=clock.now() + timedelta(minutes=5),
@@ -101,14 +102,14 @@ def test_revoked_expired_and_orphaned_tokens_are_refused(viewer):
     with clock.frozen(clock.now() + timedelta(minutes=6)):
         assert _bearer(soon.plaintext).get("/api/v1/me/").json()["error"]["message"] == TOKEN_EXPIRED
 
-    live = api_token_create(user=viewer.user, org=viewer.org, role="viewer", name="l", actor=actor)
+    live = api_token_create(user=viewer.user, org=viewer.org, token_role="viewer", name="l", actor=actor)
     viewer.user.memberships.all().delete()
     assert _bearer(live.plaintext).get("/api/v1/me/").json()["error"]["message"] == TOKEN_OWNER_INACTIVE
 
 
 def test_it_records_last_use_at_most_once_a_minute(viewer):
     issued = api_token_create(
-        user=viewer.user, org=viewer.org, role="viewer", name="t", actor=Actor.system("t")
+        user=viewer.user, org=viewer.org, token_role="viewer", name="t", actor=Actor.system("t")
     )
     client = _bearer(issued.plaintext)
     start = clock.now()
@@ -155,3 +156,34 @@ def test_only_the_owner_or_an_admin_can_revoke(viewer, operator, admin_member):
     )
     event = AuditEvent.objects.get(action=PlatformAction.TOKEN_REVOKED)
     assert event.actor_label == admin_member.user.username
+
+
+def test_an_operator_minting_an_admin_token_is_refused_and_the_refusal_is_audited(operator):
+    with pytest.raises(Forbidden, match=TOKEN_ROLE_TOO_HIGH):
+        api_token_create(
+            user=operator.user,
+            org=operator.org,
+            token_role="admin",
+            name="x",
+            actor=Actor.for_user(operator.user),
+        )
+    denied = AuditEvent.objects.get(action="access.denied")
+    assert denied.org == operator.org
+    assert denied.actor_id == str(operator.user.pk)
+    assert denied.metadata["what"] == "access.token_create"
+    assert denied.metadata["asked"] == {"role": "admin", "owner": operator.user.get_username()}
+    assert not ApiToken.objects.exists()
+
+
+def test_a_reason_over_the_one_cap_is_refused_naming_the_field(viewer):
+    issued = api_token_create(
+        user=viewer.user, org=viewer.org, token_role="viewer", name="r", actor=Actor.system("t")
+    )
+    with pytest.raises(ValidationFailed) as error:
+        api_token_revoke(
+            token=issued.token, actor=Actor.for_user(viewer.user), reason="x" * (REASON_MAX_LENGTH + 1)
+        )
+    assert error.value.fields == {"reason": [REASON_TOO_LONG]}
+    assert api_token_revoke(token=issued.token, actor=Actor.for_user(viewer.user), reason="  rotated  ")
+    issued.token.refresh_from_db()
+    assert issued.token.revoked_reason == "rotated"

@@ -10,10 +10,10 @@ from fleetops.access.services import api_token_create
 from fleetops.admin_site import FILTERED_COUNT_CAP, EstimatedCountPaginator
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent, PlatformAction
-from fleetops.audit.services import record
 from fleetops.observability import registry
 from fleetops.observability.heartbeats import heartbeat_beat
 from fleetops.observability.registry import DashboardCard
+from tests.factories import record
 
 pytestmark = pytest.mark.django_db
 
@@ -85,7 +85,7 @@ def test_the_audit_admin_is_read_only_even_for_superusers(client, superuser, org
 
 def test_a_reasoned_action_asks_for_a_reason_then_calls_the_service(client, admin_member, viewer):
     issued = api_token_create(
-        user=viewer.user, org=viewer.org, role=Role.VIEWER, name="t", actor=Actor.system("t")
+        user=viewer.user, org=viewer.org, token_role=Role.VIEWER, name="t", actor=Actor.system("t")
     )
     client.force_login(admin_member.user)
     url = "/admin/access/apitoken/"

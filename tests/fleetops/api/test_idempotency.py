@@ -12,6 +12,7 @@ from django.db import connection
 from fleetops.access.models import ApiToken
 from fleetops.api.idempotency import KEY_IN_FLIGHT, KEY_REUSED, idempotency_prune
 from fleetops.api.models import IdempotencyKey
+from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from tests import urls as test_urls
 
@@ -194,3 +195,18 @@ def _fingerprint(body):
     from fleetops.api.idempotency import request_fingerprint
 
     return request_fingerprint(method="POST", path=URL, body=body)
+
+
+@pytest.mark.django_db
+def test_a_refusal_inside_an_idempotent_request_keeps_its_audit_row_though_the_request_rolls_back(operator):
+    client = operator.session()
+    response = client.post(
+        "/api/v1/tokens/", {"name": "ci", "role": "admin"}, format="json", HTTP_IDEMPOTENCY_KEY="too-high"
+    )
+
+    assert response.status_code == 403
+    denied = AuditEvent.objects.get(action="access.denied")
+    assert denied.metadata["what"] == "access.token_create"
+    assert denied.metadata["asked"]["role"] == "admin"
+    assert not ApiToken.objects.exists()
+    assert not IdempotencyKey.objects.filter(key="too-high").exists()  # released: the key may be reused

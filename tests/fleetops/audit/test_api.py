@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 
 from fleetops.audit.actors import Actor
-from fleetops.audit.services import record
 from fleetops.lib import clock
+from tests.factories import record
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ from django.db import DatabaseError, connection, transaction
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent, PlatformAction
-from fleetops.audit.services import audit_prune, record
+from fleetops.audit.services import AuditOutsideTransaction, audit_prune, record
 from fleetops.lib import clock
 
 pytestmark = pytest.mark.django_db
@@ -16,8 +16,9 @@ pytestmark = pytest.mark.django_db
 
 def _event(org=None, *, at=None):
     if at is None:
-        return record(action="test.thing", actor=Actor.system("test"), org=org)
-    with clock.frozen(at):
+        with transaction.atomic():
+            return record(action="test.thing", actor=Actor.system("test"), org=org)
+    with clock.frozen(at), transaction.atomic():
         return record(action="test.thing", actor=Actor.system("test"), org=org)
 
 
@@ -91,7 +92,7 @@ def test_record_captures_actor_target_changes_and_the_request_id(client, viewer)
 
     from fleetops.observability.context import bound
 
-    with bound(request_id="req-abc"):
+    with bound(request_id="req-abc"), transaction.atomic():
         event = record(
             action="test.changed",
             actor=Actor.for_user(viewer.user),
@@ -115,3 +116,13 @@ def test_an_unsafe_request_id_is_replaced(client, db):
     response = client.get("/health/live", HTTP_X_REQUEST_ID="bad id\nwith newline")
     assert response["X-Request-ID"] != "bad id\nwith newline"
     assert len(response["X-Request-ID"]) == 32
+
+
+@pytest.mark.django_db(transaction=True)
+def test_record_refuses_to_run_outside_a_transaction(org):
+    with pytest.raises(AuditOutsideTransaction):
+        record(action="test.loose", actor=Actor.system("test"), org=org)
+    assert not AuditEvent.objects.filter(action="test.loose").exists()
+    with transaction.atomic():
+        record(action="test.loose", actor=Actor.system("test"), org=org)
+    assert AuditEvent.objects.filter(action="test.loose").count() == 1

@@ -29,7 +29,6 @@ def channel(member, *, kind="webhook", target="http://127.0.0.1:9/x", events=("e
     return notification_channel_save(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role=member.role,
         channel=None,
         values={"name": f"{kind}-{target}", "kind": kind, "target": target, **values},
         event_types=list(events),

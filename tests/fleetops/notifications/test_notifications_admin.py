@@ -6,6 +6,7 @@ from prometheus_client import REGISTRY
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
+from fleetops.lib import clock
 from fleetops.lib.errors import Forbidden, ValidationFailed
 from fleetops.notifications import services
 from fleetops.notifications.metrics import DELIVERIES
@@ -29,7 +30,6 @@ def make_channel(member, *, name="hook", secret=SECRET, **values):
     return notification_channel_save(
         org=member.org,
         actor=Actor.for_user(member.user),
-        role="admin",
         channel=None,
         values={
             "name": name,
@@ -111,18 +111,24 @@ def test_the_channel_list_runs_a_fixed_number_of_queries(client, admin_member, d
         assert client.get(CHANGELIST).status_code == 200
 
 
-def test_only_admins_may_save_a_channel_in_the_service(operator, viewer):
-    for role in ("operator", "viewer", "", None, "bogus"):
+def test_only_admins_may_save_a_channel_in_the_service_and_each_refusal_is_audited(
+    operator, viewer, outsider
+):
+    for member in (operator, viewer, outsider):
         with pytest.raises(Forbidden, match=ADMIN_REQUIRED):
             notification_channel_save(
                 org=operator.org,
-                actor=Actor.for_user(operator.user),
-                role=role,
+                actor=Actor.for_user(member.user),
                 channel=None,
                 values={"name": "x", "kind": "email", "target": "a@b.c"},
             )
     assert not NotificationChannel.objects.exists()
     assert not AuditEvent.objects.filter(action__startswith="notifications.").exists()
+    denied = AuditEvent.objects.filter(action="access.denied", org=operator.org).order_by("id")
+    assert [d.actor_id for d in denied] == [str(m.user.pk) for m in (operator, viewer, outsider)]
+    assert {d.metadata["what"] for d in denied} == {"notifications.channel_save"}
+    assert [d.metadata["role"] for d in denied] == ["operator", "viewer", None]
+    assert denied[0].metadata["asked"] == {"fields": ["kind", "name", "target"]}
 
 
 @pytest.mark.parametrize("values", [{"kind": "sms"}, {}])
@@ -131,7 +137,6 @@ def test_an_unknown_or_missing_kind_is_a_validation_error_not_a_500(admin_member
         notification_channel_save(
             org=admin_member.org,
             actor=Actor.for_user(admin_member.user),
-            role="admin",
             channel=None,
             values={"name": "x", "target": "http://127.0.0.1:9/x", **values},
         )
@@ -161,3 +166,20 @@ def test_a_send_whose_claim_was_lost_is_not_reported_or_counted_as_sent(admin_me
         _sample("fleetops_platform_race_lost_total", operation="notifications_delivery_record")
         == lost_before + 1
     )
+
+
+def test_a_delivery_page_draws_the_delivery_machine_at_its_status(client, admin_member):
+    channel = make_channel(admin_member)
+    now = clock.now()
+    delivery = NotificationDelivery.objects.create(
+        org=admin_member.org,
+        channel=channel,
+        event_type="e",
+        subject="s",
+        created_at=now,
+        next_attempt_at=now,
+    )
+    client.force_login(admin_member.user)
+    page = client.get(f"/admin/notifications/notificationdelivery/{delivery.pk}/change/").content.decode()
+    assert 'aria-label="notifications.delivery state diagram"' in page
+    assert '<g class="state current" data-state="pending">' in page
