@@ -5,6 +5,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -43,7 +44,8 @@ from fleetops.access.admin_mixins import (
     StateDiagramMixin,
 )
 from fleetops.access.models import Organization, Role
-from fleetops.access.selectors import org_ids_with_role
+from fleetops.access.permissions import audit_denied
+from fleetops.access.selectors import highest_role, org_ids_with_role
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
@@ -406,14 +408,23 @@ def _plan_kwargs(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+START_NEEDS_OPERATOR = "Starting an event needs the operator role."
+
+
 def start_page(model_admin: CurtailmentEventAdmin, request: HttpRequest) -> HttpResponse:
     """Fill the form, preview the plan (also live, through the preview API), then confirm."""
-    from django.core.exceptions import PermissionDenied
-
     allowed = org_ids_with_role(user=request.user, role=Role.OPERATOR)
     orgs = Organization.objects.all() if allowed is None else Organization.objects.filter(id__in=allowed)
     if not orgs.exists():
-        raise PermissionDenied("Starting an event needs the operator role.")
+        audit_denied(
+            request,
+            surface="admin",
+            org=None,
+            required=Role.OPERATOR,
+            have=highest_role(user=request.user),
+            what="curtailment.start (start page)",
+        )
+        raise PermissionDenied(START_NEEDS_OPERATOR)
     form = StartForm(request.POST or None)
     form.fields["org"].queryset = orgs  # type: ignore[attr-defined]
     if orgs.count() == 1:

@@ -9,6 +9,7 @@ from django.http import HttpRequest
 
 from fleetops.access.admin_mixins import OrgScopedAdminMixin, reasoned_action
 from fleetops.access.models import ApiToken, Membership, Organization, Role
+from fleetops.access.roles import audit_denial
 from fleetops.access.selectors import org_ids_with_role, role_in_org
 from fleetops.access.services import TOKEN_ROLE_TOO_HIGH, api_token_create, api_token_revoke
 from fleetops.audit.actors import Actor
@@ -113,7 +114,17 @@ class ApiTokenAdmin(OrgScopedAdminMixin, admin.ModelAdmin):
                 def clean(self) -> dict[str, Any]:
                     cleaned = super().clean() or {}
                     org, role = cleaned.get("org"), cleaned.get("role")
-                    if org and role and not Role.at_least(role_in_org(user=user, org_id=org.pk), role):
+                    own = role_in_org(user=user, org_id=org.pk) if org else None
+                    if org and role and not Role.at_least(own, role):
+                        audit_denial(
+                            actor=Actor.for_user(user),
+                            org=org,
+                            surface="admin",
+                            what="access.token_create",
+                            required=role,
+                            have=own,
+                            asked={"role": role, "owner": user.get_username()},
+                        )
                         self.add_error("role", TOKEN_ROLE_TOO_HIGH)
                     return cleaned
 

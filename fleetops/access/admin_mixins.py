@@ -22,6 +22,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from fleetops.access.models import Organization, Role
 from fleetops.access.permissions import audit_denied
+from fleetops.access.roles import denials_outlive_rollback
 from fleetops.access.selectors import highest_role, org_ids_for_user, org_ids_with_role, role_in_org
 from fleetops.audit.actors import Actor
 from fleetops.lib.diagram import svg
@@ -91,6 +92,21 @@ class OrgScopedAdminMixin:
             for name, entry in actions.items()
             if Role.at_least(mine, getattr(entry[0], "required_role", Role.ADMIN))
         }
+
+    # Django runs add/change/delete POSTs inside one transaction; a service refusal raised there
+    # would roll its `access.denied` row back with the refused change, so those rows are written
+    # after the view's transaction ends.
+    def changeform_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        with denials_outlive_rollback():
+            return super().changeform_view(request, *args, **kwargs)  # type: ignore[misc]
+
+    def delete_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        with denials_outlive_rollback():
+            return super().delete_view(request, *args, **kwargs)  # type: ignore[misc]
+
+    def changelist_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        with denials_outlive_rollback():
+            return super().changelist_view(request, *args, **kwargs)  # type: ignore[misc]
 
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.related_model is Organization and not request.user.is_superuser:

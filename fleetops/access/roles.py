@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import models, transaction
 
 from fleetops.access.models import ApiToken, Membership, Organization, Role
@@ -49,34 +50,35 @@ def is_process(actor: Actor) -> bool:
 
 
 def effective_role(*, actor: Actor, org_id: int | None) -> Role | None:
-    """The role `actor` acts with in organization `org_id` (None: no role there)."""
+    """The role `actor` acts with in organization `org_id` (None: no role there).
+
+    The user's flags are read from the database, not from the actor: a Celery task queued by a
+    superuser who was demoted or deactivated since runs with the role they have now.
+    """
     process_role = PROCESS_ROLES.get(actor.type)
     if process_role is not None:
         return process_role
-    if actor.user_id is None or org_id is None:
+    if actor.user_id is None or org_id is None or actor.type not in (ActorType.USER, ActorType.API_TOKEN):
         return None
-    if actor.type == ActorType.API_TOKEN:
-        token = (
-            ApiToken.objects.filter(
-                pk=actor.id, org_id=org_id, user_id=actor.user_id, revoked_at__isnull=True
-            )
-            .select_related("user")
-            .first()
-        )
-        if token is None or not token.is_active(at=clock.now()) or not token.user.is_active:
-            return None
+    user = get_user_model().objects.filter(pk=actor.user_id).values("is_active", "is_superuser").first()
+    if user is None or not user["is_active"]:
+        return None
+    if user["is_superuser"]:
+        own: Role | None = Role.ADMIN
+    else:
         member = Membership.objects.filter(user_id=actor.user_id, org_id=org_id).values_list(
             "role", flat=True
         )
         role = member.first()
-        return Role.lowest(token.role, role) if role else None
-    if actor.is_superuser:
-        return Role.ADMIN
-    member = Membership.objects.filter(
-        user_id=actor.user_id, org_id=org_id, user__is_active=True
-    ).values_list("role", flat=True)
-    role = member.first()
-    return Role(role) if role else None
+        own = Role(role) if role else None
+    if own is None or actor.type == ActorType.USER:
+        return own
+    token = ApiToken.objects.filter(
+        pk=actor.id, org_id=org_id, user_id=actor.user_id, revoked_at__isnull=True
+    ).first()
+    if token is None or not token.is_active(at=clock.now()):
+        return None
+    return Role.lowest(token.role, own)
 
 
 _deferred: ContextVar[list[dict[str, Any]] | None] = ContextVar("fleetops_deferred_denials", default=None)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, models
+from django.db import connection, models, transaction
 
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
-from fleetops.audit.models import AuditEvent
+from fleetops.audit.models import AuditEvent, PlatformAction
 from fleetops.lib import clock
 from fleetops.observability.context import current_request_id
 from fleetops.observability.metrics import AUDIT_EVENTS
@@ -150,12 +151,10 @@ def audit_prune(*, older_than_days: int, actor: Actor) -> int:
     """Delete audit rows older than the retention period, in short batches.
 
     The append-only trigger lets a DELETE through only inside a transaction that set
-    `fleetops.audit_prune`, and never for rows younger than 30 days whatever the caller asks.
+    `fleetops.audit_prune`, and never for rows younger than 30 days whatever the caller asks. Each
+    batch writes its own `audit.pruned` row in the transaction of its DELETE, so a prune stopped
+    half-way leaves a row for every batch it did (and a run that found nothing, one row saying so).
     """
-    from datetime import timedelta
-
-    from django.db import connection, transaction
-
     if older_than_days < 30:
         raise ValueError("audit retention cannot be shorter than 30 days")
     cutoff = clock.now() - timedelta(days=older_than_days)
@@ -169,17 +168,19 @@ def audit_prune(*, older_than_days: int, actor: Actor) -> int:
                 [cutoff, AUDIT_PRUNE_BATCH],
             )
             batch = cursor.rowcount
+            if batch or not deleted:
+                record(
+                    action=PlatformAction.AUDIT_PRUNED,
+                    actor=actor,
+                    org=None,
+                    metadata={
+                        "deleted": batch,
+                        "cutoff": cutoff.isoformat(),
+                        "retention_days": older_than_days,
+                    },
+                )
         deleted += batch
         if batch < AUDIT_PRUNE_BATCH:
             break
-    from fleetops.audit.models import PlatformAction
-
-    with transaction.atomic():
-        record(
-            action=PlatformAction.AUDIT_PRUNED,
-            actor=actor,
-            org=None,
-            metadata={"deleted": deleted, "cutoff": cutoff.isoformat(), "retention_days": older_than_days},
-        )
     log.info("audit pruned", extra={"deleted": deleted})
     return deleted

@@ -49,10 +49,30 @@ class Edge:
     target: State
     # The lowest role a person needs to take this edge; None: only the portal's own processes.
     role: str | None = None
+    # A person's edge that the portal's own processes take too (e.g. the indexer writer leaving
+    # `halted` to carry out a rollback an admin already requested).
+    engine_too: bool = False
 
     @property
     def engine_only(self) -> bool:
         return self.role is None
+
+    @property
+    def engine_may(self) -> bool:
+        return self.role is None or self.engine_too
+
+
+@dataclass(frozen=True)
+class Gate:
+    """An edge's rule when it is more than a role: `Gate(Role.ADMIN, engine_too=True)`."""
+
+    role: str | None
+    engine_too: bool = False
+
+
+def engine_too(role: str) -> Gate:
+    """A person needs `role`; the scheduler and system actors may take the edge as well."""
+    return Gate(role=str(role), engine_too=True)
 
 
 def _derived() -> Any:
@@ -88,12 +108,12 @@ class Machine:
         *,
         field: str,
         initial: State,
-        edges: Mapping[State, Mapping[State, str | None]],
+        edges: Mapping[State, Mapping[State, str | Gate | None]],
         terminal: Iterable[State] | None = None,
         description: str = "",
         register: bool = True,
     ) -> Machine:
-        """Build a machine from `{from: {to: role-or-None}}` and register it under `name`.
+        """Build a machine from `{from: {to: role | None | Gate}}` and register it under `name`.
 
         `terminal` defaults to the states with no way out; when given, it must match them exactly,
         so a declaration cannot claim a state is final and still leave an edge out of it.
@@ -103,8 +123,16 @@ class Machine:
         labels = {_plain(m): str(getattr(m, "label", m)) for m in members}
         edge_list: list[Edge] = []
         for source, targets in edges.items():
-            for target, role in targets.items():
-                edge_list.append(Edge(_plain(source), _plain(target), None if role is None else str(role)))
+            for target, rule in targets.items():
+                gate = rule if isinstance(rule, Gate) else Gate(None if rule is None else str(rule))
+                edge_list.append(
+                    Edge(
+                        _plain(source),
+                        _plain(target),
+                        None if gate.role is None else str(gate.role),
+                        engine_too=gate.engine_too and gate.role is not None,
+                    )
+                )
         unknown = {e.source for e in edge_list} | {e.target for e in edge_list} | {_plain(initial)}
         unknown -= set(states)
         if unknown:

@@ -39,7 +39,7 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transac
 from django.db.models.expressions import Combinable
 
 from fleetops.access.models import Organization
-from fleetops.access.roles import require_engine, require_role
+from fleetops.access.roles import is_process, require_engine, require_role
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.audit.services import changes_between, record, record_many
@@ -121,7 +121,7 @@ def authorize(
     if edge is None:
         raise IllegalTransition(ILLEGAL.format(name=machine.name, source=_plain(source), target=_plain(to)))
     what = f"{machine.name}: {edge.source} -> {edge.target}"
-    if edge.role is None:
+    if edge.role is None or (edge.engine_too and is_process(actor)):
         require_engine(actor=actor, org=org, what=what, target=target)
         return
     if org is None:
@@ -226,6 +226,7 @@ class BulkAudit:
     reason: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
     label_of: Any = None  # callable(row) -> str, the target label
+    changes_of: Any = None  # callable(row) -> {field: [before, after]}, more changed fields per row
 
 
 def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
@@ -266,6 +267,8 @@ def transition_rows(
     """
     if not rows:
         return []
+    if audit is not None and not exact_from:
+        raise ValueError(f"{operation}: an audited set-based move needs exact_from=True (each row's `from`)")
     meta = model._meta
     pk_field = meta.pk
     assert pk_field is not None
@@ -382,7 +385,10 @@ def _bulk_audit(
         if row["pk"] not in moved_set:
             continue
         target = _plain(row["to"]) if to is None else to
-        changes = {machine.field: [_plain(row["from"]) if "from" in row else None, target]}
+        # The trail must replay: an audited move names the state it left (`exact_from` rows).
+        changes = {machine.field: [_plain(row["from"]), target]}
+        if audit.changes_of is not None:
+            changes.update(audit.changes_of(row))
         org = audit.org_of(row) if callable(audit.org_of) else audit.org_of
         entries.append(
             {

@@ -166,6 +166,7 @@ def key_migrate_to_group(
             locked = _lock(Key.objects.filter(org=org, pk__in=chunk, retired_at__isnull=True))
             waiting = _waiting(row["pk"] for row in locked)
             addresses = {row["pk"]: row["address"] for row in locked}
+            before_state = {row["pk"]: row["state"] for row in locked}
             done = transition_rows(
                 model=Key,
                 machine=KEY_MIGRATION_MACHINE,
@@ -198,6 +199,12 @@ def key_migrate_to_group(
                     reason=reason,
                     metadata={"target_group": target.name, "target_group_id": target.pk},
                     label_of=lambda row, addresses=addresses: addresses[row["pk"]],
+                    # A key that needed attention is staked again: its supplier state changes too.
+                    changes_of=lambda row, before=before_state: (
+                        {"state": [before[row["pk"]], row["state"]]}
+                        if before[row["pk"]] != row["state"]
+                        else {}
+                    ),
                 ),
             )
             _history(

@@ -226,7 +226,10 @@ def _apply(
                 "target_type": "migrations_app.key",
                 "target_id": str(key["pk"]),
                 "target_label": key["address"],
-                "changes": {"migration_status": [move["from"], move["to"]]},
+                "changes": {
+                    "migration_status": [move["from"], move["to"]],
+                    **({"state": [key["state"], move["state"]]} if move["state"] != key["state"] else {}),
+                },
                 "metadata": {
                     "attempt": tx["attempt"],
                     "max_attempts": key["migration_max_attempts"],

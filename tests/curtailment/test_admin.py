@@ -53,9 +53,15 @@ def test_the_start_page_shows_insufficient_load_and_changes_nothing(client, oper
     assert not CurtailmentEvent.objects.exists()
 
 
-def test_viewers_cannot_open_the_start_page(client, viewer, fleet):
+def test_viewers_cannot_open_the_start_page_and_the_refusal_is_audited(client, viewer, fleet):
     client.force_login(viewer.user)
     assert client.get("/admin/curtailment/curtailmentevent/start/").status_code == 403
+    denied = AuditEvent.objects.get(action="access.denied")
+    assert denied.actor_id == str(viewer.user.pk)
+    assert (denied.metadata["surface"], denied.metadata["what"]) == (
+        "admin",
+        "curtailment.start (start page)",
+    )
 
 
 def test_the_event_page_shows_targets_snapshot_chart_and_the_allowed_buttons(

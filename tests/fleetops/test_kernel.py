@@ -18,7 +18,7 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import ActorType, AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import Forbidden, RaceLost, ValidationFailed
-from fleetops.lib.machine import Machine
+from fleetops.lib.machine import Machine, engine_too
 from fleetops.lib.reason import REASON_MAX_LENGTH, clean_reason
 from fleetops.lib.transition import BulkAudit, transition, transition_rows
 from fleetops.notifications.models import (
@@ -244,7 +244,10 @@ def test_the_set_based_variant_moves_only_legal_rows_still_matching_and_audits_t
     ]
     set_state(others[0], DELIVERY_MACHINE, S.SENT)  # terminal: may not move
     NotificationDelivery.objects.filter(pk=others[1].pk).update(attempts=5)  # no longer matches
-    rows = [{"pk": d.pk, "to": S.ERROR, "attempts": 0, "error": "gone"} for d in [delivery, *others]]
+    rows = [
+        {"pk": d.pk, "from": S.PENDING, "to": S.ERROR, "attempts": 0, "error": "gone"}
+        for d in [delivery, *others]
+    ]
     with django_assert_num_queries(4):  # savepoint, UPDATE, audit INSERT, release
         moved = transition_rows(
             model=NotificationDelivery,
@@ -254,6 +257,7 @@ def test_the_set_based_variant_moves_only_legal_rows_still_matching_and_audits_t
             match=("attempts",),
             increments={"attempts": 1},
             operation="test_bulk",
+            exact_from=True,
             audit=BulkAudit(action="test.bulk", actor=Actor.scheduler("t"), org_of=org),
         )
     assert sorted(moved) == sorted([delivery.pk, others[2].pk])
@@ -314,3 +318,54 @@ def test_the_one_reason_validator_accepts_exactly_stripped_non_blank_text_within
             clean_reason(text)
         assert list(error.value.fields) == ["reason"]
     assert clean_reason(" ", required=False) == ""
+
+
+def test_an_audited_set_based_move_must_name_each_rows_from_state(delivery, org):
+    with pytest.raises(ValueError, match="exact_from"):
+        transition_rows(
+            model=NotificationDelivery,
+            machine=DELIVERY_MACHINE,
+            rows=[{"pk": delivery.pk}],
+            to=S.SENT,
+            operation="test_unaudited_from",
+            audit=BulkAudit(action="test.bulk", actor=Actor.scheduler("t"), org_of=org),
+        )
+    assert NotificationDelivery.objects.get(pk=delivery.pk).status == S.PENDING
+
+
+ENGINE_TOO = Machine.declare(
+    "test.engine_too",
+    S,
+    field="status",
+    initial=S.PENDING,
+    edges={S.PENDING: {S.SENT: engine_too(Role.ADMIN)}},
+    register=False,
+)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_edge_a_person_needs_a_role_for_may_also_be_the_engines(delivery, operator, admin_member):
+    with pytest.raises(Forbidden):
+        transition(
+            delivery,
+            machine=ENGINE_TOO,
+            to=S.SENT,
+            actor=Actor.for_user(operator.user),
+            org=operator.org,
+            action="x",
+        )
+    assert AuditEvent.objects.filter(action="access.denied").count() == 1
+    transition(
+        delivery, machine=ENGINE_TOO, to=S.SENT, actor=Actor.scheduler("writer"), org=operator.org, action="x"
+    )
+    assert ENGINE_TOO.edge(S.PENDING, S.SENT).engine_may
+    assert not GATED.edge(S.PENDING, S.SENT).engine_may
+
+
+def test_a_superuser_demoted_after_queueing_a_task_acts_with_the_role_they_have_now(superuser, org):
+    queued = Actor.from_payload(Actor.for_user(superuser).to_payload())
+    assert effective_role(actor=queued, org_id=org.pk) == Role.ADMIN
+    type(superuser).objects.filter(pk=superuser.pk).update(is_superuser=False)
+    assert effective_role(actor=queued, org_id=org.pk) is None
+    type(superuser).objects.filter(pk=superuser.pk).update(is_superuser=True, is_active=False)
+    assert effective_role(actor=queued, org_id=org.pk) is None

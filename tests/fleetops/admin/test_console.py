@@ -128,3 +128,6 @@ def test_a_user_issues_a_token_in_the_admin_and_sees_it_once(client, operator):
     )
     assert too_high.status_code == 200
     assert ApiToken.objects.count() == 1
+    denied = AuditEvent.objects.get(action=PlatformAction.DENIED)
+    assert (denied.metadata["surface"], denied.metadata["what"]) == ("admin", "access.token_create")
+    assert denied.metadata["asked"]["role"] == "admin"

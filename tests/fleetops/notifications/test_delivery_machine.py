@@ -113,9 +113,13 @@ def test_random_sends_and_sweeps_never_send_twice_or_leave_the_machine(admin_mem
                 return
             target = data.draw(st.sampled_from(self.ids))
 
+            errors: list[BaseException] = []
+
             def other() -> None:
                 try:
                     delivery_send(delivery_id=target)
+                except BaseException as exc:  # surfaced below: a crash in the racer fails the test
+                    errors.append(exc)
                 finally:
                     connection.close()
 
@@ -123,6 +127,8 @@ def test_random_sends_and_sweeps_never_send_twice_or_leave_the_machine(admin_mem
             thread.start()
             delivery_send(delivery_id=target)
             thread.join(timeout=30)
+            assert not thread.is_alive()
+            assert errors == []
 
         @rule()
         def time_passes_and_the_sweep_runs(self) -> None:
