@@ -1,14 +1,19 @@
 """What the writer's modules share, so none of them imports another for it: a fetched block with
 its results (`IndexedBlock`, written by `indexer.ingest`, read by enrichment, verification and the
-producers), the name of a chain's writer lease (which fences every write of the indexed tables,
-and which the selectors read to name the leader), and the actor the writer acts as."""
+producers), its event rows with their deterministic identities (`event_rows`: what ingest stores,
+what verification compares, what a producer classifies), the name of a chain's writer lease (which
+fences every write of the indexed tables, and which the selectors read to name the leader), and the
+actor the writer acts as."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleetops.audit.actors import Actor
+from indexer.models import Phase
 from indexer.rpc import parse
 
 if TYPE_CHECKING:
@@ -32,3 +37,28 @@ class IndexedBlock:
 
 def lease_name(chain: Chain) -> str:
     return f"indexer:{chain.slug}"
+
+
+def attributes_value(event: parse.Event) -> list[dict[str, Any]]:
+    return [{"key": a.key, "value": a.value, "index": a.index} for a in event.attributes]
+
+
+def _attributes(event: parse.Event) -> str:
+    return json.dumps(attributes_value(event))
+
+
+def event_rows(chain_id: int, item: IndexedBlock, *, encode: bool = True) -> Iterable[tuple[Any, ...]]:
+    """Deterministic identities: (height, phase, tx_index, event_index), in node order. With
+    `encode=False` the attributes stay Python values (for checksums against stored rows)."""
+    height, results = item.height, item.results
+    attrs: Any = _attributes if encode else attributes_value
+    for phase, events in (
+        (Phase.BEGIN_BLOCK, results.begin_block_events),
+        (Phase.END_BLOCK, results.end_block_events),
+        (Phase.FINALIZE_BLOCK, results.finalize_block_events),
+    ):
+        for i, event in enumerate(events):
+            yield (chain_id, height, phase.value, None, i, event.type[:200], attrs(event))
+    for tx in results.txs:
+        for i, event in enumerate(tx.events):
+            yield (chain_id, height, Phase.TX.value, tx.index, i, event.type[:200], attrs(event))

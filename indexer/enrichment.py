@@ -80,7 +80,10 @@ TICK_BUDGET_SECONDS = 5.0
 ERROR_LIMIT = 1000
 
 NO_DECODER_URL = "no decoder: set INDEXER_DECODER_URL or give the chain an enabled sync source"
-OUTCOMES = ("claimed", "ok", "retrying", "failed", "undecodable", "released", "race_lost", "breaker_open")
+# A worker's verdicts are the states a claimed row may move to (ok, retrying, failed, undecodable);
+# the other outcomes are not states: claimed, released (the breaker opened mid-round), race_lost.
+VERDICTS: tuple[str, ...] = ENRICHMENT_MACHINE.targets(EnrichmentStatus.PENDING)
+OUTCOMES = ("claimed", *VERDICTS, "released", "race_lost", "breaker_open")
 
 _rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
@@ -201,11 +204,11 @@ class Verdict:
 
 def _decode_one(decoder: DecoderClient, row: ClaimedRow) -> Verdict:
     try:
-        return Verdict(row, "ok", decoded=decoder.decode(row.payload))
+        return Verdict(row, EnrichmentStatus.OK.value, decoded=decoder.decode(row.payload))
     except BreakerOpen as exc:
         return Verdict(row, "released", error=str(exc))
     except Undecodable as exc:
-        return Verdict(row, "undecodable", error=str(exc))
+        return Verdict(row, EnrichmentStatus.UNDECODABLE.value, error=str(exc))
     except DecoderUnavailable as exc:
         return Verdict(row, "unavailable", error=str(exc))
     except Exception as exc:
@@ -246,10 +249,10 @@ def _verdict_row(verdict: Verdict, *, at: datetime, max_attempts: int, rng: rand
     attempt = row.attempts + 1
     decoded = None
     next_at: datetime | None = None
-    if verdict.outcome == "ok":
+    if verdict.outcome == EnrichmentStatus.OK:
         status, error = EnrichmentStatus.OK, ""
         decoded = verdict.decoded
-    elif verdict.outcome == "undecodable":
+    elif verdict.outcome == EnrichmentStatus.UNDECODABLE:
         status, error = EnrichmentStatus.UNDECODABLE, verdict.error
     elif attempt >= max_attempts:
         status, error = EnrichmentStatus.FAILED, verdict.error
@@ -314,10 +317,10 @@ def enrichment_record(
     if len(released) != counts["released"]:
         # The kernel counted the verdicts that lost; released rows are a claim column, counted here.
         note_race_lost("enrichment_release", expected=len(released), changed=counts["released"])
-    lost = len(verdicts) - sum(counts[k] for k in ("ok", "retrying", "failed", "undecodable", "released"))
+    lost = len(verdicts) - sum(counts[k] for k in (*VERDICTS, "released"))
     if lost:
         counts["race_lost"] = lost
-    for outcome in ("ok", "retrying", "failed", "undecodable", "released", "race_lost"):
+    for outcome in (*VERDICTS, "released", "race_lost"):
         if counts[outcome]:
             ENRICHMENT.labels(chain=chain.slug, outcome=outcome).inc(counts[outcome])
     return counts
@@ -430,6 +433,9 @@ def enrichment_round(
     return counts
 
 
+LOOP_BACKOFF_CAP_SECONDS = 30.0
+
+
 def enrichment_loop(
     *,
     chain: Chain,
@@ -443,13 +449,29 @@ def enrichment_loop(
     """Run rounds until `stop` is set: back to back while rounds come back full, `poll` apart
     otherwise. Pausing enrichment on the chain (`enrichment_enabled`) is honoured every round."""
     decoder = decoder_factory()
+    failures = 0
     try:
         while not stop.is_set():
-            chain.refresh_from_db(fields=["enrichment_enabled"])
-            if not chain.enrichment_enabled:
-                stop.wait(poll)
+            try:
+                chain.refresh_from_db(fields=["enrichment_enabled"])
+                if not chain.enrichment_enabled:
+                    stop.wait(poll)
+                    continue
+                counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+            except DatabaseError:
+                # The database went away (a restart, a failover): drop the broken connection and
+                # try again with backoff. The thread must outlive the outage: nothing else would
+                # restart it while ingest, on its own thread, carries on.
+                failures += 1
+                ENRICHMENT_ROUND_FAILURES.labels(chain=chain.slug).inc()
+                if failures == 1:
+                    log.warning("enrichment paused: database unavailable", extra={"chain": chain.slug})
+                connection.close()
+                stop.wait(backoff_delay(failures, base=poll, cap=LOOP_BACKOFF_CAP_SECONDS))
                 continue
-            counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+            if failures:
+                log.info("enrichment resumed", extra={"chain": chain.slug, "failed_rounds": failures})
+                failures = 0
             if on_round is not None:
                 on_round(counts)
             if counts["claimed"] < limit or counts.get("error"):

@@ -15,7 +15,6 @@ A crash anywhere leaves the database at the previous height, rows and height tog
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,12 +26,12 @@ from fleetops.lib.cas import cas_update
 from fleetops.lib.errors import Conflict, ValidationFailed
 from fleetops.observability.leases import LeaseGrant, lease_assert_held
 from indexer.blocks import IndexedBlock
+from indexer.blocks import event_rows as event_rows  # the event rows, shared with verify and producers
 from indexer.blocks import lease_name as lease_name  # the writer lease every write here is fenced by
 from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
 from indexer.metrics import ROWS
-from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Phase, Transaction
+from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Transaction
 from indexer.producers import producers
-from indexer.rpc import parse
 
 REWRITE_NOT_INDEXED = "only indexed heights can be re-indexed (last indexed height: {last})"
 BATCH_NOT_CONTIGUOUS = "blocks must be contiguous, ascending, and each block paired with its own results"
@@ -58,14 +57,6 @@ TX_COLUMNS = ["chain_id", "height", "index", "hash", "code", "gas_wanted", "gas_
 EVENT_COLUMNS = ["chain_id", "height", "phase", "tx_index", "event_index", "type", "attributes"]
 
 
-def attributes_value(event: parse.Event) -> list[dict[str, Any]]:
-    return [{"key": a.key, "value": a.value, "index": a.index} for a in event.attributes]
-
-
-def _attributes(event: parse.Event) -> str:
-    return json.dumps(attributes_value(event))
-
-
 def block_row(chain_id: int, item: IndexedBlock) -> tuple[Any, ...]:
     b = item.block
     return (chain_id, b.height, b.hash, b.parent_hash, b.time, b.proposer, len(b.txs))
@@ -76,23 +67,6 @@ def tx_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
     for tx in item.results.txs:
         tx_hash = hashes[tx.index] if tx.index < len(hashes) else ""
         yield (chain_id, item.height, tx.index, tx_hash, tx.code, tx.gas_wanted, tx.gas_used)
-
-
-def event_rows(chain_id: int, item: IndexedBlock, *, encode: bool = True) -> Iterable[tuple[Any, ...]]:
-    """Deterministic identities: (height, phase, tx_index, event_index), in node order. With
-    `encode=False` the attributes stay Python values (for checksums against stored rows)."""
-    height, results = item.height, item.results
-    attrs: Any = _attributes if encode else attributes_value
-    for phase, events in (
-        (Phase.BEGIN_BLOCK, results.begin_block_events),
-        (Phase.END_BLOCK, results.end_block_events),
-        (Phase.FINALIZE_BLOCK, results.finalize_block_events),
-    ):
-        for i, event in enumerate(events):
-            yield (chain_id, height, phase.value, None, i, event.type[:200], attrs(event))
-    for tx in results.txs:
-        for i, event in enumerate(tx.events):
-            yield (chain_id, height, Phase.TX.value, tx.index, i, event.type[:200], attrs(event))
 
 
 def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> int:

@@ -9,12 +9,15 @@ the diagrams (docs, admin) all read these declarations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from django.db import models
 from django.db.models import Q
 
 from fleetops.access.models import Role
 from fleetops.lib import clock
-from fleetops.lib.machine import Machine
+from fleetops.lib.machine import Machine, engine_too
 
 
 class Chain(models.Model):
@@ -81,12 +84,14 @@ MODE_MACHINE = Machine.declare(
             Mode.HALTED: _ENGINE,
         },
         Mode.DEGRADED: {
-            Mode.CATCHING_UP: Role.ADMIN,
+            # Retry poison height (an admin), or the writer when steps pass again.
+            Mode.CATCHING_UP: engine_too(Role.ADMIN),
             Mode.NORMAL: _ENGINE,
             Mode.IDLE: _ENGINE,
             Mode.HALTED: _ENGINE,
         },
-        Mode.HALTED: {Mode.CATCHING_UP: Role.ADMIN},
+        # Resume (an admin), or the writer carrying out an admin's rollback request.
+        Mode.HALTED: {Mode.CATCHING_UP: engine_too(Role.ADMIN)},
     },
     description=(
         "The single writer of a chain. catching_up / normal / idle are the quiet modes: the writer "
@@ -122,18 +127,28 @@ out of degraded / halted without its row) makes the replay fail (`tests/indexer/
 `paused` is a flag, not a mode: a paused chain keeps its mode (a halted chain is paused so a shell
 command can take the lease), and only the operator services write it, each with an audit row.
 
-Two `Role.ADMIN` edges are also taken by the writer itself (`MODE_WRITER_TAKES`): leaving
-`degraded` when steps pass again (a stall that cleared) and leaving `halted` when it carries out a
-rollback request (the admin role was checked when the request was accepted). The writer authorizes
-those as an engine step (`fleetops.access.roles.require_engine`), only in those two steps
-(`indexer.modes`); a person still needs the admin role.
+Two `Role.ADMIN` edges are also taken by the writer itself, declared `engine_too(Role.ADMIN)`:
+leaving `degraded` when steps pass again (a stall that cleared) and leaving `halted` when it carries
+out a rollback request (the admin role was checked when the request was accepted). The kernel lets
+the scheduler and system actors take them as an engine step (`fleetops.lib.transition.authorize`);
+a person still needs the admin role.
 """
 
-MODE_LOUD: tuple[str, ...] = (Mode.DEGRADED, Mode.HALTED)
+# The audit policy (issue 10), not a property of the edges: the modes an operator must hear about,
+# so every move into or out of them writes an audit row. Kept as a list on purpose; it is checked
+# against the machine's states below.
+MODE_LOUD: tuple[str, ...] = (Mode.DEGRADED.value, Mode.HALTED.value)
 MODE_QUIET: tuple[str, ...] = tuple(s for s in MODE_MACHINE.states if s not in MODE_LOUD)
-MODE_WRITER_TAKES = frozenset(
-    {(Mode.DEGRADED.value, Mode.CATCHING_UP.value), (Mode.HALTED.value, Mode.CATCHING_UP.value)}
-)
+assert set(MODE_LOUD) < set(MODE_MACHINE.states), "MODE_LOUD names a mode MODE_MACHINE does not have"
+
+
+def beside_state(machine: Machine, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` for a plain `.update(**fields)` on a row of `machine`: the columns beside its state.
+    Refuses the state column itself, which only the transition kernel (`fleetops.lib.transition`)
+    writes, so an `.update(**beside_state(...))` never moves a state outside the kernel."""
+    if machine.field in fields:
+        raise ValueError(f"{machine.name}: {machine.field!r} moves only through the transition kernel")
+    return dict(fields)
 
 
 def mode_edge_audited(source: str, target: str) -> bool:

@@ -51,8 +51,23 @@ from indexer import sources
 from indexer.blocks import WRITER, IndexedBlock, lease_name
 from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback
 from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
-from indexer.models import MODE_LOUD, MODE_MACHINE, Block, Chain, ChainLagSample, IndexerState, Mode
-from indexer.modes import indexer_degrade, indexer_halt, indexer_mode_follow, indexer_unhalt
+from indexer.models import (
+    MODE_LOUD,
+    MODE_MACHINE,
+    Block,
+    Chain,
+    ChainLagSample,
+    IndexerState,
+    Mode,
+    beside_state,
+)
+from indexer.modes import (
+    ERROR_LIMIT,
+    indexer_degrade,
+    indexer_halt,
+    indexer_mode_follow,
+    indexer_rollback_done,
+)
 from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError, SourceConfig
 from indexer.rpc.ws import HeadWatcher
 
@@ -451,18 +466,17 @@ class IndexerRunner:
             reason=f"requested by {state.rollback_requested_by}: {state.rollback_requested_reason}",
         )
         ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
-        # Clear only the request we carried out; a newer one stays for the next step. An operator's
-        # rollback is also the way out of `halted` (a reorg deeper than finality): ingest resumes
-        # from the chosen height, and the identity is checked again first.
-        IndexerState.objects.filter(chain=self.chain, rollback_requested_to=to).update(
-            rollback_requested_to=None, rollback_requested_reason="", rollback_requested_by=""
-        )
-        mode = state.mode
-        if mode == Mode.HALTED and self._mode_step(
-            indexer_unhalt, state, requested_by=state.rollback_requested_by, to_height=to
-        ):
+        # Clear only the request we carried out (a newer one stays for the next step), fenced by the
+        # lease. An operator's rollback is also the way out of `halted` (a reorg deeper than
+        # finality): then the request is cleared in the same compare-and-set that leaves `halted`,
+        # so a crash or a lost lease in between cannot leave the chain halted without its request
+        # (the next step re-runs the request; the rollback is then a no-op). Ingest resumes from the
+        # chosen height, and the identity is checked again first.
+        was_halted = state.mode == Mode.HALTED
+        self._mode_step(indexer_rollback_done, state, to_height=to)
+        if was_halted and state.mode != Mode.HALTED:
             self.identity_checked = False
-            mode = state.mode
+        mode = state.mode
         return StepResult(
             True, head=state.head_height, indexed=min(to, state.last_indexed_height or to),
             mode=mode, note=f"operator rollback to {to}: removed {removed} blocks",
@@ -480,7 +494,9 @@ class IndexerRunner:
             try:
                 with transaction.atomic():
                     lease_assert_held(name=self.grant.name, token=self.grant.token)
-                    IndexerState.objects.filter(chain=self.chain).update(last_error=error[:2000], **counters)
+                    IndexerState.objects.filter(chain=self.chain).update(
+                        last_error=error[:ERROR_LIMIT], **beside_state(MODE_MACHINE, counters)
+                    )
             except LeaseLost:
                 self.grant = None
 

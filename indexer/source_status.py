@@ -200,7 +200,11 @@ def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> b
                 chain=chain.slug, source=row.name, to=S.CONNECTED.label, result="changed"
             ).inc()
         else:
-            SyncSource.objects.filter(pk=row.pk, connection_status=row.connection_status).update(**cleared)
+            # The status stays (it is not connected_degraded, or another reason holds): only the
+            # reason columns, named here, while the status is the one read (never the status itself).
+            SyncSource.objects.filter(pk=row.pk, connection_status=row.connection_status).update(
+                degraded_reasons=reasons, degraded_detail=detail
+            )
             row.degraded_reasons, row.degraded_detail = reasons, detail
             record(
                 action=CLEAR_ACTION,

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 
 from fleetops.lib import clock
-from indexer.models import Chain, ConnectionStatus, DegradedReason, SyncSource
+from indexer.models import CONNECTION_MACHINE, Chain, ConnectionStatus, DegradedReason, SyncSource
 from indexer.rpc.client import CometRpc, SourceHealth, lowest_available
 from indexer.source_status import (
     DASH,
@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 S = ConnectionStatus
 LIVE = frozenset({S.SYNCING, S.CONNECTED, S.CONNECTED_DEGRADED})
+# Where a range failure leaves the status as it is: the states connected_degraded itself may move to
+# and keep its reasons in (syncing, disconnecting), so the reason waits there and shows when the
+# source settles (seed 002). `connected` is not one of them: it is connected_degraded's reason-free
+# twin, and a failed range turns it connected_degraded (as every other state).
+KEEPS_STATUS_ON_RANGE_FAILURE = frozenset(CONNECTION_MACHINE.targets(S.CONNECTED_DEGRADED)) - {S.CONNECTED}
 
 LAGGING_HEAD_BLOCKS = 10
 ERROR_RATE_THRESHOLD = 0.25
@@ -410,7 +415,7 @@ def source_range_failed(
         kept = [p for p in (row.degraded_detail or "").split("; ") if p and not RANGE_FRAGMENT.search(p)]
         detail = "; ".join([_range_fragment(*merged), *kept])
         status = row.connection_status
-        to = status if status in (S.SYNCING, S.DISCONNECTING) else S.CONNECTED_DEGRADED
+        to = status if status in KEEPS_STATUS_ON_RANGE_FAILURE else S.CONNECTED_DEGRADED
         log.warning("source %s/%s: %s", chain.slug, source_name, _range_fragment(*merged))
         _await_status[row.pk] = None
         source_transition(source=row, to=to, reasons=reasons, detail=detail)

@@ -209,6 +209,47 @@ def redis_server() -> Iterator[str]:
         proc.wait(10)
 
 
+class OwnedRedis:
+    """A `redis-server` of the test's own on 127.0.0.1:<free port>, stopped and started again at will
+    on the same port (no persistence: a restart empties it, as a crashed broker without AOF does),
+    so processes configured with its URL see a real broker outage and a real recovery."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("there is no redis-server binary, so no test-owned Redis to stop and restart")
+        self.binary: str = binary  # type: ignore[assignment]
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(self.running, timeout=20, what=f"the test's redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        """SIGTERM: every client connection drops, the (unsaved) data goes."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(20)
+            self.proc = None
+        wait_for(lambda: not self.running(), timeout=20, what="the test's redis-server to stop")
+
+    def running(self) -> bool:
+        return port_answers("127.0.0.1", self.port)
+
+    def url(self, database: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{database}"
+
+    def destroy(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
 # --- RabbitMQ ---------------------------------------------------------------------------------------
 
 

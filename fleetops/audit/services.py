@@ -14,6 +14,7 @@ from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent, PlatformAction
 from fleetops.lib import clock
+from fleetops.lib.atomic import in_transaction
 from fleetops.observability.context import current_request_id
 from fleetops.observability.metrics import AUDIT_EVENTS
 
@@ -94,9 +95,7 @@ class AuditOutsideTransaction(RuntimeError):
 
 
 def _require_transaction() -> None:
-    # The test suite wraps each test in atomic blocks marked `_from_testcase`; they do not count,
-    # or every test would pass whether the code under test opened its transaction or not.
-    if not any(not getattr(block, "_from_testcase", False) for block in connection.atomic_blocks):
+    if not in_transaction():
         raise AuditOutsideTransaction(
             "audit rows are written inside the transaction of the change they describe; "
             "call record() inside transaction.atomic()"

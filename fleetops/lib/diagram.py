@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from fleetops.lib.machine import Machine, State
+from fleetops.lib.machine import Edge, Machine, State
 
 NODE_W, NODE_H, COL_GAP, ROW_GAP, PAD = 150, 34, 70, 26, 24
 EDGE_STYLE = {
@@ -26,6 +26,13 @@ EDGE_STYLE = {
 }
 
 
+def who(edge: Edge, *, long: bool = False) -> str:
+    """Who may take an edge: its role, `engine`, or `admin + engine`."""
+    if edge.role is None:
+        return "engine (scheduler/system only)" if long else "engine"
+    return f"{edge.role} + engine" if edge.engine_too else edge.role
+
+
 def mermaid(machine: Machine) -> str:
     """`stateDiagram-v2` text: every edge labelled with the role it needs (or `engine`)."""
     ids = {s: f"s{i}" for i, s in enumerate(machine.states)}
@@ -33,7 +40,7 @@ def mermaid(machine: Machine) -> str:
     for s in machine.states:
         lines.append(f"    {ids[s]} : {machine.label(s)}")
     for e in machine.edges:
-        lines.append(f"    {ids[e.source]} --> {ids[e.target]} : {e.role or 'engine'}")
+        lines.append(f"    {ids[e.source]} --> {ids[e.target]} : {who(e)}")
     for s in machine.states:
         if s in machine.terminal:
             lines.append(f"    {ids[s]} --> [*]")
@@ -86,8 +93,7 @@ def svg(machine: Machine, *, current: State | None = None) -> str:
     for e in machine.edges:
         colour, dash = EDGE_STYLE.get(e.role, EDGE_STYLE["operator"])
         marker = f"url(#arrow-{e.role or 'engine'})"
-        who = e.role or "engine (scheduler/system only)"
-        tip = f"{machine.label(e.source)} → {machine.label(e.target)}: {who}"
+        tip = f"{machine.label(e.source)} → {machine.label(e.target)}: {who(e, long=True)}"
         (x1, y1), (x2, y2) = pos[e.source], pos[e.target]
         if e.source == e.target:
             path = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetops.lib.diagram import mermaid
+from fleetops.lib.diagram import mermaid, who
 from fleetops.lib.machine import Machine, machines
 
 HEADER = """# State machines
@@ -12,7 +12,8 @@ fails when this page and the code disagree). Each admin detail page draws the sa
 object's current state highlighted.
 
 An edge is labelled with the lowest role a person needs to take it; `engine` edges are taken only by
-the portal's own processes (the scheduler and system actors, see `fleetops.access.roles`). Every
+the portal's own processes (the scheduler and system actors, see `fleetops.access.roles`), and
+`<role> + engine` edges by both. Every
 edge goes through the transition kernel (`fleetops.lib.transition`): a compare-and-set UPDATE
 whose allowed from-states come from this declaration, with the audit row in the same transaction.
 """
@@ -31,5 +32,5 @@ def render(declared: list[Machine] | None = None) -> str:
             "| from | to | who |\n|---|---|---|\n"
         )
         for e in m.edges:
-            parts.append(f"| `{e.source}` | `{e.target}` | {e.role or 'engine'} |\n")
+            parts.append(f"| `{e.source}` | `{e.target}` | {who(e)} |\n")
     return "".join(parts)

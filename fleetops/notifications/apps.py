@@ -20,5 +20,5 @@ class NotificationsConfig(AppConfig):
             task="fleetops.notifications.tasks.deliver_pending",
             every_seconds=60,
             expires_seconds=50,
-            description="Send deliveries still pending (a lost on-commit kick) and retry failed ones.",
+            description="Send deliveries still pending (a send task that never ran) and retry failed ones.",
         )

@@ -9,7 +9,3 @@ DELIVERIES = Counter(
     "Notification send attempts by channel kind and outcome (sent, retry, error).",
     ["kind", "outcome"],
 )
-KICK_FAILURES = Counter(
-    "fleetops_notifications_kick_failures_total",
-    "On-commit delivery kicks that could not be queued (the sweep sends those deliveries later).",
-)

@@ -1,9 +1,10 @@
 """Publish events to an organization's subscribed channels, and send the stored deliveries.
 
-`notification_publish` runs inside the caller's transaction: the delivery rows commit (or roll
-back) with the change they report, and the send is kicked after commit. A send claims its delivery
-with a conditional UPDATE first, so a redelivered task or two sweeps never send one delivery twice
-at the same time; the network call runs outside any transaction.
+`notification_publish` runs inside the caller's transaction: the delivery rows and one outbox
+message per delivery (`fleetops.outbox`, the send task by name) commit (or roll back) with the change
+they report; the message is sent to the broker after commit, or by the outbox relay later. A send
+claims its delivery with a conditional UPDATE first, so a redelivered task or two sweeps never send
+one delivery twice at the same time; the network call runs outside any transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-from celery import current_app
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import transaction
@@ -31,7 +31,7 @@ from fleetops.lib import clock
 from fleetops.lib.backoff import backoff_delay
 from fleetops.lib.errors import ValidationFailed
 from fleetops.lib.transition import transition_rows
-from fleetops.notifications.metrics import DELIVERIES, KICK_FAILURES
+from fleetops.notifications.metrics import DELIVERIES
 from fleetops.notifications.models import (
     DELIVERY_MACHINE,
     ChannelKind,
@@ -40,6 +40,7 @@ from fleetops.notifications.models import (
     NotificationDelivery,
     NotificationSubscription,
 )
+from fleetops.outbox.services import outbox_enqueue
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def notification_publish(
     body: str = "",
     payload: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Store one pending delivery per enabled channel of `org` subscribed to `event_type`; send
-    them after the surrounding transaction commits. Returns the delivery ids."""
+    """Store one pending delivery per enabled channel of `org` subscribed to `event_type`, each
+    with an outbox message for its send, in the caller's transaction (or one of its own). Returns
+    the delivery ids."""
     channels = list(
         NotificationChannel.objects.filter(
             org=org, enabled=True, subscriptions__event_type=event_type
@@ -74,37 +76,30 @@ def notification_publish(
     if not channels:
         return []
     now = clock.now()
-    created = NotificationDelivery.objects.bulk_create(
-        [
-            NotificationDelivery(
-                org=org,
-                channel=channel,
-                event_type=event_type,
-                subject=subject[:200],
-                body=body,
-                payload=json.loads(json.dumps(dict(payload or {}), default=str)),
-                created_at=now,
-                next_attempt_at=now,
-            )
-            for channel in channels
-        ]
-    )
-    ids = [d.pk for d in created]
-    transaction.on_commit(lambda: _kick(ids))
+    with transaction.atomic(savepoint=False):
+        created = NotificationDelivery.objects.bulk_create(
+            [
+                NotificationDelivery(
+                    org=org,
+                    channel=channel,
+                    event_type=event_type,
+                    subject=subject[:200],
+                    body=body,
+                    payload=json.loads(json.dumps(dict(payload or {}), default=str)),
+                    created_at=now,
+                    next_attempt_at=now,
+                )
+                for channel in channels
+            ]
+        )
+        ids = [d.pk for d in created]
+        # The send, by task name; a message sent twice is harmless (the send claims its delivery).
+        for delivery_id in ids:
+            outbox_enqueue(task=DELIVER_TASK, kwargs={"delivery_id": delivery_id})
     return ids
 
 
 DELIVER_TASK = "fleetops.notifications.tasks.deliver"
-
-
-def _kick(ids: list[int]) -> None:
-    try:
-        for delivery_id in ids:
-            current_app.send_task(DELIVER_TASK, args=[delivery_id])
-    except Exception:
-        # The rows are stored: the every-minute sweep sends them. Never fail the caller for this.
-        KICK_FAILURES.inc()
-        log.warning("notification kick failed; the sweep will send", exc_info=True, extra={"ids": ids})
 
 
 @dataclass(frozen=True)

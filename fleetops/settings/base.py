@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "fleetops.audit",
     "fleetops.api",
     "fleetops.notifications",
+    "fleetops.outbox",
     "curtailment",
     "migrations_app.apps.MigrationsAppConfig",
     "indexer",

@@ -1,5 +1,5 @@
 """What the key services, the re-stake schedule and verification share: audit actions, result and
-verdict types, error messages, the role gate and the early schedule kick.
+verdict types, error messages, the role gate and the early schedule kick (an outbox message).
 
 It imports none of them, so `services` (operator writes), `verdicts` (engine writes), `schedule`,
 `verification` and `tasks` never import each other in a circle; the schedule is kicked by task name.
@@ -7,10 +7,8 @@ It imports none of them, so `services` (operator writes), `verdicts` (engine wri
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from celery import current_app
 from django.conf import settings
 from django.db import models
 
@@ -18,10 +16,8 @@ from fleetops.access.models import Organization, Role
 from fleetops.access.roles import effective_role, require_role
 from fleetops.audit.actors import Actor
 from fleetops.lib.machine import Machine, State
-from migrations_app.keys.metrics import TRIGGER_FAILURES
+from fleetops.outbox.services import outbox_enqueue
 from migrations_app.models.keys import AddressGroup, OrgKeyConfig
-
-log = logging.getLogger(__name__)
 
 RESTAKE_TASK = "migrations_app.keys.tasks.restake"
 FAILED_EVENT = "keys.migration_failed"
@@ -130,11 +126,9 @@ def max_attempts_for(org: Organization | int) -> int:
 
 
 def kick_schedule() -> None:
-    """The early kick after a migration or retry, by task name: an optimization only. The beat
-    claims the keys within 30 s anyway, so a broker outage is logged and counted, never reported as
-    a failed migration."""
-    try:
-        current_app.send_task(RESTAKE_TASK, expires=25)
-    except Exception:
-        TRIGGER_FAILURES.inc()
-        log.warning("re-stake schedule kick failed; the next beat picks the keys up", exc_info=True)
+    """The early kick after a migration or retry, by task name, as an outbox message in the
+    caller's transaction (call it inside the migration's or retry's `atomic()`): an optimization
+    only, since the beat claims the keys within 30 s anyway. A broker outage is counted
+    (`fleetops_outbox_send_failures_total{task=...restake}`), never reported as a failed
+    migration; a pass run twice claims nothing twice (claims skip locked rows)."""
+    outbox_enqueue(task=RESTAKE_TASK, expires_seconds=25)

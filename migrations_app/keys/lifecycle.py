@@ -7,7 +7,7 @@ set-based `UPDATE … FROM (VALUES …)` per 1,000 rows that admits only the mac
 statement, and one audit row per moved key written with one INSERT (`BulkAudit`). The role is
 derived from the actor (operator; the cool-down's scheduler acts as one) and checked before the
 transaction opens, so a refusal's `access.denied` row commits. The early kick of the re-stake
-schedule is queued with `transaction.on_commit`.
+schedule is an outbox message written in the same transaction (`kick_schedule`).
 
 A key whose previous attempt is still pending is scheduled with `migration_next_attempt_at` NULL:
 that attempt's verdict (recorded as superseded) releases it (see `migrations_app.models.keys`).
@@ -231,7 +231,7 @@ def key_migrate_to_group(
                 "max_attempts": limit,
             },
         )
-        transaction.on_commit(kick_schedule)
+        kick_schedule()
     OPERATIONS.labels(operation="migrate", outcome="ok").inc()
     return MigrateResult(dry_run=False, target_group=target, key_ids=moved, excluded_retired=excluded)
 
@@ -326,7 +326,7 @@ def keys_migration_retry(
             operation="keys_migration_retry",
         )
         if result.retried:
-            transaction.on_commit(kick_schedule)
+            kick_schedule()
     OPERATIONS.labels(operation="retry", outcome="ok").inc()
     return result
 
@@ -384,7 +384,7 @@ def key_migration_retry(*, key: Key, actor: Actor, reason: str) -> Key:
             check_role=False,  # `require` above, before the transaction (its refusal row commits)
         )
         _history([row], [key.pk], outcome=RemediationOutcome.MANUAL_RETRY, message=reason, actor=actor)
-        transaction.on_commit(kick_schedule)
+        kick_schedule()
     OPERATIONS.labels(operation="retry", outcome="ok").inc()
     key.refresh_from_db()
     return key

@@ -7,10 +7,6 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-TRIGGER_FAILURES = Counter(
-    "fleetops_keys_migration_trigger_failures_total",
-    "Early kicks of the re-stake schedule after a migration that could not be queued (the beat self-heals).",
-)
 ATTEMPTS = Counter(
     "fleetops_keys_attempts_total",
     "Re-stake attempts by result: claimed, succeeded, retrying, failed, superseded, recovered.",

@@ -17,15 +17,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from indexer.ingest import event_rows
-from indexer.producers import Producer
+from indexer.producers import Producer, block_events
 from migrations_app.models import Cursor, Protocol, ProtocolStateChange
 from migrations_app.protocols import registry, store
 from migrations_app.protocols.cursor import CasResult, cursor_cas, cursors_lock, cursors_rewind
 from migrations_app.protocols.metrics import STATE_CHANGES
 
 if TYPE_CHECKING:
-    from indexer.ingest import IndexedBlock
+    from indexer.producers import IndexedBlock
     from indexer.selectors import ChainModel as Chain
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def protocols_write(chain: Chain, blocks: Sequence[IndexedBlock]) -> None:
         if not history and not current:
             continue  # the backfill owns these heights, or is behind
         if events is None:
-            events = [row[1:] for b in blocks for row in event_rows(chain.pk, b, encode=False)]
+            events = block_events(blocks)
         rows = store.classify_events(spec, events)
         if history:
             store.copy_state_changes(protocol_id=protocol.id, chain_id=chain.pk, rows=rows)

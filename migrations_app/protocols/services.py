@@ -1,7 +1,8 @@
 """Protocol writes an operator starts: register (setup), classify, and request a classification, a
 history or a current-state migration from the admin (a Celery task running the same service as the
-command, kicked by name once the request commits; the request is validated first, so a bad one is
-refused there and changes nothing).
+command, queued by name through the outbox in the transaction of the request's audit row, so a
+broker outage delays it but never loses it; the request is validated first, so a bad one is refused
+there and changes nothing).
 
 Keyword-only, the actor's role checked here (`fleetops.access.roles`, an audited refusal) before any
 transaction, every status change through `migrations_app.protocols.status` (the transition kernel),
@@ -14,7 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import current_app
 from django.db import transaction
 
 from fleetops.access.models import Role
@@ -25,6 +25,7 @@ from fleetops.lib import clock
 from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
 from fleetops.lib.machine import Machine
 from fleetops.lib.reason import clean_reason
+from fleetops.outbox.services import outbox_enqueue
 from indexer import selectors as indexer_selectors
 from indexer.selectors import ChainModel as Chain
 from migrations_app.models import (
@@ -96,8 +97,11 @@ def _require_start(*, machine: Machine, protocol: Protocol, actor: Actor, asked:
 
 
 def _kick(task: str, **kwargs: Any) -> None:
-    """Queue `task` by name once the request's transaction commits."""
-    transaction.on_commit(lambda: current_app.send_task(task, kwargs=kwargs))
+    """Queue `task` by name in the request's transaction (an outbox message, sent after commit or
+    by the relay once the broker is back). A message delivered twice is harmless: a migration run
+    holds the protocol's advisory lock and resumes at its cursor (a `success` is final), and a
+    second classification finds the same contracts."""
+    outbox_enqueue(task=task, kwargs=kwargs)
 
 
 def chain_for_setup(*, slug: str | None) -> Chain:

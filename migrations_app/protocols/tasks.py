@@ -3,10 +3,11 @@ the same services as `manage.py protocol_migrate` on a worker, "Classify again" 
 `manage.py protocol_setup`. A run blocks its worker slot until the handoff; a redelivery after a
 worker crash resumes at cursor + 1.
 
-The services queue these by name (`services.CLASSIFY_TASK`, …) once the request commits, so the two
-modules do not import each other. The actor travels as `Actor.to_payload()` and is rebuilt with
-every field (`Actor.from_payload`): a superuser's or a session's request runs with the same rights
-on the worker as in the web request.
+The services queue these by name (`services.CLASSIFY_TASK`, …) through the outbox, in the
+request's transaction, so the two modules do not import each other; a broker outage delays a run,
+never loses it, and a duplicate delivery is harmless (see `services._kick`). The actor travels as
+`Actor.to_payload()` and is rebuilt with every field (`Actor.from_payload`): a superuser's or a
+session's request runs with the same rights on the worker as in the web request.
 """
 
 from __future__ import annotations

@@ -20,14 +20,15 @@ from curtailment.fleet import fleet_sync, telemetry_poll
 from curtailment.gateway import FleetGateway
 from curtailment.models import CurtailmentEvent, CurtailmentTarget, Device, OrgCurtailmentConfig
 from curtailment.planning import StartRequest
-from curtailment.reconciler import HEARTBEAT, reconcile_tick
+from curtailment.reconciler import HEARTBEAT, default_gateway, reconcile_tick
 from curtailment.services import curtailment_start, curtailment_stop, curtailment_update
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.models import Heartbeat
-from simulators.fleet.server import serve_in_thread
+from simulators.fleet.server import FleetSimulator, serve_in_thread
 from tests.processes import ROOT, subprocess_env
+from tests.servers import wait_for
 
 
 @pytest.fixture
@@ -72,6 +73,27 @@ def states(event):
 
 def later(seconds):
     return clock.frozen(clock.now() + timedelta(seconds=seconds))
+
+
+class GatewayRequests:
+    """Counts the fleet simulator's /v1 requests in flight: `inject` runs once per request, after
+    its body has been read and before the latency knob's sleep."""
+
+    def __init__(self, simulator: FleetSimulator) -> None:
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        real = simulator.inject
+
+        def inject() -> bool:
+            with self._lock:
+                self.in_flight += 1
+            try:
+                return real()
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+        simulator.inject = inject  # type: ignore[method-assign]
 
 
 @pytest.mark.django_db
@@ -237,22 +259,30 @@ def test_database_round_trips_grow_with_chunks_not_with_targets(operator, wired,
 
 @pytest.mark.django_db(transaction=True)
 def test_only_one_tick_runs_at_a_time(operator, wired):
-    _, url = wired
     start(operator, kw=3.0)
-    knobs(url, latency_ms=600)
     results = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def held_gateway(config: OrgCurtailmentConfig) -> FleetGateway:
+        # The first tick holds the reconciler's lock here until the second tick has come and gone.
+        inside.set()
+        assert release.wait(30)
+        return default_gateway(config)
 
     def slow():
         try:
-            results["first"] = reconcile_tick()
+            results["first"] = reconcile_tick(gateway_for=held_gateway)
         finally:
             connection.close()
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.3)
-    results["second"] = reconcile_tick()
-    thread.join(20)
+    try:
+        assert inside.wait(30), "the first tick never reached its gateway"
+        results["second"] = reconcile_tick()
+    finally:
+        release.set()
+        thread.join(20)
     assert results["first"].ran is True
     assert results["second"].ran is False
 
@@ -261,6 +291,7 @@ def test_only_one_tick_runs_at_a_time(operator, wired):
 def test_a_killed_reconciler_leaves_orphans_that_are_redispatched_with_the_same_command_id(operator, wired):
     simulator, url = wired
     event = start(operator, kw=8.0)
+    gateway = GatewayRequests(simulator)
     knobs(url, latency_ms=3000)  # the gateway call is in flight when we kill the process
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "curtailment_reconcile", "--once"],
@@ -269,17 +300,23 @@ def test_a_killed_reconciler_leaves_orphans_that_are_redispatched_with_the_same_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "dispatching" not in states(event):
-        time.sleep(0.05)
-    assert states(event) == ["dispatching"], proc.stderr.read() if proc.poll() is not None else ""
-    time.sleep(0.3)
+
+    def command_in_flight() -> bool:
+        # DISPATCHING is committed before the command is sent, and nothing else is sent meanwhile:
+        # a request inside the gateway's latency now is the command, fully received.
+        return states(event) == ["dispatching"] and gateway.in_flight > 0
+
+    wait_for(command_in_flight, timeout=60, what="the command to reach the gateway")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     first_ids = set(CurtailmentTarget.objects.filter(event=event).values_list("last_command_id", flat=True))
 
     knobs(url, latency_ms=0)
-    time.sleep(3)  # the gateway finishes the request the dead process sent
+    # The gateway finishes the request the dead process sent.
+    wait_for(
+        lambda: gateway.in_flight == 0, timeout=30, what="the gateway to finish the dead process's command"
+    )
+    assert any(entry["kind"] == "curtail" for entry in simulator.log)
     reconcile_tick()
 
     event.refresh_from_db()

@@ -144,15 +144,29 @@ def test_the_mode_stays_legal_and_its_audit_trail_replays(org, admin_member, ope
             self.writer(i, indexer_halt, error="reorg deeper than the finality depth")
             assert self.state(i).mode == Mode.HALTED
 
-        @rule(i=SOME_CHAIN)
-        def writer_carries_out_a_rollback_request(self, i: int) -> None:
+        @rule(i=SOME_CHAIN, requested=st.booleans())
+        def writer_carries_out_a_rollback_request(self, i: int, requested: bool) -> None:
+            # An admin's request (accepted by `indexer_request_rollback`), or none at all.
+            IndexerState.objects.filter(chain=self.chains[i]).update(
+                rollback_requested_to=3 if requested else None,
+                rollback_requested_by="ada" if requested else "",
+            )
             before = self.state(i).mode
             if before != Mode.HALTED:
                 with pytest.raises(IllegalTransition):
                     self.writer(i, indexer_unhalt, requested_by="ada", to_height=3)
+                assert self.state(i).rollback_requested_to == (3 if requested else None)
+                return
+            if not requested:
+                # No request to carry out: the chain stays halted, nothing is written.
+                with pytest.raises(RaceLost):
+                    self.writer(i, indexer_unhalt, requested_by="ada", to_height=3)
+                assert self.state(i).mode == Mode.HALTED
                 return
             self.writer(i, indexer_unhalt, requested_by="ada", to_height=3)
-            assert self.state(i).mode == Mode.CATCHING_UP
+            after = self.state(i)
+            # The request is cleared in the compare-and-set that leaves halted.
+            assert (after.mode, after.rollback_requested_to) == (Mode.CATCHING_UP, None)
 
         @rule(i=SOME_CHAIN, to=st.sampled_from(MODE_MACHINE.states))
         def a_deposed_writer_writes_nothing(self, i: int, to: str) -> None:
@@ -166,6 +180,7 @@ def test_the_mode_stays_legal_and_its_audit_trail_replays(org, admin_member, ope
             if not MODE_MACHINE.can(before.mode, to):
                 return
             audit = AuditEvent.objects.count()
+            row_before = (before.mode, before.last_error, before.poison_height, before.poison_attempts)
             with pytest.raises(LeaseLost):
                 if to == Mode.HALTED:
                     indexer_halt(chain=self.chains[i], state=before, error="late", lease=stale, actor=WRITER)
@@ -184,7 +199,8 @@ def test_the_mode_stays_legal_and_its_audit_trail_replays(org, admin_member, ope
                     )
                 else:
                     indexer_mode_follow(chain=self.chains[i], state=before, to=to, lease=stale, actor=WRITER)
-            assert self.state(i).mode == IndexerState.objects.get(pk=before.pk).mode
+            after = self.state(i)
+            assert (after.mode, after.last_error, after.poison_height, after.poison_attempts) == row_before
             assert AuditEvent.objects.count() == audit
 
         # --- the operator ------------------------------------------------------------------------

@@ -12,22 +12,27 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 
 from fleetops.audit.models import AuditEvent
-from fleetops.observability.models import Lease
+from fleetops.lib import clock
+from fleetops.observability.models import Heartbeat, Lease
 from indexer.blocks import lease_name
 from indexer.models import Block, Chain, Event, IndexerState, SyncSource
 from indexer.verify import digests_stored, range_checksum
 from simulators.chain.server import serve_in_thread
 from tests.processes import ROOT, subprocess_env
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -38,11 +43,11 @@ def control(url: str, what: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def indexer_run(slug: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+def indexer_run(slug: str, *args: str, log: Path, application_name: str = "") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "manage.py", "indexer_run", "--chain", slug, "--poll", "0.1", *args],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env(application_name=application_name),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -60,6 +65,60 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "") 
 
 def indexed(chain: Chain) -> int:
     return IndexerState.objects.get(chain=chain).last_indexed_height or 0
+
+
+def health(port: int, path: str = "/health/ready") -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of an `indexer_run --health-port` endpoint."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def is_standby(port: int) -> bool:
+    """Live, answering from the database, and not ready because the writer lease is held elsewhere."""
+    status, body = health(port)
+    return status == 503 and body["problems"].get("lease", "").startswith("standby")
+
+
+def is_writer(port: int) -> bool:
+    return health(port)[0] == 200
+
+
+def reachable(check: Callable[[int], bool], port: int) -> Callable[[], bool]:
+    """`check(port)`, with "the port does not answer yet" (the process is still starting) as False."""
+
+    def probe() -> bool:
+        try:
+            return check(port)
+        except OSError:
+            return False
+
+    return probe
+
+
+def lease_expired(chain: Chain) -> bool:
+    return Lease.objects.get(name=lease_name(chain)).expires_at <= clock.now()
+
+
+def database_now() -> datetime:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+
+
+def stepped_as_standby_since(application_name: str, since: datetime) -> bool:
+    """A process (by its connections' application_name) has finished a step as a standby after
+    `since`: its last statement, completed after `since`, is the step's heartbeat saying
+    leader=false. (Client-side binding puts the values in pg_stat_activity's query text.)"""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'idle' "
+            "AND state_change > %s AND query LIKE %s AND query LIKE %s",
+            [application_name, since, f"%INSERT INTO {Heartbeat._meta.db_table}%", '%"leader": false%'],
+        )
+        return bool(cursor.fetchone()[0])
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -106,14 +165,22 @@ def test_two_writers_exactly_one_writes_and_the_standby_takes_over_after_a_kill(
     _, url = sim
     control(url, "produce", {"blocks": 30})
     chain = make_chain(org, url)
-    procs = [indexer_run("sim", "--lease-ttl", "3", log=tmp_path / f"w{i}.log") for i in range(2)]
+    ports = [free_port(), free_port()]
+    procs = [
+        indexer_run("sim", "--lease-ttl", "3", "--health-port", str(port), log=tmp_path / f"w{i}.log")
+        for i, port in enumerate(ports)
+    ]
     try:
         wait_for(lambda: indexed(chain) >= 31, what="catch-up")
         leader = Lease.objects.get(name=lease_name(chain)).holder
         pids = {int(leader.rsplit(":", 1)[1])}
         assert pids <= {p.pid for p in procs}
         first, second = (procs[0], procs[1]) if procs[0].pid in pids else (procs[1], procs[0])
-        assert "standby" in (tmp_path / f"w{procs.index(second)}.log").read_text()
+        first_port, second_port = ports[procs.index(first)], ports[procs.index(second)]
+        # Both run: the writer is ready, the other is live but a standby (its own health port says so).
+        wait_for(reachable(is_writer, first_port), what="the writer's /health/ready")
+        wait_for(reachable(is_standby, second_port), what="the second process to answer as a standby")
+        assert second.poll() is None
         # Kill the writer without a chance to release: the standby takes over within TTL + a poll.
         first.send_signal(signal.SIGKILL)
         first.wait(10)
@@ -122,6 +189,7 @@ def test_two_writers_exactly_one_writes_and_the_standby_takes_over_after_a_kill(
         wait_for(lambda: indexed(chain) >= 36, timeout=30, what="takeover")
         assert time.monotonic() - killed_at < 3 + 5
         assert Lease.objects.get(name=lease_name(chain)).holder.endswith(f":{second.pid}")
+        wait_for(reachable(is_writer, second_port), timeout=30, what="the new writer's /health/ready")
     finally:
         stop_all(procs)
     heights = list(Block.objects.filter(chain=chain).order_by("height").values_list("height", flat=True))
@@ -133,22 +201,32 @@ def test_a_paused_ex_leader_cannot_commit_after_a_takeover(org, sim, tmp_path):
     control(url, "produce", {"blocks": 5})
     chain = make_chain(org, url)
     control(url, "knobs", {"latency_ms": 150})  # each step spends time fetching
-    old = indexer_run("sim", "--lease-ttl", "2", "--no-websocket", log=tmp_path / "old.log")
+    old = indexer_run("sim", "--lease-ttl", "2", "--no-websocket", log=tmp_path / "old.log",
+                      application_name="fleetops-old-leader")  # fmt: skip
     procs = [old]
     try:
         wait_for(lambda: indexed(chain) >= 6, what="first catch-up")
         token = Lease.objects.get(name=lease_name(chain)).token
         old.send_signal(signal.SIGSTOP)  # a GC pause / frozen VM: it still believes it leads
-        time.sleep(2.5)
+        wait_for(lambda: lease_expired(chain), timeout=30, what="the paused leader's lease to expire")
         control(url, "produce", {"blocks": 3})
         new = indexer_run("sim", "--lease-ttl", "2", "--no-websocket", log=tmp_path / "new.log")
         procs.append(new)
         wait_for(lambda: indexed(chain) >= 9, timeout=30, what="new leader")
         assert Lease.objects.get(name=lease_name(chain)).token > token
+        resumed_at = database_now()
         old.send_signal(signal.SIGCONT)
         control(url, "produce", {"blocks": 3})
         wait_for(lambda: indexed(chain) >= 12, timeout=30, what="new leader keeps writing")
-        time.sleep(1.0)
+        # The ex-leader has finished a step since it resumed and that step ended as a standby: the
+        # one it was frozen in (its late commit refused by the fence) or a later one. Only now is
+        # "the new leader kept the lease" news.
+        wait_for(
+            lambda: stepped_as_standby_since("fleetops-old-leader", resumed_at),
+            timeout=60,
+            what="the resumed ex-leader to step as a standby",
+        )
+        assert old.poll() is None
         assert Lease.objects.get(name=lease_name(chain)).holder.endswith(f":{new.pid}")
     finally:
         stop_all(procs)

@@ -18,6 +18,8 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import lease_acquire
+from fleetops.observability.models import Lease
+from indexer import runner as runner_module
 from indexer import services
 from indexer.blocks import lease_name
 from indexer.models import Block, Chain, Event, IndexerState, Mode, SyncSource, Transaction
@@ -289,13 +291,19 @@ def test_malformed_responses_and_errors_do_not_end_the_loop(chain, sim):
 
 
 def test_losing_the_websocket_never_stalls_ingest_it_polls_instead(chain, sim):
+    """The socket is kept down BY CONSTRUCTION while the blocks arrive: before it is dropped, the
+    watcher is pointed at a port where nothing listens, so every reconnect is refused until the test
+    points it back. Whatever the machine's load, the new heights can only come from polling; the
+    test then lets the socket back and checks the watcher resubscribes and ingest goes on."""
     import threading
 
     from indexer.rpc.ws import HeadWatcher
+    from tests.servers import free_port, wait_for
 
     _, url = sim
-    head = produce(url, 3)
-    watcher = HeadWatcher(url.replace("http", "ws") + "/websocket", reconnect_base=5.0, reconnect_cap=5.0)
+    ws_url = url.replace("http", "ws") + "/websocket"
+    produce(url, 3)
+    watcher = HeadWatcher(ws_url, reconnect_base=0.2, reconnect_cap=0.5)
     runner = runner_for(chain, url, watcher=watcher)
     stop = threading.Event()
 
@@ -310,19 +318,32 @@ def test_losing_the_websocket_never_stalls_ingest_it_polls_instead(chain, sim):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        deadline = clock_deadline(20)
-        while not watcher.connected and not deadline():
-            stop.wait(0.05)
-        assert watcher.connected
+        wait_for(lambda: watcher.connected, timeout=30, what="the WebSocket subscription")
+        seen_by_socket = (watcher.latest() or (0, 0.0))[0]
+        watcher.url = f"ws://127.0.0.1:{free_port()}/websocket"  # every reconnect is refused
         control(url, "knobs", {"drop_websocket": True})
+        wait_for(lambda: not watcher.connected, timeout=30, what="the WebSocket to drop")
         head = produce(url, 4)
-        while not deadline() and state(chain).last_indexed_height != head:
-            stop.wait(0.05)
-        assert state(chain).last_indexed_height == head
-        assert not watcher.connected  # still down (reconnect backoff): the blocks came by polling
+        wait_for(
+            lambda: state(chain).last_indexed_height == head,
+            timeout=60,
+            what=f"polling to index up to {head}",
+        )
+        assert not watcher.connected
+        assert watcher.reconnects >= 1  # it did try, and was refused: the socket was really down
+        assert (watcher.latest() or (0, 0.0))[0] == seen_by_socket < head  # no head came by the socket
+        assert thread.is_alive()
+
+        # The node's socket comes back: the watcher resubscribes by itself and ingest goes on.
+        watcher.url = ws_url
+        wait_for(lambda: watcher.connected, timeout=30, what="the WebSocket to resubscribe")
+        head = produce(url, 2)
+        wait_for(lambda: state(chain).last_indexed_height == head, timeout=60, what=f"ingest up to {head}")
+        wait_for(lambda: (watcher.latest() or (0, 0.0))[0] == head, timeout=30, what="heads by the socket")
     finally:
         stop.set()
         thread.join(20)
+    assert not thread.is_alive()
 
 
 def test_a_source_with_pruned_history_is_connected_degraded_with_the_reason(org, sim):
@@ -363,13 +384,6 @@ def test_a_fresh_index_of_a_chain_pruned_everywhere_starts_at_the_lowest_height_
     assert Block.objects.filter(chain=chain).count() == head - 11
 
 
-def clock_deadline(seconds: float) -> Any:
-    import time
-
-    end = time.monotonic() + seconds
-    return lambda: time.monotonic() > end
-
-
 # --- the mode's audit trail (issue 10) ------------------------------------------------------------------
 
 
@@ -408,6 +422,104 @@ def test_entering_and_leaving_halted_is_audited_by_the_writer(chain, sim, admin_
     assert unhalted.metadata["requested_by"] == admin_member.user.username
     assert state(chain).mode == Mode.NORMAL
     assert_mode_trail_replays(state(chain))
+
+
+def _halted_with_a_rollback_request(chain: Chain, url: str, admin: Actor) -> tuple[IndexerRunner, int]:
+    """A chain halted by a reorg deeper than the finality depth, and an admin's request to roll back
+    below the fork point; returns the writer and the requested height."""
+    head = produce(url, 40)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    control(url, "reorg", {"depth": 20})  # deeper than the finality depth (16)
+    produce(url, 1)
+    assert runner.step().mode == Mode.HALTED
+    services.indexer_request_rollback(chain=chain, to_height=head - 25, actor=admin, reason="deep reorg")
+    return runner, head - 25
+
+
+def _steal_the_lease_after_the_rollback(chain: Chain, monkeypatch: Any) -> None:
+    """Right after `blocks_rollback` commits, the writer's lease expires and a standby takes it: the
+    writer's next write (clearing the request, leaving halted) must fail its fence."""
+    real = runner_module.blocks_rollback
+
+    def rollback_then_lose_the_lease(**kwargs: Any) -> int:
+        removed = real(**kwargs)
+        Lease.objects.filter(name=lease_name(chain)).update(expires_at=clock.now() - timedelta(seconds=1))
+        assert lease_acquire(name=lease_name(chain), holder="standby", ttl=timedelta(minutes=5))
+        return removed
+
+    monkeypatch.setattr(runner_module, "blocks_rollback", rollback_then_lose_the_lease)
+
+
+def _crash_in_the_unhalt(monkeypatch: Any) -> None:
+    """The unhalt's transaction fails after its compare-and-set ran (the audit write raises)."""
+
+    def crash(**kwargs: Any) -> None:
+        raise RuntimeError("crashed writing the unhalt's audit row")
+
+    monkeypatch.setattr("fleetops.lib.transition.record", crash)
+
+
+@pytest.mark.parametrize("failure", ["crash", "lease_lost"])
+def test_a_rollback_request_is_cleared_only_with_the_way_out_of_halted(
+    chain, sim, admin_member, monkeypatch, failure
+):
+    """Carrying out a rollback request on a halted chain: the rows go in `blocks_rollback`'s
+    transaction; the request is cleared in the one that leaves `halted`. When that one fails (a
+    crash, a lost lease), the chain is halted *with* its request, and the next writer finishes it."""
+    _, url = sim
+    runner, to = _halted_with_a_rollback_request(chain, url, Actor.for_user(admin_member.user))
+    if failure == "crash":
+        _crash_in_the_unhalt(monkeypatch)
+        with pytest.raises(RuntimeError, match="unhalt"):
+            runner.step()
+        writer = runner
+    else:
+        _steal_the_lease_after_the_rollback(chain, monkeypatch)
+        assert runner.step().leader  # it still thought it held the lease when it began
+        assert runner.grant is None  # the fence refused the unhalt: it is a standby now
+        writer = runner_for(chain, url, holder="standby")
+    current = state(chain)
+    assert current.last_indexed_height == to  # the rollback itself committed
+    assert (current.mode, current.rollback_requested_to) == (Mode.HALTED, to)  # and nothing else
+    assert not AuditEvent.objects.filter(action="indexer.unhalted").exists()
+    monkeypatch.undo()
+    result = writer.step()  # the request again: the rollback is a no-op now, then out of halted
+    assert "removed 0 blocks" in result.note
+    current = state(chain)
+    assert (current.mode, current.rollback_requested_to, current.rollback_requested_by) == (
+        Mode.CATCHING_UP,
+        None,
+        "",
+    )
+    unhalted = AuditEvent.objects.get(action="indexer.unhalted")
+    assert unhalted.changes["rollback_requested_to"] == [to, None]
+    assert unhalted.changes["mode"] == [Mode.HALTED, Mode.CATCHING_UP]
+    assert AuditEvent.objects.filter(action="indexer.rolled_back").count() == 1
+    run_until_caught_up(writer)
+    assert state(chain).mode == Mode.NORMAL
+    assert_mode_trail_replays(state(chain))
+
+
+def test_a_rollback_request_on_a_running_chain_stays_until_its_clear_commits(chain, sim, monkeypatch):
+    """Not halted: clearing the request is still fenced by the lease, so a writer that lost it
+    leaves the request for the next one instead of clearing it unfenced."""
+    _, url = sim
+    produce(url, 12)
+    runner = runner_for(chain, url)
+    run_until_caught_up(runner)
+    IndexerState.objects.filter(chain=chain).update(
+        rollback_requested_to=5, rollback_requested_reason="bad decoder", rollback_requested_by="ada"
+    )
+    _steal_the_lease_after_the_rollback(chain, monkeypatch)
+    runner.step()
+    assert runner.grant is None
+    assert (state(chain).last_indexed_height, state(chain).rollback_requested_to) == (5, 5)
+    monkeypatch.undo()
+    standby = runner_for(chain, url, holder="standby")
+    assert "removed 0 blocks" in standby.step().note
+    assert state(chain).rollback_requested_to is None
+    assert state(chain).mode == Mode.NORMAL
 
 
 def test_idle_normal_flapping_is_counted_but_never_floods_the_audit_log(chain, sim):

@@ -179,6 +179,25 @@ def test_the_writer_leaves_degraded_on_its_own_when_steps_pass_again_and_says_so
     assert (recovered.actor_type, recovered.actor_id) == ("scheduler", "indexer_run")
 
 
+def test_the_writer_notes_columns_beside_the_mode_but_never_the_mode_itself(chain):
+    """The writer's plain `.update()` next to the mode (`indexer.modes._note`) refuses the mode
+    column: only the kernel moves it. Nothing is written."""
+    state = set_state(IndexerState.objects.get(chain=chain), MODE_MACHINE, M.DEGRADED, last_error="boom")
+    assert isinstance(state, IndexerState)
+    with pytest.raises(ValueError, match="transition kernel"):
+        indexer_degrade(
+            chain=chain,
+            state=state,
+            error="still failing",
+            lease=_writer_lease(chain),
+            actor=WRITER,
+            updates={MODE_MACHINE.field: M.NORMAL},
+        )
+    stored = IndexerState.objects.get(chain=chain)
+    assert (stored.mode, stored.last_error) == (M.DEGRADED, "boom")
+    assert not AuditEvent.objects.exists()
+
+
 # --- SyncSource.connection_status -------------------------------------------------------------------
 
 

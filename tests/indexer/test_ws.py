@@ -87,7 +87,9 @@ def test_a_node_that_goes_away_leaves_it_disconnected_until_the_node_is_back():
         assert wait_for(lambda: watcher.connected)
         server.shutdown()
         assert wait_for(lambda: not watcher.connected)
-        time.sleep(0.5)  # several reconnect attempts against a closed port
+        before = watcher.reconnects
+        # Several reconnect attempts against a closed port, none of them successful.
+        assert wait_for(lambda: watcher.reconnects >= before + 2, timeout=30)
         assert not watcher.connected and watcher.reconnects >= 2
         assert watcher.thread_alive()
         server, _, url = serve_in_thread(port=port)

@@ -25,6 +25,7 @@ from migrations_app.models.keys import Key, OrgKeyConfig, StakeTransaction
 from simulators.chain.server import serve_in_thread
 from tests.migrations_app.keys_fixtures import make_group, make_keys
 from tests.processes import ROOT, subprocess_env
+from tests.servers import wait_for
 
 
 def _migrate(member, keys, target):
@@ -137,12 +138,14 @@ def test_a_worker_killed_after_claiming_and_before_broadcasting_is_recovered(ope
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and StakeTransaction.objects.count() < 4:
-            time.sleep(0.05)
-        time.sleep(0.3)  # it is now waiting on the chain's /status, before any broadcast
+        wait_for(lambda: StakeTransaction.objects.count() == 4, timeout=60, what="the four claims")
+        # Claimed and committed; the next thing it does is ask the chain (the hole) for /status.
+        # Its connection arriving means it is now waiting there, before any broadcast.
+        hole.settimeout(60)
+        waiting, _ = hole.accept()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        waiting.close()
         assert set(StakeTransaction.objects.values_list("broadcast_state", flat=True)) == {"claimed"}
         assert set(Key.objects.values_list("migration_attempts", flat=True)) == {1}
 

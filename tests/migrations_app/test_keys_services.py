@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -12,7 +13,10 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from migrations_app.keys import metrics
+from fleetops.outbox.metrics import SEND_FAILURES
+from fleetops.outbox.models import OutboxMessage, OutboxStatus
+from fleetops.outbox.services import outbox_relay
+from migrations_app.keys.common import RESTAKE_TASK
 from migrations_app.keys.selectors import KeyFilter
 from migrations_app.keys.services import (
     SAME_GROUP,
@@ -116,18 +120,37 @@ def test_a_failed_kick_is_logged_and_counted_and_the_migration_still_succeeds(
     operator, setup, caplog, django_capture_on_commit_callbacks
 ):
     source, target, _ = setup
-    before = metrics.TRIGGER_FAILURES._value.get()
+    failures = SEND_FAILURES.labels(task=RESTAKE_TASK, path="immediate")
+    before = failures._value.get()
     with (
         mock.patch.object(current_app, "send_task", side_effect=OSError("broker down")) as send,
         caplog.at_level(logging.WARNING),
-        django_capture_on_commit_callbacks(execute=True),
+        django_capture_on_commit_callbacks(execute=True) as after_commit,
     ):
         result = migrate(operator, target, flt=KeyFilter(address_group_id=source.pk))
+        # The kick is an outbox message in the migration's transaction, before anything is sent.
+        [queued] = OutboxMessage.objects.filter(task=RESTAKE_TASK)
+        assert queued.status == OutboxStatus.PENDING and queued.expires_seconds == 25
+        assert not send.called
+    assert len(after_commit) == 1  # the immediate send, run when the migration committed
     assert result.count == 6
     assert Key.objects.filter(migration_status="scheduled").count() == 6
-    assert metrics.TRIGGER_FAILURES._value.get() == before + 1
-    assert "kick failed" in caplog.text
-    send.assert_called_once_with("migrations_app.keys.tasks.restake", expires=25)
+    assert failures._value.get() == before + 1
+    assert "outbox send failed" in caplog.text
+    send.assert_called_once_with(RESTAKE_TASK, kwargs={}, expires=25, task_id=mock.ANY)
+    queued.refresh_from_db()
+    assert queued.status == OutboxStatus.PENDING and queued.attempts == 1
+    assert "broker down" in queued.last_error
+    # The broker is back: the relay sends the kick, once.
+    with (
+        clock.frozen(clock.now() + timedelta(minutes=5)),
+        mock.patch.object(current_app, "send_task") as send,
+    ):
+        assert outbox_relay().sent == 1
+        assert outbox_relay().sent == 0
+    send.assert_called_once_with(RESTAKE_TASK, kwargs={}, expires=25, task_id=mock.ANY)
+    queued.refresh_from_db()
+    assert queued.status == OutboxStatus.SENT and queued.attempts == 2
 
 
 def test_bulk_retry_skips_keys_that_are_neither_failed_nor_retrying(operator, setup):

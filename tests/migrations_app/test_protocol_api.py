@@ -17,6 +17,7 @@ from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import ValidationFailed
+from fleetops.outbox.models import OutboxStatus
 from migrations_app.models import (
     Cursor,
     MigrationStatus,
@@ -31,6 +32,7 @@ from migrations_app.protocols.history import NOT_CLASSIFIED
 from migrations_app.protocols.selectors import PROTOCOL_NOT_FOUND
 from migrations_app.protocols.services import protocol_history_request
 from tests.factories import make_indexed_chain
+from tests.migrations_app.protocol_fixtures import assert_queued_with_its_request
 
 pytestmark = pytest.mark.django_db
 BASE = "/api/v1/protocols"
@@ -177,9 +179,18 @@ def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task
     page = client.get(f"{ADMIN}/protocol/{protocol.pk}/change/").content.decode()
     assert "action/start_history/" in page and "Who wrote which heights" in page
     assert client.post(url, {"reason": "", "window_size": 100}).status_code == 200  # the form again
-    with django_capture_on_commit_callbacks(execute=True):
+    assert queued.messages() == []
+    with django_capture_on_commit_callbacks(execute=False) as after_commit:
         response = client.post(url, {"reason": "backfill for the wallet", "window_size": 250})
     assert response.status_code == 302
+    # The kick is an outbox message written by the request, in its transaction; nothing is sent yet.
+    [message] = queued.messages()
+    assert (message.task, message.status) == (services.HISTORY_TASK, OutboxStatus.PENDING)
+    assert_queued_with_its_request(message, "protocol.history_requested")
+    assert queued == []
+    # The on-commit send never ran (a web process that died after the commit): the relay sends it.
+    assert len(after_commit) == 1
+    assert queued.relay_later() == 1
     assert queued == [
         (
             services.HISTORY_TASK,
@@ -188,6 +199,9 @@ def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task
     ]
     assert queued[0][1]["actor"]["label"] == admin_member.user.username
     assert AuditEvent.objects.get(action="protocol.history_requested").reason == "backfill for the wallet"
+    message.refresh_from_db()
+    assert message.status == OutboxStatus.SENT and message.attempts == 1
+    assert queued.relay_later() == 0  # sent once
 
 
 def test_start_history_migration_of_an_unclassified_protocol_is_refused_on_the_form(
@@ -206,7 +220,7 @@ def test_start_history_migration_of_an_unclassified_protocol_is_refused_on_the_f
     with pytest.raises(ValidationFailed, match="is not classified"):
         protocol_history_request(protocol=protocol, actor=Actor.for_user(admin_member.user), reason="go")
     assert NOT_CLASSIFIED.startswith("protocol {id}")
-    assert queued == []
+    assert queued == [] and queued.messages() == []
 
 
 def test_the_protocol_list_shows_cursor_and_lag_in_a_fixed_number_of_queries(

@@ -16,11 +16,13 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import Conflict, RaceLost, ValidationFailed
 from fleetops.observability.metrics import RACE_LOST
+from fleetops.outbox.models import OutboxStatus
 from migrations_app.models import CLASSIFICATION_MACHINE, Cursor, MigrationStatus, Protocol, ProtocolContract
 from migrations_app.protocols import current_state, history, registry, services, status, store, tasks
 from migrations_app.protocols.history import HISTORY, MigrationRun, Tracker
 from migrations_app.protocols.store import Row
 from tests.factories import make_indexed_chain
+from tests.migrations_app.protocol_fixtures import assert_queued_with_its_request
 
 pytestmark = pytest.mark.django_db
 ADMIN = "/admin/migrations_app"
@@ -107,13 +109,16 @@ def test_a_current_state_request_outside_the_indexed_range_is_refused_and_change
     with django_capture_on_commit_callbacks(execute=True), refused as error:
         services.protocol_current_state_request(protocol=protocol, actor=actor, reason="go", start_height=999)
     assert error.value.fields == {"start_height": [999]}
-    assert queued_current_state == []
+    assert queued_current_state == [] and queued_current_state.messages() == []
     assert not AuditEvent.objects.filter(action="protocol.current_state_requested").exists()
     with django_capture_on_commit_callbacks(execute=True):
         assert services.protocol_current_state_request(
             protocol=protocol, actor=actor, reason="go", start_height=5
         )
     assert [c["start_height"] for c in queued_current_state.of(services.CURRENT_STATE_TASK)] == [5]
+    assert [m.kwargs["start_height"] for m in queued_current_state.messages(services.CURRENT_STATE_TASK)] == [
+        5
+    ]
 
 
 def test_the_admin_shows_the_current_state_refusal_on_the_form(
@@ -123,7 +128,7 @@ def test_the_admin_shows_the_current_state_refusal_on_the_form(
     url = f"{ADMIN}/protocol/{protocol.pk}/action/start_current_state/"
     response = client.post(url, {"reason": "go", "window_size": 100, "start_height": 999})
     assert response.status_code == 200 and "start height must be between" in response.content.decode()
-    assert queued_current_state == []
+    assert queued_current_state == [] and queued_current_state.messages() == []
 
 
 # 3. every status compare-and-set is checked ----------------------------------------------------------------
@@ -211,6 +216,10 @@ def test_classify_again_is_queued_on_a_worker(
     calls = sent_tasks.of(services.CLASSIFY_TASK)
     assert [c["protocol_id"] for c in calls] == ["SEP41"]
     assert AuditEvent.objects.get(action="protocol.classification_requested").reason == "new contracts"
+    # Queued as an outbox message by the request itself, and sent once it committed.
+    [message] = sent_tasks.messages(services.CLASSIFY_TASK)
+    assert_queued_with_its_request(message, "protocol.classification_requested")
+    assert message.status == OutboxStatus.SENT and message.kwargs == calls[0]
     monkeypatch.undo()
     tasks.classify(**calls[0])  # the worker's side
     assert Protocol.objects.get(pk="SEP41").classification_status == MigrationStatus.SUCCESS
@@ -224,7 +233,7 @@ def test_classify_again_while_one_runs_is_refused_on_the_form(client, protocol, 
     client.force_login(admin_member.user)
     response = client.post(f"{ADMIN}/protocol/{protocol.pk}/action/classify/", {"reason": "again"})
     assert response.status_code == 200 and "is being classified" in response.content.decode()
-    assert sent_tasks == []
+    assert sent_tasks == [] and sent_tasks.messages() == []
 
 
 # 6. no other tenant's chain in the message ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from fleetops.lib import clock
 from fleetops.lib.errors import Forbidden, RaceLost
 from fleetops.lib.machine import Machine, machines
 from fleetops.lib.transition import authorize
+from fleetops.outbox.models import OutboxStatus
 from migrations_app.models import (
     CLASSIFICATION_MACHINE,
     CURRENT_STATE_MACHINE,
@@ -211,7 +212,7 @@ def test_an_operators_request_is_refused_with_a_denial_row_and_nothing_queued(
     assert denied.actor_label == operator.user.username and denied.target_id == classified.pk
     assert denied.metadata["required_role"] == Role.ADMIN and denied.metadata["role"] == Role.OPERATOR
     assert denied.metadata["asked"]["reason"] == "please"
-    assert sent_tasks == []
+    assert sent_tasks == [] and sent_tasks.messages() == []
     assert not AuditEvent.objects.filter(action__endswith="_requested").exists()
 
 
@@ -277,6 +278,8 @@ def test_a_superusers_classify_again_from_the_admin_runs_on_the_worker(
         response = client.post(url, {"reason": "new contracts"}, follow=True)
     assert "Classification queued" in response.content.decode()
     [kwargs] = sent_tasks.of(services.CLASSIFY_TASK)
+    [message] = sent_tasks.messages(services.CLASSIFY_TASK)
+    assert message.kwargs == kwargs and message.status == OutboxStatus.SENT
     assert kwargs["actor"]["is_superuser"] is True and kwargs["actor"]["interactive"] is True
     tasks.classify(**kwargs)  # the worker's side
     assert Protocol.objects.get(pk=classified.pk).classification_status == S.SUCCESS

@@ -26,7 +26,15 @@ from fleetops.observability.leases import LeaseGrant, lease_acquire, lease_asser
 from indexer.blocks import lease_name
 from indexer.ingest import blocks_rollback
 from indexer.metrics import MODE_CHANGES
-from indexer.models import MODE_MACHINE, Block, Chain, IndexerState, SyncSource, mode_edge_audited
+from indexer.models import (
+    MODE_MACHINE,
+    Block,
+    Chain,
+    IndexerState,
+    SyncSource,
+    beside_state,
+    mode_edge_audited,
+)
 from indexer.rpc.client import CometRpc, RpcError, SourceConfig
 
 ACTOR = Actor.system("indexer_demo_seed")
@@ -137,7 +145,11 @@ class Command(BaseCommand):
             if source is None:
                 source = SyncSource.objects.create(chain=chain, name=name, **wanted)
             else:
-                SyncSource.objects.filter(pk=source.pk).update(**wanted)
+                # The configuration columns only (named: never the connection status, which moves
+                # through the kernel, `indexer.source_status`).
+                SyncSource.objects.filter(pk=source.pk).update(
+                    rpc_url=rpc_url, websocket_url=ws_url, priority=priority, enabled=True
+                )
             record(
                 action="indexer.source_created" if not before else "indexer.source_updated",
                 actor=ACTOR,
@@ -209,7 +221,11 @@ class Command(BaseCommand):
                     )
                     transaction.on_commit(counter.inc)
                 else:
-                    IndexerState.objects.filter(chain=chain).update(**reset)
+                    # Already in the initial mode: the columns beside it (`beside_state` refuses the
+                    # mode itself), while the mode is still the one read.
+                    IndexerState.objects.filter(chain=chain, mode=before).update(
+                        **beside_state(MODE_MACHINE, reset)
+                    )
                 if not audited:
                     record(
                         action="indexer.state_reset",

@@ -16,7 +16,7 @@ from fleetops.lib import clock
 from fleetops.observability.context import bound
 from fleetops.observability.models import Lease
 from indexer.blocks import lease_name
-from indexer.models import Chain, IndexerState
+from indexer.models import Chain, IndexerState, Mode
 from indexer.runner import LEASE_TTL, IndexerRunner, StepResult, head_watcher_for, rpc_for
 
 READY_STALE_SECONDS = 60
@@ -158,8 +158,8 @@ class Command(BaseCommand):
         def ready() -> dict[str, str]:
             problems: dict[str, str] = {}
             state: Any = IndexerState.objects.filter(chain=chain).values("mode", "paused").first() or {}
-            if state.get("mode") == "halted":
-                problems["mode"] = "halted"
+            if state.get("mode") == Mode.HALTED:
+                problems["mode"] = Mode.HALTED.value
             if not ingest:
                 return problems
             lease = Lease.objects.filter(name=lease_name(chain)).values("holder", "expires_at").first()
