@@ -11,3 +11,4 @@ bench:
 	.venv/bin/python -m bench.b2_keys
 	.venv/bin/python -m bench.b3_indexer
 	.venv/bin/python -m bench.b5_reads
+	.venv/bin/python -m bench.b5_console

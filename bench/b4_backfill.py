@@ -1,5 +1,6 @@
 """B4: the protocol history backfill over 1,000,000 state changes, window sizes 100 and 1,000 heights,
-with live ingestion running at the same time.
+with 1, 2 and 4 parallel window workers (`protocol_migrate history --workers N`: windows read in
+parallel, committed in order), with live ingestion running at the same time.
 
 Set-up: the chain simulator (its own process) and `indexer_run` (its own process) index a chain of
 `--heights` small blocks; then `--changes` synthetic SEP41 events are added to the stored events of
@@ -9,15 +10,24 @@ benchmark runs, the simulator produces `--live-rate` blocks/s and `indexer_run` 
 
 Portal path: `history_migrate` (the service behind `manage.py protocol_migrate history`): read the
 stored events of a window, classify, and per window one transaction with the cursor CAS, the block
-check, COPY of the rows and the span. Timed from the start to the moment the cursor reaches the tip
-seen at the start (the wait for the handoff after that is not throughput). Raw baseline, same run,
-same rows, same table and indexes: psycopg COPY of the precomputed rows with a commit per window.
+check, COPY of the rows and the span; with N workers, N windows are read and classified at once
+(each worker on its own connection) and each commits when every window before it has. Timed
+from the start to the moment the cursor reaches the tip seen at the start (the wait for the handoff
+after that is not throughput). Raw baseline, same run, same rows, same table and indexes: psycopg
+COPY of the precomputed rows with a commit per window.
 
 Checked after every portal run: the spans tile [oldest, cursor] (0 gaps, 0 overlaps), the rows at
 or below the starting tip are exactly the precomputed ones (0 duplicates, 0 missing), and a sampler
 saw the cursor never move backwards.
 
-    python -m bench.b4_backfill [--changes 1000000] [--heights 10000] [--runs 5]
+One RESULT line per worker count (`b4_backfill_workers_N`: lowest ratio over the window sizes), the
+goal line `b4_backfill` (one worker, as before), and the speed-up over one worker per worker count
+(`b4_backfill_speedup_N`, goal 2 workers >= 1.5x). Each run also prints the CPU seconds spent in
+this process and in the classification worker processes (their sum over the wall time shows how
+much of the work ran in parallel). The speed-up needs free cores: on a machine already busy it is
+bounded by the cores left over.
+
+    python -m bench.b4_backfill [--changes 1000000] [--heights 10000] [--runs 5] [--workers 1,2,4]
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import resource
 import statistics
 import threading
 import time
@@ -35,6 +46,7 @@ from typing import Any
 from bench.common import result_line, setup_django
 
 GOAL = 0.40
+SPEEDUP_GOAL = {2: 1.5}  # portal rows/s with N workers over one worker
 
 
 def main() -> int:
@@ -43,9 +55,11 @@ def main() -> int:
     parser.add_argument("--heights", type=int, default=10_000)
     parser.add_argument("--windows", default="100,1000")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--workers", default="1,2,4", help="window worker counts to measure")
     parser.add_argument("--live-rate", type=float, default=2.0, help="live blocks per second")
+    parser.add_argument("--database", default="fleetops_bench_b4", help="database name (dropped first)")
     args = parser.parse_args()
-    server = setup_django("fleetops_bench_b4")  # noqa: F841 - keeps an embedded server alive
+    server = setup_django(args.database)  # noqa: F841 - keeps an embedded server alive
 
     from django.db import connection, transaction
 
@@ -99,7 +113,7 @@ def main() -> int:
         from django.core.management import call_command
 
         call_command("protocol_setup", "--protocol-id", "SEP41", "--chain", "b4")
-        protocol = Protocol.objects.get(id="SEP41")
+        protocol = Protocol.objects.select_related("chain").get(protocol_id="SEP41", chain=chain)
         spec = registry.get("SEP41")
         assert spec is not None
 
@@ -109,7 +123,9 @@ def main() -> int:
         def reset() -> None:
             with transaction.atomic(), connection.cursor() as cur:
                 # Cursor first: live ingestion produces nothing for a protocol without one.
-                Cursor.objects.filter(name__startswith="protocol_SEP41_").delete()
+                Cursor.objects.filter(
+                    name__in=[protocol.history_cursor_name, protocol.current_state_cursor_name]
+                ).delete()
                 cur.execute(
                     f"TRUNCATE {ProtocolStateChange._meta.db_table}, {ProtocolWriteSpan._meta.db_table}"
                 )
@@ -126,34 +142,41 @@ def main() -> int:
         )
         print(f"history: heights 1..{tip}, {len(rows):,} state changes", flush=True)
 
-        results: dict[int, tuple[float, list[float], float, list[float]]] = {}
+        worker_counts = [int(w) for w in args.workers.split(",")]
+        # (window, workers) -> (median portal rows/s, median raw rows/s of the same runs)
+        results: dict[tuple[int, int], tuple[float, float]] = {}
         for window in [int(w) for w in args.windows.split(",")]:
-            portal_rates, raw_rates = [], []
+            portal_rates: dict[int, list[float]] = {w: [] for w in worker_counts}
+            raw_rates: list[float] = []
             for run in range(args.runs + 1):  # the first is the warm-up
                 reset()
                 raw_rate = _raw(rows, window, protocol.pk, chain.pk)
-                reset()
-                portal_rate, problems = _portal(
-                    history_migrate, protocol, chain, rows, window, Actor, Progress
-                )
-                if problems:
-                    print("INVARIANT BROKEN:", problems)
-                    return 1
                 if run:
-                    portal_rates.append(portal_rate)
                     raw_rates.append(raw_rate)
-                print(
-                    f"  window {window:>5} run {run}{' (warm-up)' if not run else ''}: "
-                    f"portal {portal_rate:,.0f} rows/s, "
-                    f"raw COPY {raw_rate:,.0f} rows/s, gaps 0, duplicates 0, cursor never regressed",
-                    flush=True,
+                for workers in worker_counts:
+                    reset()
+                    cpu_before = _cpu()
+                    portal_rate, problems = _portal(
+                        history_migrate, protocol, chain, rows, window, workers, Actor, Progress
+                    )
+                    cpu_self, cpu_pool = (a - b for a, b in zip(_cpu(), cpu_before, strict=True))
+                    if problems:
+                        print("INVARIANT BROKEN:", problems)
+                        return 1
+                    if run:
+                        portal_rates[workers].append(portal_rate)
+                    print(
+                        f"  window {window:>5} workers {workers} run {run}"
+                        f"{' (warm-up)' if not run else ''}: portal {portal_rate:,.0f} rows/s, "
+                        f"raw COPY {raw_rate:,.0f} rows/s, gaps 0, duplicates 0, cursor never regressed; "
+                        f"CPU s: this process {cpu_self:.1f}, classify processes {cpu_pool:.1f}",
+                        flush=True,
+                    )
+            for workers in worker_counts:
+                results[(window, workers)] = (
+                    statistics.median(portal_rates[workers]),
+                    statistics.median(raw_rates),
                 )
-            results[window] = (
-                statistics.median(portal_rates),
-                portal_rates,
-                statistics.median(raw_rates),
-                raw_rates,
-            )
     finally:
         halt.set()
         if indexer is not None:
@@ -161,15 +184,40 @@ def main() -> int:
             indexer.wait(20)
         sim.stop()
 
-    worst = min(p / r for p, _, r, _ in results.values())
-    for window, (portal, _, raw_median, _) in results.items():
+    for (window, workers), (portal, raw_median) in results.items():
         print(
-            f"window {window}: portal {portal:,.0f} rows/s, "
+            f"window {window}, {workers} worker(s): portal {portal:,.0f} rows/s, "
             f"raw COPY with a commit per window {raw_median:,.0f} rows/s, "
             f"ratio {portal / raw_median:.2f}"
         )
-    print(result_line("b4_backfill", worst, f">={GOAL}", worst >= GOAL))
+    by_workers: dict[int, float] = {}
+    for (_, workers), (portal, raw_median) in results.items():
+        by_workers[workers] = min(by_workers.get(workers, portal / raw_median), portal / raw_median)
+    for workers, ratio in sorted(by_workers.items()):
+        print(result_line(f"b4_backfill_workers_{workers}", ratio, f">={GOAL}", ratio >= GOAL))
+    worst = by_workers.get(1, min(by_workers.values()))
+    print(result_line("b4_backfill", worst, f">={GOAL} (one worker)", worst >= GOAL))
+    windows = sorted({w for w, _ in results})
+    for workers in sorted(by_workers):
+        if workers > 1 and 1 in by_workers:  # speed-up over one worker: lowest over the window sizes
+            speedup = min(results[(w, workers)][0] / results[(w, 1)][0] for w in windows)
+            goal = SPEEDUP_GOAL.get(workers)
+            print(
+                result_line(
+                    f"b4_backfill_speedup_{workers}",
+                    speedup,
+                    f">={goal}" if goal else "report",
+                    goal is None or speedup >= goal,
+                )
+            )
     return 0
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its ended children (the classify pool's
+    workers end with the run that started them)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _produce_live(url: str, rate: float, halt: threading.Event) -> None:
@@ -183,7 +231,7 @@ def _produce_live(url: str, rate: float, halt: threading.Event) -> None:
             pass
 
 
-def _raw(rows: list[Any], window: int, protocol_id: str, chain_id: int) -> float:
+def _raw(rows: list[Any], window: int, protocol_pk: int, chain_id: int) -> float:
     """COPY the same rows into the same table, one transaction per window of heights."""
     from django.db import connection, transaction
 
@@ -199,7 +247,7 @@ def _raw(rows: list[Any], window: int, protocol_id: str, chain_id: int) -> float
         sql = f"COPY {table} ({', '.join(STATE_CHANGE_COLUMNS)}) FROM STDIN"
         with transaction.atomic(), connection.cursor() as cur, cur.cursor.copy(sql) as copy:
             for r in by_window[key]:
-                copy.write_row((protocol_id, chain_id, *r))
+                copy.write_row((protocol_pk, chain_id, *r))
     return len(rows) / (time.perf_counter() - started)
 
 
@@ -219,7 +267,14 @@ class _TipClock:
 
 
 def _portal(
-    history_migrate: Any, protocol: Any, chain: Any, rows: list[Any], window: int, actor: Any, progress: Any
+    history_migrate: Any,
+    protocol: Any,
+    chain: Any,
+    rows: list[Any],
+    window: int,
+    workers: int,
+    actor: Any,
+    progress: Any,
 ) -> tuple[float, list[str]]:
     from django.db import connections
 
@@ -253,8 +308,10 @@ def _portal(
     try:
         history_migrate(
             protocol_ids=["SEP41"],
+            chain=chain.slug,
             actor=actor.system("bench:b4"),
             window_size=window,
+            workers=workers,
             progress=clock,
             poll_seconds=0.05,
         )

@@ -17,6 +17,9 @@ process keeps appending one block (~303 events) every 100 ms to the same chain.
     number of queries for 20 and 100 rows, p95 <= 300 ms.
 
     python -m bench.b5_reads [--events 1000000,5000000] [--samples 30] [--walk 1000]
+
+The rest of the console (keys, curtailment, audit, outbox, enrichments, the dashboard and its live
+fragments, as an operator) is measured by `bench.b5_console` at 1M rows per table.
 """
 
 from __future__ import annotations

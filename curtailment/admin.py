@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -8,11 +10,12 @@ from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.html import format_html
 
 from curtailment.models import (
     EVENT_MACHINE,
@@ -21,6 +24,7 @@ from curtailment.models import (
     TERMINATE_STATES,
     CurtailmentEvent,
     CurtailmentTarget,
+    DesiredState,
     Device,
     DeviceSample,
     EventState,
@@ -28,7 +32,7 @@ from curtailment.models import (
     Priority,
 )
 from curtailment.planning import TEXT_CAP, PlanRequest, StartRequest, curtailment_preview
-from curtailment.selectors import target_rollup
+from curtailment.selectors import event_stuck, target_rollup
 from curtailment.services import (
     curtailment_config_update,
     curtailment_start,
@@ -46,9 +50,11 @@ from fleetops.access.admin_mixins import (
 from fleetops.access.models import Organization, Role
 from fleetops.access.permissions import audit_denied
 from fleetops.access.selectors import highest_role, org_ids_with_role
+from fleetops.admin_live import LiveObjectMixin
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
+from fleetops.lib.charts import PALETTE, Band, Series, legend, line_chart
 from fleetops.lib.errors import DomainError
 
 TARGETS_PER_PAGE = 50
@@ -126,18 +132,42 @@ def _stop(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any], *
     return "Restoring: the reconciler sends uncurtail commands in staggered batches."
 
 
+UPDATE_FIELDS = ("title", "restore_batch_size", "restore_batch_interval_sec", "max_duration_seconds")
+
+
 class UpdateForm(ObjectActionForm):
+    """The event's current values, prefilled; only the fields that differ are sent to the service.
+    `reason` is why (the audit log's), `title` is the event's own reason and stays unless edited."""
+
+    title = forms.CharField(
+        max_length=TEXT_CAP, required=False, help_text="The event's title; leave as is to keep it."
+    )
     restore_batch_size = forms.IntegerField(required=False, min_value=0, max_value=10000)
     restore_batch_interval_sec = forms.IntegerField(required=False, min_value=0, max_value=3600)
     max_duration_seconds = forms.IntegerField(required=False, min_value=1, max_value=604800)
+    field_order = [*UPDATE_FIELDS, "reason"]
+
+
+def _update_initial(event: CurtailmentEvent) -> dict[str, Any]:
+    return {
+        "title": event.reason,
+        "restore_batch_size": event.restore_batch_size,
+        "restore_batch_interval_sec": event.restore_batch_interval_sec,
+        "max_duration_seconds": event.max_duration_seconds,
+    }
 
 
 def _update(request: HttpRequest, event: CurtailmentEvent, data: dict[str, Any]) -> str:
-    # The form's reason becomes the event's reason (its title), as in the API's update.
+    patch = {
+        ("reason" if name == "title" else name): data[name]
+        for name in UPDATE_FIELDS
+        if data.get(name) not in (None, "")
+    }
+    before = {k: getattr(event, k) for k in patch}
+    if all(before[k] == v for k, v in patch.items()):
+        return "Nothing changed: every field already had that value."
     curtailment_update(
-        event=event,
-        actor=Actor.for_user(request.user),
-        patch={k: v for k, v in data.items() if v not in (None, "")},
+        event=event, actor=Actor.for_user(request.user), patch=patch, audit_reason=data["reason"]
     )
     return "Event updated; interval and maximum duration take effect at the next reconciler tick."
 
@@ -154,7 +184,8 @@ def _terminate(request: HttpRequest, event: CurtailmentEvent, data: dict[str, An
         reason=data["reason"],
     )
     return (
-        "Event terminated; live targets were marked restore_failed."
+        "Event terminated: targets never sent a command are cancelled, the others restore_failed; "
+        "your reason is in the audit log."
         if transitioned
         else "Already in that state."
     )
@@ -162,13 +193,23 @@ def _terminate(request: HttpRequest, event: CurtailmentEvent, data: dict[str, An
 
 @admin.register(CurtailmentEvent)
 class CurtailmentEventAdmin(
-    BigTableAdminMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+    LiveObjectMixin,
+    BigTableAdminMixin,
+    StateDiagramMixin,
+    ObjectActionsMixin,
+    OrgScopedAdminMixin,
+    admin.ModelAdmin,
 ):
     change_form_template = "curtailment/event_change_form.html"
+    # State, stuck flag, targets, chart: refreshed in place (console.js) from the same partial.
+    live_template = "curtailment/event_live.html"
+    live_name = "curtailment-event"
+    live_interval_seconds = 5
     state_machines = [EVENT_MACHINE]
     list_display = [
         "reason",
         "state",
+        "stuck",
         "target_kw",
         "priority",
         "selected",
@@ -180,6 +221,7 @@ class CurtailmentEventAdmin(
     list_filter = ["state", "priority", "org"]
     list_select_related = ["org"]
     search_fields = ["=uuid", "reason", "=external_reference"]
+    search_help_text = "Words of the reason (3 letters or more), an event id (UUID) or an external reference."
     ordering = ["-id"]
     readonly_fields = [
         *(f.name for f in CurtailmentEvent._meta.fields if f.name != "decision_snapshot"),
@@ -271,6 +313,7 @@ class CurtailmentEventAdmin(
             _update,
             form_class=UpdateForm,
             is_available=lambda e: EVENT_MACHINE.can(e.state, e.state),
+            initial=_update_initial,
         ),
         ObjectAction(
             "terminate",
@@ -282,6 +325,24 @@ class CurtailmentEventAdmin(
             danger=True,
         ),
     )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[CurtailmentEvent], search_term: str
+    ) -> tuple[QuerySet[CurtailmentEvent], bool]:
+        """Every branch on an index (the admin's default `=uuid` compares UPPER(uuid::text) and reads
+        every event): a UUID by the unique index; otherwise each word in the reason (trigram index
+        `curtailevent_reason_trgm`) or the whole term as an external reference."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            return queryset.filter(uuid=uuid.UUID(term)), False
+        except ValueError:
+            pass
+        words = Q()
+        for word in term.split():
+            words &= Q(reason__icontains=word)
+        return queryset.filter(words | Q(external_reference=term)), False
 
     @admin.display(description="Devices")
     def selected(self, obj: CurtailmentEvent) -> int:
@@ -310,14 +371,23 @@ class CurtailmentEventAdmin(
         event = self.get_object(request, object_id)
         context = dict(extra_context or {})
         if event is not None:
-            page = Paginator(CurtailmentTarget.objects.filter(event=event).order_by("id"), TARGETS_PER_PAGE)
-            context.update(
-                targets_page=page.get_page(request.GET.get("targets_page")),
-                rollup=target_rollup(event=event),
-                snapshot=event.decision_snapshot,
-                chart=power_chart(event),
-            )
+            context.update(self.full_live_context(request, event), snapshot=event.decision_snapshot)
         return super().change_view(request, object_id, form_url, context)
+
+    def live_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        page = Paginator(CurtailmentTarget.objects.filter(event=obj).order_by("id"), TARGETS_PER_PAGE)
+        return {
+            "event": obj,
+            "stuck": event_stuck(obj),
+            "targets_page": page.get_page(request.GET.get("targets_page")),
+            "rollup": target_rollup(event=obj),
+            "chart": power_chart(obj),
+        }
+
+    @admin.display(description="Stuck")
+    def stuck(self, obj: CurtailmentEvent) -> str:
+        why = event_stuck(obj)
+        return format_html('<span class="fo-stuck" title="{}">stuck</span>', why) if why else ""
 
     def start_view(self, request: HttpRequest) -> HttpResponse:
         return start_page(self, request)
@@ -326,13 +396,16 @@ class CurtailmentEventAdmin(
 # --- the power chart --------------------------------------------------------------------------------
 
 
-def power_chart(event: CurtailmentEvent, *, width: int = 640, height: int = 180) -> dict[str, Any] | None:
-    """Observed power of the event's devices (sum of per-device averages per bucket) against the
-    sum of their baselines, from the stored telemetry samples. Server-rendered SVG points."""
+def power_chart(event: CurtailmentEvent, *, width: int = 720, height: int = 220) -> dict[str, Any] | None:
+    """Observed power of the event's devices (sum of per-device averages per bucket, from the
+    stored telemetry), the power commanded (the baseline less every device commanded to curtail,
+    back up as restore commands go out, from the targets' dispatch times) and the target band
+    (baseline - target_kw, ± tolerance_kw). Two grouped queries; server-rendered SVG."""
     end = event.ended_at or clock.now()
     start = event.created_at - timedelta(minutes=2)
     span = max((end - start).total_seconds(), 60.0)
     bucket = max(15, int(span / 120))
+    targets = CurtailmentTarget._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
@@ -340,38 +413,82 @@ def power_chart(event: CurtailmentEvent, *, width: int = 640, height: int = 180)
                 SELECT date_bin(%s::interval, s.taken_at, %s::timestamptz) AS b, s.device_id,
                        AVG(s.power_w) AS p
                 FROM {DeviceSample._meta.db_table} s
-                JOIN {CurtailmentTarget._meta.db_table} t ON t.device_id = s.device_id AND t.event_id = %s
+                JOIN {targets} t ON t.device_id = s.device_id AND t.event_id = %s
                 WHERE s.taken_at BETWEEN %s AND %s
                 GROUP BY 1, 2
             ) per_device GROUP BY b ORDER BY b
             """,  # noqa: S608 - table names from the models
             [f"{bucket} seconds", start, event.pk, start, end],
         )
-        series = cursor.fetchall()
-    from django.db.models import Sum
-
-    baseline = float(
-        CurtailmentTarget.objects.filter(event=event).aggregate(total=Sum("baseline_power_w"))["total"] or 0.0
-    )
-    if not series:
+        observed = cursor.fetchall()
+        # Baseline of the devices by phase and by the bucket of their last command.
+        cursor.execute(
+            f"""
+            SELECT desired_state, date_bin(%s::interval, last_dispatched_at, %s::timestamptz),
+                   COALESCE(SUM(baseline_power_w), 0)
+            FROM {targets} WHERE event_id = %s GROUP BY 1, 2
+            """,  # noqa: S608 - table name from the model
+            [f"{bucket} seconds", start, event.pk],
+        )
+        commands = cursor.fetchall()
+    baseline = sum(float(w) for _, _, w in commands)
+    if not observed and not commands:
         return None
-    top = max(max(p or 0 for _, p in series), baseline) * 1.1 or 1.0
-
-    def x(at: Any) -> float:
-        return round((at - start).total_seconds() / span * width, 1)
-
-    def y(watts: float) -> float:
-        return round(height - watts / top * height, 1)
-
+    commanded = commanded_power(event, commands=commands, start=start, baseline_w=baseline)
+    series = [
+        Series("observed", [(at, (p or 0) / 1000) for at, p in observed], color=PALETTE[0]),
+        Series("commanded", commanded, color=PALETTE[1], step=True, dashed=True),
+        Series("baseline", [(start, baseline / 1000), (end, baseline / 1000)], color="#999", dashed=True),
+    ]
+    goal = (baseline / 1000) - event.target_kw
+    bands = [
+        Band(
+            max(goal - event.tolerance_kw, 0.0),  # power is never below zero
+            max(goal + event.tolerance_kw, 0.0),
+            f"target {goal:.1f} kW ± {event.tolerance_kw:g}",
+        )
+    ]
+    chart = line_chart(
+        series,
+        start=start,
+        end=end,
+        width=width,
+        height=height,
+        unit=" kW",
+        bands=bands,
+        label="observed and commanded power of the event's devices, with the target band",
+    )
     return {
-        "width": width,
-        "height": height,
-        "points": " ".join(f"{x(at)},{y(p or 0)}" for at, p in series),
-        "baseline_y": y(baseline),
+        "svg": chart.svg,
+        "legend": legend(series, bands),
         "baseline_kw": round(baseline / 1000, 1),
-        "max_kw": round(top / 1000, 1),
         "bucket": bucket,
     }
+
+
+def commanded_power(
+    event: CurtailmentEvent, *, commands: Sequence[tuple[str, Any, float]], start: Any, baseline_w: float
+) -> list[tuple[Any, float | None]]:
+    """A step series in kW: the baseline until the first curtail command, less each device's
+    baseline from its curtail command on, plus it back from its restore command on. A device now in
+    the restore phase had its curtail command overwritten by the restore one: its curtail counts
+    from the event's start (activation, or creation while pending)."""
+    steps: dict[Any, float] = {}
+    curtail_from = event.started_at or event.created_at
+    for desired, at, watts in commands:
+        if desired == DesiredState.CURTAILED:
+            if at is not None:
+                steps[at] = steps.get(at, 0.0) - float(watts)
+        else:
+            steps[curtail_from] = steps.get(curtail_from, 0.0) - float(watts)
+            if at is not None:
+                steps[at] = steps.get(at, 0.0) + float(watts)
+    level = baseline_w
+    points: list[tuple[Any, float | None]] = [(start, level / 1000)]
+    for at in sorted(steps):
+        level += steps[at]
+        points.append((at, max(level, 0.0) / 1000))
+    return points
 
 
 # --- the start page --------------------------------------------------------------------------------
@@ -379,8 +496,8 @@ def power_chart(event: CurtailmentEvent, *, width: int = 640, height: int = 180)
 
 class StartForm(forms.Form):
     org = forms.ModelChoiceField(queryset=Organization.objects.none(), to_field_name="slug")
-    target_kw = forms.FloatField(min_value=0.001)
-    tolerance_kw = forms.FloatField(min_value=0, initial=0, required=False)
+    target_kw = forms.FloatField(label="Target kW", min_value=0.001)
+    tolerance_kw = forms.FloatField(label="Tolerance kW", min_value=0, initial=0, required=False)
     device_identifiers = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 2}),

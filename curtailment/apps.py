@@ -17,6 +17,7 @@ class CurtailmentConfig(AppConfig):
         schedules.declare(
             name="curtailment.reconcile",
             task="curtailment.tasks.reconcile",
+            heartbeat="curtailment.reconciler",
             every_seconds=30,
             expires_seconds=25,
             description="Reconciler tick: dispatch, confirm, drift, restore, complete every live event.",
@@ -24,6 +25,7 @@ class CurtailmentConfig(AppConfig):
         schedules.declare(
             name="curtailment.telemetry_poll",
             task="curtailment.tasks.telemetry_poll",
+            heartbeat="curtailment.telemetry",
             every_seconds=15,
             expires_seconds=12,
             description="Poll every fleet gateway's telemetry into DeviceSample (bulk).",
@@ -44,3 +46,4 @@ class CurtailmentConfig(AppConfig):
         )
         registry.register_collector("curtailment", metrics.collect_states)
         registry.register_card(dashboard.CARD)
+        registry.register_sampler("curtailment", dashboard.sample_live_events)

@@ -18,6 +18,7 @@ Target states (per phase; `desired_state` says which phase)::
     dispatching | dispatched | drifted ─(retry budget spent)─> restore_failed
     any live ─(stop)─> pending (restore phase)
     pending | dispatching | dispatched ─(admin terminate)─> restore_failed
+    pending, never dispatched ─(admin terminate)─> cancelled
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Upper
 
 from fleetops.access.models import Role
 from fleetops.lib.machine import Machine
@@ -204,6 +207,8 @@ class TargetState(models.TextChoices):
     DRIFTED = "drifted"
     RESOLVED = "resolved"
     RESTORE_FAILED = "restore_failed"
+    # Written off by an admin terminate before any command was sent to the device.
+    CANCELLED = "cancelled"
 
 
 TARGET_MACHINE = Machine.declare(
@@ -217,6 +222,7 @@ TARGET_MACHINE = Machine.declare(
             # target_reset_for_restore (stop): the desired state becomes active
             TargetState.PENDING: Role.OPERATOR,
             TargetState.RESTORE_FAILED: Role.ADMIN,  # target_sweep (admin terminate)
+            TargetState.CANCELLED: Role.ADMIN,  # target_sweep: never dispatched
         },
         TargetState.DISPATCHING: {
             # target_mark_dispatching: a crash orphan, redispatched with its first command id
@@ -248,8 +254,9 @@ TARGET_MACHINE = Machine.declare(
 One device in one curtailment event. The reconciler moves targets in set-based statements (one per
 chunk of rows), each also locking the event in the state it expects and matching the target's phase
 (`desired_state`); `dispatching` is committed before the gateway call. A stop resets every live
-target to `pending` for the restore phase; an admin terminate sweeps them to `restore_failed` (never
-a confirmed one: a curtailed device is restored first). Target moves are not audited one by one (an
+target to `pending` for the restore phase; an admin terminate sweeps the targets no command was ever
+sent to to `cancelled` and the others to `restore_failed` (never a confirmed one: a curtailed device
+is restored first). Target moves are not audited one by one (an
 event has up to 10,000 targets): the event's audit rows (started, stopped, terminated, completed)
 carry the counts, and the target keeps its own trail (`retry_count`, `last_error`,
 `last_command_id`, `last_batch_id`).
@@ -296,8 +303,8 @@ class CurtailmentEvent(models.Model):
     priority = models.CharField(max_length=16, choices=Priority.choices, default=Priority.NORMAL)
     scope_type = models.CharField(max_length=16, choices=ScopeType.choices, default=ScopeType.WHOLE_ORG)
     scope = models.JSONField(default=dict, blank=True)
-    target_kw = models.FloatField()
-    tolerance_kw = models.FloatField(default=0)
+    target_kw = models.FloatField("target kW")
+    tolerance_kw = models.FloatField("tolerance kW", default=0)
     restore_batch_size = models.PositiveIntegerField(default=0)
     restore_batch_interval_sec = models.PositiveIntegerField(default=30)
     effective_batch_size = models.PositiveIntegerField()
@@ -361,6 +368,14 @@ class CurtailmentEvent(models.Model):
             models.Index(fields=["org", "-id"], name="curtailevent_org_id"),
             models.Index(
                 fields=["state"], condition=Q(state__in=EVENT_NON_TERMINAL), name="curtailevent_live"
+            ),
+            # The console's search: a substring of the reason (`reason__icontains` compares
+            # UPPER(reason) LIKE '%…%', answered by this trigram index), or an exact external reference.
+            GinIndex(OpClass(Upper("reason"), name="gin_trgm_ops"), name="curtailevent_reason_trgm"),
+            models.Index(
+                fields=["external_reference"],
+                condition=Q(external_reference__isnull=False),
+                name="curtailevent_external_ref",
             ),
         ]
 

@@ -141,12 +141,13 @@ def validate_plan(req: PlanRequest, *, actor: Actor, org: Organization) -> None:
         )
 
 
-def _clean_text(value: str | None) -> str | None:
+def _clean_text(name: str, value: str | None) -> str | None:
     """Empty strings are stored as NULL; longer than 256 characters is a validation error."""
     if value is None or value == "":
         return None
     if len(value) > TEXT_CAP:
-        raise ValidationFailed(f"at most {TEXT_CAP} characters")
+        message = f"{name}: at most {TEXT_CAP} characters"
+        raise ValidationFailed(message, fields={name: [f"at most {TEXT_CAP} characters"]})
     return value
 
 
@@ -173,9 +174,9 @@ def validate_start(req: StartRequest) -> StartRequest:
         raise ValidationFailed(UNBOUNDED_WITH_MAX, fields={"allow_unbounded": [UNBOUNDED_WITH_MAX]})
     return dataclasses.replace(
         req,
-        idempotency_key=_clean_text(req.idempotency_key),
-        external_source=_clean_text(req.external_source),
-        external_reference=_clean_text(req.external_reference),
+        idempotency_key=_clean_text("idempotency_key", req.idempotency_key),
+        external_source=_clean_text("external_source", req.external_source),
+        external_reference=_clean_text("external_reference", req.external_reference),
     )
 
 

@@ -38,6 +38,7 @@ from curtailment.models import (
     OrgCurtailmentConfig,
     SourceActorType,
 )
+from curtailment.overrides import overrides_record, start_overrides, update_overrides
 from curtailment.planning import (
     ADMIN_OVERRIDE_FIELDS,
     INTERVAL_CAP,
@@ -290,6 +291,10 @@ def curtailment_start(*, org: Organization, actor: Actor, req: StartRequest) -> 
                 batch_size=2000,
             )
             _audit_start(event=event, actor=actor, plan=plan)
+            overrides = start_overrides(config=config, req=req, interval=interval, max_duration=max_duration)
+            overrides_record(
+                event=event, actor=actor, reason=event.reason, operation="start", overrides=overrides
+            )
     except IntegrityError as exc:
         return _start_conflict(exc, org=org, req=keyed)
     EVENTS_STARTED.inc()
@@ -343,15 +348,15 @@ def _audit_start(*, event: CurtailmentEvent, actor: Actor, plan: Plan) -> None:
             if v
         },
     }
-    actions = ["curtailment.started"]
-    if event.allow_unbounded:
-        actions.append("curtailment.unbounded_start")
-    if event.force_include_maintenance:
-        actions.append("curtailment.force_include_maintenance")
-    for action in actions:
-        record(
-            action=action, actor=actor, org=event.org, target=event, reason=event.reason, metadata=metadata
-        )
+    # Each override (unbounded, maintenance included, ...) has a row of its own: `overrides_record`.
+    record(
+        action="curtailment.started",
+        actor=actor,
+        org=event.org,
+        target=event,
+        reason=event.reason,
+        metadata=metadata,
+    )
 
 
 @counted("stop")
@@ -416,10 +421,13 @@ UPDATABLE = ("reason", "restore_batch_size", "restore_batch_interval_sec", "max_
 
 
 @counted("update")
-def curtailment_update(*, event: CurtailmentEvent, actor: Actor, patch: dict[str, Any]) -> CurtailmentEvent:
+def curtailment_update(
+    *, event: CurtailmentEvent, actor: Actor, patch: dict[str, Any], audit_reason: str = ""
+) -> CurtailmentEvent:
     """Operator-safe partial update of a pending or active event (the machine's self-edges).
     Fields equal to the stored values are dropped first; an empty effective patch writes nothing
-    (and trips no admin gate)."""
+    (and trips no admin gate). `patch["reason"]` is a new title; `audit_reason`, why (the audit
+    row's reason; without one, a new title doubles as the reason)."""
     unknown = set(patch) - set(UPDATABLE)
     if unknown:
         raise ValidationFailed(
@@ -468,20 +476,30 @@ def curtailment_update(*, event: CurtailmentEvent, actor: Actor, patch: dict[str
             asked={"restore_batch_interval_sec": effective["restore_batch_interval_sec"]},
             target=event,
         )
+    overrides = update_overrides(config=config, event=event, effective=effective)
     try:
-        transition(
-            event,
-            machine=EVENT_MACHINE,
-            to=event.state,
-            actor=actor,
-            org=event.org,
-            action="curtailment.updated",
-            reason=effective.get("reason", ""),
-            updates={**effective, "updated_at": clock.now()},
-            audit_fields=tuple(effective),
-            metadata={"event_uuid": str(event.uuid), "fields": sorted(effective)},
-            check_role=False,
-        )
+        # The update's row and one row per override commit together (or not at all on a lost race).
+        with transaction.atomic():
+            transition(
+                event,
+                machine=EVENT_MACHINE,
+                to=event.state,
+                actor=actor,
+                org=event.org,
+                action="curtailment.updated",
+                reason=audit_reason or effective.get("reason", ""),
+                updates={**effective, "updated_at": clock.now()},
+                audit_fields=tuple(effective),
+                metadata={"event_uuid": str(event.uuid), "fields": sorted(effective)},
+                check_role=False,
+            )
+            overrides_record(
+                event=event,
+                actor=actor,
+                reason=audit_reason or effective.get("reason") or event.reason,
+                operation="update",
+                overrides=overrides,
+            )
     except RaceLost as exc:
         raise Conflict(UPDATE_RACE, code="race_lost") from exc
     event.refresh_from_db()
@@ -493,7 +511,8 @@ def curtailment_terminate(
     *, event: CurtailmentEvent, actor: Actor, target_state: str, reason: str
 ) -> tuple[CurtailmentEvent, bool]:
     """Admin escape hatch: pending or restoring -> cancelled|failed, sweeping live targets to
-    restore_failed. Refused while a curtail command may be acting on a device (stop first)."""
+    cancelled (never sent a command) or restore_failed (`target_sweep`). Refused while a curtail
+    command may be acting on a device (stop first)."""
     require_role(
         actor=actor,
         org=event.org,
@@ -529,7 +548,8 @@ def curtailment_terminate(
         ).exists()
         if in_flight or not EVENT_MACHINE.can(current.state, target_state):
             raise Conflict(TERMINATE_IN_FLIGHT, code="in_flight_commands")
-        swept = target_sweep(event=current, reason=reason)
+        # The reason goes to this audit row only; the targets record what happened to them.
+        swept = target_sweep(event=current)
         now = clock.now()
         transition(
             current,
@@ -540,7 +560,7 @@ def curtailment_terminate(
             action="curtailment.admin_terminated",
             reason=reason,
             updates={"ended_at": now, "updated_at": now},
-            metadata={"event_uuid": str(current.uuid), "target_state": target_state, "targets_swept": swept},
+            metadata={"event_uuid": str(current.uuid), "target_state": target_state, **swept},
             check_role=False,
         )
     current.refresh_from_db()

@@ -292,21 +292,50 @@ def target_reset_for_restore(*, event: CurtailmentEvent) -> int:
     return len(moved)
 
 
-def target_sweep(*, event: CurtailmentEvent, reason: str) -> int:
-    """Admin terminate: every target that may be written off -> RESTORE_FAILED with the reason.
+# What a terminated target that had been sent a command shows; the admin's reason is in the
+# event's audit row (curtailment.admin_terminated), not on every target.
+SWEPT_ERROR = "written off by an admin terminate; the device may not be restored"
+
+
+def target_sweep(*, event: CurtailmentEvent) -> dict[str, int]:
+    """Admin terminate: write off every live target the machine lets go; returns the counts (for
+    the audit row's metadata).
+
+    1. A curtail-phase target no command was ever sent to (`pending`, no dispatch attempt) -> CANCELLED.
+    2. Every other target that may be written off -> RESTORE_FAILED (its device may still be curtailed).
+
     Runs in the caller's transaction, which holds the event's lock and has checked that no curtail
     command is in flight (a confirmed target has no edge to RESTORE_FAILED: stop it first)."""
-    ids = list(
+    never_sent = list(
+        CurtailmentTarget.objects.filter(
+            event=event,
+            state__in=TARGET_MACHINE.allowed_from(T.CANCELLED),
+            desired_state=DesiredState.CURTAILED,
+            dispatch_attempt=0,
+        ).values_list("pk", flat=True)
+    )
+    cancelled = transition_rows(
+        model=CurtailmentTarget,
+        machine=TARGET_MACHINE,
+        rows=[{"pk": pk} for pk in never_sent],
+        to=T.CANCELLED,
+        operation="curtailment.target>cancelled (terminate)",
+    )
+    written_off = list(
         CurtailmentTarget.objects.filter(
             event=event, state__in=TARGET_MACHINE.allowed_from(T.RESTORE_FAILED)
         ).values_list("pk", flat=True)
     )
-    moved = transition_rows(
+    failed = transition_rows(
         model=CurtailmentTarget,
         machine=TARGET_MACHINE,
-        rows=[{"pk": pk} for pk in ids],
+        rows=[{"pk": pk} for pk in written_off],
         to=T.RESTORE_FAILED,
-        updates={"last_error": reason},
+        updates={"last_error": SWEPT_ERROR},
         operation="curtailment.target>restore_failed (terminate)",
     )
-    return len(moved)
+    return {
+        "targets_swept": len(cancelled) + len(failed),
+        "targets_cancelled": len(cancelled),
+        "targets_restore_failed": len(failed),
+    }

@@ -44,5 +44,5 @@ def sync_fleets() -> None:
 
 @shared_task(name="curtailment.tasks.telemetry_prune", ignore_result=True)
 def prune_telemetry() -> int:
-    with bound(actor="scheduler:curtailment.telemetry_prune"):
+    with bound(actor="scheduler:curtailment.telemetry_prune"), heartbeat_scope("curtailment.telemetry_prune"):
         return telemetry_prune()

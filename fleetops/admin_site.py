@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
-from functools import cached_property
+from functools import cached_property, wraps
 from typing import Any
 
 from django.contrib.admin import AdminSite
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.urls import path
 
+from fleetops.access.admin_mixins import denied_page
+from fleetops.admin_live import fragment_response, live_context
 from fleetops.observability import registry
 
 log = logging.getLogger(__name__)
@@ -30,18 +34,54 @@ class FleetOpsAdminSite(AdminSite):
     index_template = "admin/fleetops_index.html"
 
     def index(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> TemplateResponse:
-        rendered = []
-        for card in registry.cards():
-            try:
-                body: str = render_to_string(card.template, card.context(request), request=request)
-                failed = False
-            except Exception:
-                # One broken card must not take the console down with it.
-                log.exception("dashboard card %s failed", card.key)
-                body, failed = "", True
-            rendered.append({"key": card.key, "title": card.title, "body": body, "failed": failed})
-        context = {"dashboard_cards": rendered, **(extra_context or {})}
+        rendered = [render_card(card, request) for card in registry.cards()]
+        context = {"dashboard_cards": rendered, **live_context(), **(extra_context or {})}
         return super().index(request, context)
+
+    def admin_view(self, view: Any, cacheable: bool = False) -> Any:
+        """Every console view: a refusal renders inside the admin's layout with the role it needs."""
+        inner = super().admin_view(view, cacheable)
+
+        @wraps(inner)
+        def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                response: HttpResponse = inner(request, *args, **kwargs)
+                return response
+            except PermissionDenied as exc:
+                return denied_page(self, request, exc)
+
+        return guarded
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path("live/card/<slug:key>/", self.admin_view(self.card_live_view), name="live_card"),
+            *super().get_urls(),
+        ]
+
+    def card_live_view(self, request: HttpRequest, key: str) -> HttpResponse:
+        """One dashboard card's body, from the same partial as the index (console.js swaps it in).
+        Cards scope their own queries to the user's organizations, as on the index."""
+        card = next((c for c in registry.cards() if c.key == key), None)
+        if card is None:
+            raise Http404("No such card.")
+        html = render_to_string(
+            "admin/fleetops/card_body.html",
+            {"card": render_card(card, request), **live_context()},
+            request=request,
+        )
+        return fragment_response(html)
+
+
+def render_card(card: registry.DashboardCard, request: HttpRequest) -> dict[str, Any]:
+    try:
+        body: str = render_to_string(card.template, card.context(request), request=request)
+        trends = card.trends(request) if card.trends else []
+        failed = False
+    except Exception:
+        # One broken card must not take the console down with it.
+        log.exception("dashboard card %s failed", card.key)
+        body, trends, failed = "", [], True
+    return {"key": card.key, "title": card.title, "body": body, "trends": trends, "failed": failed}
 
 
 def estimated_row_count(table: str) -> int:
@@ -66,7 +106,9 @@ class EstimatedCountPaginator(Paginator):
             estimate = estimated_row_count(qs.model._meta.db_table)
             if estimate >= EXACT_COUNT_BELOW:
                 return estimate
-        return int(qs[: FILTERED_COUNT_CAP + 1].count())
+        # Unordered: with the list's ORDER BY -id inside the LIMITed subquery, the planner walks the
+        # primary key backwards through every non-matching row until the cap is reached.
+        return int(qs.order_by()[: FILTERED_COUNT_CAP + 1].count())
 
 
 class BigTableAdminMixin:

@@ -20,6 +20,15 @@ class DeclaredSchedule:
     description: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
     queue: str | None = None
+    # The heartbeat row(s) the task writes: its name by default; a prefix ending in ".*" for a task
+    # that beats once per item ("indexer.enrich.*": one row per chain). Staleness is measured
+    # against `every_seconds`, and the schedule's last run is read from these rows (beat's own
+    # `last_run_at` is only saved every few minutes).
+    heartbeat: str = ""
+
+    @property
+    def heartbeat_name(self) -> str:
+        return self.heartbeat or self.name
 
     def __post_init__(self) -> None:
         # A tick that sat in the queue longer than its period is worthless: the next one is due.

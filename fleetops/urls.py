@@ -3,9 +3,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from fleetops.api.errors import api_not_found
+from fleetops.api.schema_views import SchemaView, SwaggerUIView
 from fleetops.observability import views as observability
 
 api_v1 = [
@@ -26,8 +26,9 @@ urlpatterns = [
     path("ops/status", observability.ops_status, name="ops-status"),
     path("metrics", observability.metrics, name="metrics"),
     path("api/v1/", include(api_v1)),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    # The OpenAPI document (generated once per process); a browser gets Swagger UI there too.
+    path("api/schema/", SchemaView.as_view(), name="schema"),
+    path("api/docs/", SwaggerUIView.as_view(url_name="schema"), name="swagger-ui"),
     # Anything else under /api/ answers in the API's error shape, in DEBUG too.
     re_path(r"^api/", api_not_found),
 ]

@@ -16,11 +16,13 @@ class IndexerConfig(AppConfig):
 
         registry.register_collector("indexer", collectors.collect_states)
         registry.register_card(dashboard.CARD)
+        registry.register_sampler("indexer", dashboard.sample_enrichment_backlog)
         registry.register_status_check("indexer", dashboard.check_chains)
 
         schedules.declare(
             name="indexer.enrich",
             task="indexer.tasks.enrich",
+            heartbeat="indexer.enrich.*",
             every_seconds=10,
             expires_seconds=8,
             description="Decode due enrichment rows of every chain with enrichment on (claims, SKIP LOCKED).",

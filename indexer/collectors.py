@@ -29,7 +29,8 @@ def collect_states() -> Iterable[Metric]:
     connection = gauge(
         "source_connection_status",
         "Source connection status: 0 disconnected, 1 connecting, 2 syncing, 3 connected, "
-        "4 connected (degraded), 5 disconnecting.",
+        "4 connected (degraded: partial data), 5 disconnecting (intentional), 6 refused (DNS, TLS or "
+        "protocol error, until an operator re-enables it).",
         "source",
     )
     health = gauge(

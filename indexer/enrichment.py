@@ -41,7 +41,7 @@ from fleetops.lib.transition import transition_rows
 from fleetops.observability.heartbeats import heartbeat_beat
 from indexer.blocks import IndexedBlock
 from indexer.decoder import BreakerOpen, BreakerState, DecoderClient, DecoderUnavailable, Undecodable
-from indexer.metrics import ENRICHMENT, ENRICHMENT_ROUND, ENRICHMENT_ROUND_FAILURES
+from indexer.metrics import DECODE_CONCURRENCY, ENRICHMENT, ENRICHMENT_ROUND, ENRICHMENT_ROUND_FAILURES
 from indexer.models import (
     ENRICHMENT_CLAIMABLE,
     ENRICHMENT_MACHINE,
@@ -407,6 +407,7 @@ def enrichment_round(
     """`enrichment_run_once` plus the loop's heartbeat; a failing round is logged, counted and
     reported (`error` = 1), never raised, so the loop keeps going."""
     started = time.monotonic()
+    DECODE_CONCURRENCY.labels(chain=chain.slug).set(concurrency)
     try:
         counts = enrichment_run_once(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
     except DatabaseError as exc:
@@ -443,21 +444,31 @@ def enrichment_loop(
     decoder_factory: Callable[[], DecoderClient],
     poll: float = 1.0,
     on_round: Callable[[dict[str, int]], None] | None = None,
-    limit: int = 200,
-    concurrency: int = 4,
+    limit: int | None = None,
+    concurrency: int | None = None,
 ) -> None:
     """Run rounds until `stop` is set: back to back while rounds come back full, `poll` apart
-    otherwise. Pausing enrichment on the chain (`enrichment_enabled`) is honoured every round."""
+    otherwise. Pausing enrichment on the chain (`enrichment_enabled`) is honoured every round, and so
+    are its batch size and decode concurrency (`enrichment_batch_size`, `decode_concurrency`, read in
+    the same query) unless `limit` / `concurrency` pin them."""
     decoder = decoder_factory()
     failures = 0
     try:
         while not stop.is_set():
             try:
-                chain.refresh_from_db(fields=["enrichment_enabled"])
+                chain.refresh_from_db(
+                    fields=["enrichment_enabled", "enrichment_batch_size", "decode_concurrency"]
+                )
                 if not chain.enrichment_enabled:
                     stop.wait(poll)
                     continue
-                counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+                batch = limit or chain.enrichment_batch_size
+                counts = enrichment_round(
+                    chain=chain,
+                    decoder=decoder,
+                    limit=batch,
+                    concurrency=concurrency or chain.decode_concurrency,
+                )
             except DatabaseError:
                 # The database went away (a restart, a failover): drop the broken connection and
                 # try again with backoff. The thread must outlive the outage: nothing else would
@@ -474,7 +485,7 @@ def enrichment_loop(
                 failures = 0
             if on_round is not None:
                 on_round(counts)
-            if counts["claimed"] < limit or counts.get("error"):
+            if counts["claimed"] < batch or counts.get("error"):
                 stop.wait(poll)
     finally:
         decoder.close()
@@ -496,10 +507,11 @@ def shared_decoder(chain: Chain) -> DecoderClient:
 
 
 def enrichment_tick(
-    *, limit: int = 200, concurrency: int = 4, budget_seconds: float = TICK_BUDGET_SECONDS
+    *, limit: int | None = None, concurrency: int | None = None, budget_seconds: float = TICK_BUDGET_SECONDS
 ) -> dict[str, dict[str, int]]:
-    """Short enrichment work for every chain with enrichment on (the beat task). Rounds repeat
-    while they come back full, within `budget_seconds` per chain. Safe to run twice at once."""
+    """Short enrichment work for every chain with enrichment on (the beat task), with each chain's
+    `enrichment_batch_size` and `decode_concurrency` unless `limit` / `concurrency` pin them. Rounds
+    repeat while they come back full, within `budget_seconds` per chain. Safe to run twice at once."""
     totals: dict[str, dict[str, int]] = {}
     for chain in Chain.objects.filter(enrichment_enabled=True).order_by("slug"):
         try:
@@ -509,11 +521,14 @@ def enrichment_tick(
             continue
         total = dict.fromkeys(OUTCOMES, 0)
         deadline = time.monotonic() + budget_seconds
+        batch = limit or chain.enrichment_batch_size
         while True:
-            counts = enrichment_round(chain=chain, decoder=decoder, limit=limit, concurrency=concurrency)
+            counts = enrichment_round(
+                chain=chain, decoder=decoder, limit=batch, concurrency=concurrency or chain.decode_concurrency
+            )
             for key, value in counts.items():
                 total[key] = total.get(key, 0) + value
-            if counts["claimed"] < limit or counts.get("error") or time.monotonic() >= deadline:
+            if counts["claimed"] < batch or counts.get("error") or time.monotonic() >= deadline:
                 break
         totals[chain.slug] = total
     return totals

@@ -4,7 +4,7 @@ every module can count.)"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RPC_REQUESTS = Counter(
     "fleetops_indexer_rpc_requests_total",
@@ -48,6 +48,13 @@ SOURCE_TRANSITIONS = Counter(
     "Sync-source connection status changes, by chain, source, target status and result (changed, race_lost).",
     ["chain", "source", "to", "result"],
 )
+SOURCE_CONNECTION_ATTEMPTS = Counter(
+    "fleetops_indexer_source_connection_attempts_total",
+    "Connection attempts to sync sources that were not connected, by chain, source and result "
+    "(success: it answered; failure: it did not; refused: DNS, TLS or protocol error, kept off until "
+    "an operator re-enables it).",
+    ["chain", "source", "result"],
+)
 WS_CONNECTIONS = Counter(
     "fleetops_indexer_ws_connections_total",
     "Head-watcher WebSocket connects by source and result (subscribed, failed, dropped).",
@@ -70,6 +77,12 @@ ENRICHMENT_ROUND = Histogram(
     "Time of one enrichment round (claim, decode, verdicts), by chain.",
     ["chain"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DECODE_CONCURRENCY = Gauge(
+    "fleetops_indexer_decode_concurrency",
+    "Decode requests an enrichment round keeps in flight at most (the chain's decode_concurrency "
+    "as the latest round in this process read it), by chain.",
+    ["chain"],
 )
 ENRICHMENT_ROUND_FAILURES = Counter(
     "fleetops_indexer_enrichment_round_failures_total",

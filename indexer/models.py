@@ -37,6 +37,12 @@ class Chain(models.Model):
         default=50, help_text="Blocks per transaction in catch-up."
     )
     max_in_flight = models.PositiveIntegerField(default=8)
+    decode_concurrency = models.PositiveIntegerField(
+        default=4, help_text="Decoder requests an enrichment worker makes at once."
+    )
+    enrichment_batch_size = models.PositiveIntegerField(
+        default=200, help_text="Enrichment rows a worker claims per round."
+    )
     rollback_automation = models.BooleanField(default=True)
     enrichment_enabled = models.BooleanField(default=True)
 
@@ -277,10 +283,15 @@ class ChainLagSample(models.Model):
 class ConnectionStatus(models.IntegerChoices):
     """A source's connection, as in seed 002 (the gauge exports the number).
 
-    disconnected(0) -> connecting(1) -> syncing(2) -> connected(3)
-                                            └────────> connected_degraded(4): a range it had to serve
-                                                       failed (pruned or missing blocks); live ingest runs
-    any -> disconnecting(5) -> disconnected(0)   (disabled by an operator, or the process stops)
+    disconnected(0) -> connecting(1) -> connected(3)     it answers, caught up on two checks in a row
+    connected(3) <-> syncing(2)                          the indexer catches up from it
+    syncing(2) -> connected(3) | connected_degraded(4)   caught up; 4 when a range it had to serve
+                                                         failed (pruned or missing blocks): partial data
+    live -> disconnected(0)                              the connection was lost (failing)
+    live -> disconnecting(5) -> disconnected(0)          an intentional disconnect: an operator
+                                                         disabled it, or the process stops
+    disconnected | connecting -> refused(6)              DNS, TLS or protocol error: kept off until an
+                                                         operator re-enables it
     """
 
     DISCONNECTED = 0, "disconnected"
@@ -289,42 +300,54 @@ class ConnectionStatus(models.IntegerChoices):
     CONNECTED = 3, "connected"
     CONNECTED_DEGRADED = 4, "connected (degraded)"
     DISCONNECTING = 5, "disconnecting"
+    REFUSED = 6, "refused"
 
 
+_S = ConnectionStatus
 CONNECTION_MACHINE = Machine.declare(
     "indexer.source_connection",
     ConnectionStatus,
     field="connection_status",
     initial=ConnectionStatus.DISCONNECTED,
     edges={
-        ConnectionStatus.DISCONNECTED: {ConnectionStatus.CONNECTING: _ENGINE},
-        ConnectionStatus.CONNECTING: {
-            ConnectionStatus.SYNCING: _ENGINE,
-            ConnectionStatus.CONNECTED: _ENGINE,
-            ConnectionStatus.DISCONNECTED: _ENGINE,
+        _S.DISCONNECTED: {_S.CONNECTING: _ENGINE, _S.REFUSED: _ENGINE},
+        _S.CONNECTING: {
+            _S.SYNCING: _ENGINE,
+            _S.CONNECTED: _ENGINE,
+            _S.DISCONNECTED: _ENGINE,  # the attempt failed
+            _S.DISCONNECTING: _ENGINE,  # disabled while connecting
+            _S.REFUSED: _ENGINE,
         },
-        ConnectionStatus.SYNCING: {
-            ConnectionStatus.CONNECTED: _ENGINE,
-            ConnectionStatus.CONNECTED_DEGRADED: _ENGINE,
-            ConnectionStatus.DISCONNECTING: _ENGINE,
+        _S.SYNCING: {
+            _S.CONNECTED: _ENGINE,
+            _S.CONNECTED_DEGRADED: _ENGINE,
+            _S.DISCONNECTED: _ENGINE,  # connection lost
+            _S.DISCONNECTING: _ENGINE,
         },
-        ConnectionStatus.CONNECTED: {
-            ConnectionStatus.CONNECTED_DEGRADED: _ENGINE,
-            ConnectionStatus.SYNCING: _ENGINE,
-            ConnectionStatus.DISCONNECTING: _ENGINE,
+        _S.CONNECTED: {
+            _S.CONNECTED_DEGRADED: _ENGINE,
+            _S.SYNCING: _ENGINE,
+            _S.DISCONNECTED: _ENGINE,
+            _S.DISCONNECTING: _ENGINE,
         },
-        ConnectionStatus.CONNECTED_DEGRADED: {
-            # The writer when no reason holds any more, or an operator clearing a historic range
+        _S.CONNECTED_DEGRADED: {
+            # The writer when the range is served again, or an operator clearing a historic range
             # failure (`source_clear_degraded`); the scheduler actor has the operator role.
-            ConnectionStatus.CONNECTED: Role.OPERATOR,
-            ConnectionStatus.SYNCING: _ENGINE,
-            ConnectionStatus.DISCONNECTING: _ENGINE,
+            _S.CONNECTED: Role.OPERATOR,
+            _S.SYNCING: _ENGINE,
+            _S.DISCONNECTED: _ENGINE,
+            _S.DISCONNECTING: _ENGINE,
         },
-        ConnectionStatus.DISCONNECTING: {ConnectionStatus.DISCONNECTED: _ENGINE},
+        _S.DISCONNECTING: {_S.DISCONNECTED: _ENGINE},
+        # An operator re-enables a refused source (`source_reenable`, audited).
+        _S.REFUSED: {_S.DISCONNECTED: Role.OPERATOR},
     },
     description=(
-        "A sync source's connection (seed 002). The writer moves it after every step, unaudited "
-        "(counted in fleetops_indexer_source_transitions_total); an operator's clear is audited."
+        "A sync source's connection (seed 002). connected_degraded means partial data only; other "
+        "troubles are health reasons. disconnecting is an intentional disconnect only (disabled, "
+        "process stop); a lost connection drops straight to disconnected. refused: DNS/TLS/protocol "
+        "errors, until an operator re-enables the source (audited). The writer's own moves are "
+        "unaudited (counted in fleetops_indexer_source_transitions_total)."
     ),
 )
 
@@ -335,10 +358,24 @@ class DegradedReason(models.TextChoices):
     ERROR_RATE = "error_rate", "error rate"
     LATENCY = "latency", "latency"
     FLAPPING = "flapping", "flapping"
+    FORKED = "forked", "showed a fork the other sources do not"
+
+
+# Reasons that are about the source's health, not its data: shown as health `degraded` with the
+# reason; only HISTORIC_RANGE_FAILED (partial data) makes the connection status connected_degraded.
+HEALTH_REASONS = frozenset(
+    {
+        DegradedReason.LAGGING_HEAD,
+        DegradedReason.ERROR_RATE,
+        DegradedReason.LATENCY,
+        DegradedReason.FLAPPING,
+        DegradedReason.FORKED,
+    }
+)
 
 
 class SourceHealth(models.IntegerChoices):
-    """Derived from the timestamps on the row (never stored): see `SyncSource.health`."""
+    """Derived from the timestamps and health reasons on the row (never stored): see `SyncSource.health`."""
 
     HEALTHY = 1, "healthy"
     DISCONNECTED = 2, "disconnected"
@@ -353,8 +390,9 @@ DEGRADED_AFTER_RECOVERY_SECONDS = 5 * 60
 
 class SyncSource(models.Model):
     """An RPC endpoint of a chain. Lower priority numbers are preferred; the client fails over by
-    health. The connection status is a state machine (`CONNECTION_MACHINE`); health is derived
-    from the failure and success timestamps the indexer writes after every request round."""
+    health and lag. The connection status is a state machine (`CONNECTION_MACHINE`); health is
+    derived from the failure and success timestamps the indexer writes after every request round and
+    from the health reasons (`HEALTH_REASONS`: lagging head, error rate, latency, flapping)."""
 
     chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="sources")
     name = models.CharField(max_length=60)
@@ -379,6 +417,11 @@ class SyncSource(models.Model):
     head_height = models.BigIntegerField(null=True, blank=True)
     latency_ms = models.FloatField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
+    refused_reason = models.TextField(
+        blank=True,
+        default="",
+        help_text="Why the source was refused (DNS, TLS, protocol); kept until re-enabled.",
+    )
 
     class Meta:
         ordering = ["chain", "priority", "name"]
@@ -402,10 +445,12 @@ class SyncSource(models.Model):
             if (now - since).total_seconds() >= DEAD_AFTER_SECONDS:
                 return SourceHealth.DEAD
             return SourceHealth.DEGRADED
-        if self.last_success_at is None:
+        if self.last_success_at is None or self.connection_status == ConnectionStatus.REFUSED:
             return SourceHealth.DISCONNECTED
         if self.recovered_at and (now - self.recovered_at).total_seconds() < DEGRADED_AFTER_RECOVERY_SECONDS:
             return SourceHealth.DEGRADED
+        if HEALTH_REASONS.intersection(self.degraded_reasons or []):
+            return SourceHealth.DEGRADED  # lagging head, error rate, latency, flapping: see the reasons
         return SourceHealth.HEALTHY
 
 

@@ -5,19 +5,37 @@
 2. An operator's rollback request (admin action, API) is carried out first, under the lease.
 3. Identity: the source's chain id, and the stored fingerprint (hash of the first indexed block),
    must match before any write; a mismatch halts.
-4. Target = head - head lag (or --stop-at). The head comes from the WebSocket head watcher when it
-   is connected and from `/status` otherwise (and at least every `STATUS_EVERY` seconds, for the
-   identity and the source's own catching-up flag). Heights are fetched with bounded concurrency and
-   committed strictly in order: catch-up batches of `catchup_batch_size` per transaction, one block
-   per transaction at the tip.
-5. A parent mismatch walks back to the fork point. Within the finality depth, with rollback
-   automation on and a source that is not itself catching up (false-reorg guard), the rows above
-   the fork point are rolled back and re-ingested; otherwise the indexer halts and writes nothing.
+4. Target = head - head lag (or --stop-at). The head is agreed among the sources: the highest head
+   any source reports that answers (no failure streak) with a `/status` younger than 60 s, and the
+   WebSocket's newest header while it is connected. A source more than `LAGGING_HEAD_BLOCKS` (10)
+   below that head is lagging: it does not set the head, it is ranked last for ingest (the client
+   fails over from it) and it is not trusted to show a reorg. A source far *ahead* is believed: every
+   block it serves is linked by parent hash before it is committed. `/status` of the best source is
+   asked when the socket is down and at least every `STATUS_EVERY` seconds (identity), together with
+   the other sources' heads (each at most every PROBE_INTERVAL). Heights are fetched with bounded
+   concurrency and committed strictly in order: catch-up batches of `catchup_batch_size` per
+   transaction, one block per transaction at the tip.
+5. A parent mismatch is put to the trusted sources (`indexer.forks`: answering, not lagging, not
+   catching up themselves, not ranked down for a fork). When at least as many of them still show
+   the stored block, the mismatch was a fork of the others: nothing is rolled back, the sources
+   showing it are ranked last for a backoff (health reason `forked`) and ingest goes on from a
+   trusted one. When more of them show it, the runner walks back to the fork point on one of them;
+   within the finality depth, with rollback automation on, the rows above it are rolled back and
+   re-ingested; otherwise (or with no trusted source: the false-reorg guard) the indexer halts and
+   writes nothing.
 6. A height whose commit fails for another reason `POISON_LIMIT` times is recorded as the poison
    height and the indexer waits there (degraded) instead of looping.
-7. Halt vs stall: the head flat for more than `IDLE_AFTER_BLOCK_TIMES` block times while a source
-   answers is `idle` (the chain halted; nothing is wrong here). Steps failing while the head moves
-   on is `degraded` (the indexer is stalled).
+7. Halt vs stall: the agreed head flat for more than `IDLE_AFTER_BLOCK_TIMES` block times is `idle`
+   (every answering, non-lagging source is flat: the chain halted; nothing is wrong here). One
+   stuck source never makes the chain idle while another one moves on. `STALLED_AFTER_FAILED_STEPS`
+   failed steps in a row is `degraded` (the indexer is stalled).
+8. Settings are live: every step reads the chain's row with its state (one query: batch size, max
+   in flight, head lag, ...), and after every step the source rows `sources_observe` reads anyway
+   (enabled, priority, URL, refused) reconfigure the client and move the head watcher
+   (`indexer.watch`), so an operator's change takes effect within one step, without a restart.
+
+This module is longer than 600 lines because the steps above share one runner's state (lease,
+identity, agreed head, prefetched batch, failure count); split up, that state would be passed around.
 
 Every mode change is a step of `indexer.modes` (compare-and-set through the transition kernel,
 fenced by the lease, audited into and out of `degraded` and `halted`); only the lease holder makes
@@ -47,8 +65,9 @@ from fleetops.observability.leases import (
     lease_release,
     lease_renew,
 )
-from indexer import sources
+from indexer import forks, sources, watch
 from indexer.blocks import WRITER, IndexedBlock, lease_name
+from indexer.forks import trusted_sources as trusted_sources
 from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback
 from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
 from indexer.models import (
@@ -59,6 +78,7 @@ from indexer.models import (
     ChainLagSample,
     IndexerState,
     Mode,
+    SyncSource,
     beside_state,
 )
 from indexer.modes import (
@@ -68,8 +88,9 @@ from indexer.modes import (
     indexer_mode_follow,
     indexer_rollback_done,
 )
-from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError, SourceConfig
+from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError
 from indexer.rpc.ws import HeadWatcher
+from indexer.watch import head_watcher_for as head_watcher_for
 
 log = logging.getLogger(__name__)
 POISON_LIMIT = 3
@@ -91,31 +112,43 @@ class StepResult:
     note: str = ""
 
 
+# Chain columns an operator may change while `indexer_run` runs; re-read with the state every step.
+LIVE_SETTINGS = (
+    "expected_block_time_seconds",
+    "head_lag",
+    "finality_depth",
+    "catchup_batch_size",
+    "max_in_flight",
+    "decode_concurrency",
+    "enrichment_batch_size",
+    "rollback_automation",
+    "enrichment_enabled",
+)
+NO_SOURCE = "no enabled source that is not refused: nothing to ingest from"
+
+
 def rpc_for(chain: Chain) -> CometRpc:
-    configs = [
-        SourceConfig(s.name, s.rpc_url, s.priority)
-        for s in chain.sources.filter(enabled=True).order_by("priority")
-    ]
+    """A client over the chain's enabled sources that are not refused (all enabled ones when every
+    one is refused, so the process starts and shows why)."""
+    rows = list(chain.sources.filter(enabled=True))
+    configs = sources.usable_configs(rows) or sources.usable_configs(
+        [SyncSource(name=r.name, rpc_url=r.rpc_url, priority=r.priority) for r in rows]
+    )
     return CometRpc(configs)
 
 
 def fetch_blocks(rpc: CometRpc, heights: Sequence[int], *, max_in_flight: int) -> list[IndexedBlock]:
-    """`/block` + `/block_results` for each height, at most `max_in_flight` heights at once, returned
-    in height order whatever order they arrive in."""
+    """`/block` + `/block_results` for each height (both from one source, checked against each
+    other), at most `max_in_flight` heights at once, returned in height order whatever order they
+    arrive in."""
 
     def one(height: int) -> IndexedBlock:
-        return IndexedBlock(rpc.block(height), rpc.block_results(height))
+        return IndexedBlock(*rpc.block_with_results(height))
 
     if len(heights) == 1:
         return [one(heights[0])]
     with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(heights)))) as pool:
         return list(pool.map(one, heights))  # map keeps height order
-
-
-def head_watcher_for(chain: Chain) -> HeadWatcher | None:
-    """Subscribe to new block headers on the best source that has a WebSocket URL."""
-    source = chain.sources.filter(enabled=True).exclude(websocket_url="").order_by("priority").first()
-    return HeadWatcher(source.websocket_url) if source is not None else None
 
 
 class IndexerRunner:
@@ -140,7 +173,7 @@ class IndexerRunner:
         self.failed_steps = 0
         self._status_at = 0.0
         self._status_head = 0
-        self._source_catching_up = False
+        self._no_source = False
         self._earliest = 1
         self._fresh_start = 1
         self._status_chain_id = ""
@@ -192,7 +225,8 @@ class IndexerRunner:
         return result
 
     def _step(self) -> StepResult:
-        state = IndexerState.objects.get(chain=self.chain)
+        state = IndexerState.objects.select_related("chain").get(chain=self.chain)
+        self._take_settings(state.chain)
         if state.paused and state.rollback_requested_to is None:
             self.release()  # so the reindex / rollback commands can take the lease
             return StepResult(False, head=state.head_height, indexed=state.last_indexed_height, note="paused")
@@ -204,6 +238,11 @@ class IndexerRunner:
             return StepResult(
                 True, head=state.head_height, indexed=state.last_indexed_height, mode=state.mode,
                 note=state.last_error or "halted",
+            )  # fmt: skip
+        if self._no_source:
+            return StepResult(
+                True, head=state.head_height, indexed=state.last_indexed_height, mode=state.mode,
+                note=NO_SOURCE,
             )  # fmt: skip
         head = self._head()
         if not self._identity_ok(state):
@@ -306,19 +345,26 @@ class IndexerRunner:
             lease_release(grant=self.grant)
             self.grant = None
 
+    def _take_settings(self, fresh: Chain) -> None:
+        """An operator's change of the chain's settings, read with the state: from this step on."""
+        for name in LIVE_SETTINGS:
+            setattr(self.chain, name, getattr(fresh, name))
+
     def _head(self) -> int:
-        """The best known head: the WebSocket's when it is live, `/status` otherwise and at least
-        every STATUS_EVERY seconds (its catching-up flag guards rollbacks)."""
+        """The agreed head (see the module docstring): the highest fresh head of the sources that
+        answer, and the WebSocket's while it is live. `/status` of the best source when the socket is
+        down and at least every STATUS_EVERY seconds, with the other sources' heads."""
         now = time.monotonic()
         ws = self.watcher.latest() if self.watcher is not None and self.watcher.connected else None
         if ws is None or now - self._status_at >= STATUS_EVERY or not self.identity_checked:
             status = self.rpc.status()
+            self.rpc.probe_heads()  # the other sources' heads (each at most every PROBE_INTERVAL)
             self._status_at = now
             self._status_head = status.latest_height
-            self._source_catching_up = status.catching_up
             self._earliest = status.earliest_height or 1
             self._status_chain_id = status.chain_id
-        return max(self._status_head, ws[0] if ws is not None else 0)
+        agreed = max(self.rpc.fresh_heads().values(), default=self._status_head)
+        return max(agreed, ws[0] if ws is not None else 0)
 
     def _identity_ok(self, state: IndexerState) -> bool:
         if self.identity_checked:
@@ -420,13 +466,33 @@ class IndexerRunner:
     def _handle_reorg(self, reorg: ReorgDetected, head: int) -> StepResult:
         state = IndexerState.objects.get(chain=self.chain)
         last = state.last_indexed_height or 0
+        stored = (
+            Block.objects.filter(chain=self.chain, height=reorg.height - 1)
+            .values_list("hash", flat=True)
+            .first()
+        )
+        vote = forks.reorg_vote(self.rpc, height=reorg.height - 1, stored_hash=stored)
+        if vote.ignored:
+            # The trusted sources show the stored block: the mismatch was a fork of the sources
+            # now ranked down. Nothing to roll back; the next step reads from a trusted source.
+            REORGS.labels(chain=self.chain.slug, outcome="ignored").inc()
+            note = f"reorg at {reorg.height} not shown by the trusted sources, ignored: {vote.describe()}"
+            log.warning("indexer %s: %s", self.chain.slug, note)
+            return StepResult(True, head=head, indexed=last, mode=state.mode, note=note)
+        witness = vote.witness
+        if witness is None:
+            reason = (
+                "no source that answers, is not lagging and is not catching up itself shows the "
+                "reorg: not trusted for a rollback (false-reorg guard)"
+            )
+            return self._reorg_halt(state, reorg, head, last, reason)
         floor = max(last - self.chain.finality_depth, (state.oldest_indexed_height or 1) - 1)
         fork = None
         for height in range(last, floor, -1):
             stored = (
                 Block.objects.filter(chain=self.chain, height=height).values_list("hash", flat=True).first()
             )
-            if stored is not None and stored == self.rpc.block(height).hash:
+            if stored is not None and stored == self.rpc.block_from(witness, height).hash:
                 fork = height
                 break
         reason = ""
@@ -434,13 +500,8 @@ class IndexerRunner:
             reason = f"reorg deeper than the finality depth {self.chain.finality_depth}"
         elif not self.chain.rollback_automation:
             reason = "reorg found but rollback automation is off"
-        elif self._source_catching_up:
-            reason = "the source is catching up itself: not trusted for a rollback (false-reorg guard)"
         if reason:
-            REORGS.labels(chain=self.chain.slug, outcome="halted").inc()
-            self._mode_step(indexer_halt, state, error=f"{reorg}; {reason}")
-            log.critical("indexer %s halted: %s", self.chain.slug, reason)
-            return StepResult(True, head=head, indexed=last, mode=Mode.HALTED, note=reason)
+            return self._reorg_halt(state, reorg, head, last, reason)
         assert fork is not None
         removed = blocks_rollback(
             chain=self.chain,
@@ -454,6 +515,14 @@ class IndexerRunner:
         return StepResult(
             True, head=head, indexed=fork, mode=Mode.NORMAL, note=f"reorg: rolled back {removed} blocks"
         )
+
+    def _reorg_halt(
+        self, state: IndexerState, reorg: ReorgDetected, head: int, last: int, reason: str
+    ) -> StepResult:
+        REORGS.labels(chain=self.chain.slug, outcome="halted").inc()
+        self._mode_step(indexer_halt, state, error=f"{reorg}; {reason}")
+        log.critical("indexer %s halted: %s", self.chain.slug, reason)
+        return StepResult(True, head=head, indexed=last, mode=Mode.HALTED, note=reason)
 
     def _operator_rollback(self, state: IndexerState) -> StepResult:
         to = state.rollback_requested_to
@@ -514,7 +583,7 @@ class IndexerRunner:
             return  # the writer records source health; a standby would race it
         latest = self.watcher.latest() if self.watcher is not None else None
         try:
-            sources.sources_observe(
+            rows = sources.sources_observe(
                 chain=self.chain,
                 rpc=self.rpc,
                 ws_connected=self.watcher.connected if self.watcher is not None else None,
@@ -522,6 +591,16 @@ class IndexerRunner:
             )
         except Exception:
             log.exception("indexer %s: recording source health failed", self.chain.slug)
+            return
+        # The rows just read carry the operator's source settings (enabled, priority, URL) and the
+        # refusals: the client follows them from the next step on.
+        configs = sources.usable_configs(rows)
+        if self.watcher is not None:
+            self.watcher = watch.follow(self.watcher, rows)
+        self._no_source = not configs
+        if configs and self.rpc.set_sources(configs):
+            self._drop_prefetched()
+            log.info("indexer %s: sources now %s", self.chain.slug, ", ".join(c.name for c in configs))
 
     # --- the loop --------------------------------------------------------------------------------------
 

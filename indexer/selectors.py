@@ -18,6 +18,7 @@ from django.db import connection
 from django.db.models import Count, Q, QuerySet
 
 from fleetops.access.models import Organization
+from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.lib.errors import NotFound
 from fleetops.observability.models import Lease
@@ -99,6 +100,7 @@ class SourceStatus:
     head_height: int | None
     latency_ms: float | None
     last_error: str
+    refused_reason: str = ""
 
     @property
     def status_name(self) -> str:
@@ -132,6 +134,11 @@ class ChainStatus:
     @property
     def slug(self) -> str:
         return self.chain.slug
+
+    @property
+    def refused_sources(self) -> list[SourceStatus]:
+        """Sources refused for DNS, TLS or protocol errors, until an operator re-enables them."""
+        return [s for s in self.sources if s.connection_status == ConnectionStatus.REFUSED]
 
     @property
     def sources_by_status(self) -> dict[str, int]:
@@ -179,6 +186,7 @@ def source_status(source: SyncSource) -> SourceStatus:
         head_height=source.head_height,
         latency_ms=source.latency_ms,
         last_error=source.last_error,
+        refused_reason=source.refused_reason,
     )
 
 
@@ -413,3 +421,86 @@ def first_events_by_attribute(
     with connection.cursor() as cursor:
         cursor.execute(_FIRST_BY_ATTRIBUTE, [key, chain_id, sorted(types), per_value])
         return list(cursor.fetchall())
+
+
+# --- console charts --------------------------------------------------------------------------------
+
+
+def lag_series(*, chain: Chain, since: datetime, bucket_seconds: int) -> list[tuple[datetime, int, int]]:
+    """(bucket start, worst lag in blocks, samples) per bucket since `since`, oldest first: one
+    grouped range scan of `lagsample_chain_at` (a week is about 10,000 rows)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT date_bin(%s::interval, at, %s::timestamptz) AS b,
+                   MAX(GREATEST(head_height - indexed_height, 0)), COUNT(*)
+            FROM {ChainLagSample._meta.db_table}
+            WHERE chain_id = %s AND at >= %s AND head_height IS NOT NULL
+            GROUP BY 1 ORDER BY 1
+            """,  # noqa: S608 - table name from the model
+            [f"{bucket_seconds} seconds", since, chain.pk, since],
+        )
+        return [(at, int(lag or 0), int(n)) for at, lag, n in cursor.fetchall()]
+
+
+def lag_trends(*, chains: Sequence[Chain], since: datetime, bucket_seconds: int) -> dict[int, list[int]]:
+    """Worst lag per bucket and chain since `since` (for the dashboard's sparklines), zero-free:
+    buckets without samples are skipped. One grouped query for every chain."""
+    if not chains:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT chain_id, date_bin(%s::interval, at, %s::timestamptz) AS b,
+                   MAX(GREATEST(head_height - indexed_height, 0))
+            FROM {ChainLagSample._meta.db_table}
+            WHERE chain_id = ANY(%s) AND at >= %s AND head_height IS NOT NULL
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """,  # noqa: S608 - table name from the model
+            [f"{bucket_seconds} seconds", since, [c.pk for c in chains], since],
+        )
+        out: dict[int, list[int]] = {c.pk: [] for c in chains}
+        for chain_id, _, lag in cursor.fetchall():
+            out[chain_id].append(int(lag or 0))
+    return out
+
+
+# Audit actions drawn as markers on the lag chart, and the kind each is drawn as.
+MARKER_ACTIONS = {
+    "indexer.rolled_back": "rollback",
+    "indexer.rollback_requested": "rollback",
+    "indexer.halted": "halt",
+}
+
+
+def chain_markers(*, chain: Chain, since: datetime, limit: int = 200) -> list[tuple[datetime, str, str]]:
+    """(at, kind, label) of the chain's reorgs, rollbacks and halts since `since`, from its audit
+    rows (`audit_target` index): a rollback the writer did for a reorg is a "reorg"."""
+    rows = (
+        AuditEvent.objects.filter(
+            target_type__in=("indexer.chain", "indexer.indexerstate"),
+            target_id=str(chain.pk),
+            action__in=list(MARKER_ACTIONS),
+            at__gte=since,
+        )
+        .order_by("-id")
+        .values_list("at", "action", "reason")[:limit]
+    )
+    markers = []
+    for at, action, reason in rows:
+        kind = MARKER_ACTIONS[action]
+        if action == "indexer.rolled_back" and reason.startswith("reorg"):
+            kind = "reorg"
+        markers.append((at, kind, f"{action}: {reason}"[:200]))
+    return markers[::-1]
+
+
+def enrichment_backlog_by_org() -> list[tuple[int, int]]:
+    """(organization id, rows waiting for enrichment) over every chain (`enrichment_chain_status`)."""
+    return list(
+        Enrichment.objects.filter(status__in=BACKLOG_STATUSES)
+        .order_by()
+        .values_list("chain__org_id")
+        .annotate(n=Count("id"))
+        .values_list("chain__org_id", "n")
+    )

@@ -1,5 +1,5 @@
 """Operator writes on the indexer: pause, resume, retry the poison height, request a rollback,
-re-queue enrichment.
+re-queue enrichment, and tune a chain's and its sources' settings live.
 
 Every function is keyword-only and derives the actor's role in the chain's organization itself
 (`fleetops.access.roles.require_role`, before any transaction, so a refusal writes its
@@ -12,6 +12,11 @@ transaction of the change. Reasons are cleaned by `fleetops.lib.reason.clean_rea
 A rollback is only *requested* here: the writer carries it out under its lease on its next step
 (`blocks_rollback` is fenced by the lease token like every other write of the indexed tables).
 The writer's own mode steps are in `indexer.modes`.
+
+Settings (`chain_update_settings`, `source_update_settings`: limits, batch sizes, decode concurrency,
+priority, enabled) are plain columns, not a state machine: one locked read, one UPDATE and one audit
+row with before/after. A running `indexer_run` reads them on every step, so the change takes effect
+within one step, without a restart (seed 004, phase 5: "reduce concurrency limits immediately").
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from indexer.models import (
     EnrichmentStatus,
     IndexerState,
     Mode,
+    SyncSource,
 )
 
 REQUEUE_IDS_CAP = 10_000
@@ -61,6 +67,18 @@ ROLLBACK_PENDING = (
 REQUEUE_IDS_INVALID = f"ids must be a list of 1-{REQUEUE_IDS_CAP} enrichment ids, or omitted for all"
 
 
+SETTINGS_ROLE = "changing indexer settings needs the operator role in the chain's organization"
+NOTHING_TO_CHANGE = "name at least one setting to change"
+# Chain settings an operator tunes live, with their bounds.
+CHAIN_SETTING_BOUNDS: dict[str, tuple[int, int]] = {
+    "max_in_flight": (1, 256),
+    "catchup_batch_size": (1, 5000),
+    "decode_concurrency": (1, 64),
+    "enrichment_batch_size": (1, 10_000),
+}
+SOURCE_PRIORITY_BOUNDS = (0, 1_000_000)
+
+
 class IndexerAction:
     """Audit action names of the indexer's operator services."""
 
@@ -69,6 +87,8 @@ class IndexerAction:
     POISON_RETRIED = "indexer.poison_retried"
     ROLLBACK_REQUESTED = "indexer.rollback_requested"
     ENRICHMENT_REQUEUED = "indexer.enrichment_requeued"
+    SETTINGS_CHANGED = "indexer.settings_changed"
+    SOURCE_SETTINGS_CHANGED = "indexer.source.settings_changed"
 
 
 # --- gates ------------------------------------------------------------------------------------------
@@ -451,3 +471,116 @@ def enrichment_requeue(*, chain: Chain, ids: Sequence[int] | None, actor: Actor,
             },
         )
     return len(moved)
+
+
+# --- live settings ----------------------------------------------------------------------------------
+
+
+def _bounded(name: str, value: Any, low: int, high: int) -> int:
+    message = f"{name} must be an integer between {low} and {high}"
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationFailed(message, fields={name: [message]})
+    return value
+
+
+def chain_update_settings(
+    *,
+    chain: Chain,
+    actor: Actor,
+    reason: str,
+    max_in_flight: int | None = None,
+    catchup_batch_size: int | None = None,
+    decode_concurrency: int | None = None,
+    enrichment_batch_size: int | None = None,
+) -> dict[str, list[int]]:
+    """Change the chain's ingest and enrichment limits (None: leave as is). Operator role. One
+    transaction, one audit row with before/after of what changed. Returns the changes (empty when
+    every value was already so: no audit row then). The running writer applies them on its next
+    step; the enrichment loop on its next round."""
+    reason = clean_reason(reason)
+    asked = {
+        "max_in_flight": max_in_flight,
+        "catchup_batch_size": catchup_batch_size,
+        "decode_concurrency": decode_concurrency,
+        "enrichment_batch_size": enrichment_batch_size,
+    }
+    wanted = {
+        name: _bounded(name, value, *CHAIN_SETTING_BOUNDS[name])
+        for name, value in asked.items()
+        if value is not None
+    }
+    if not wanted:
+        raise ValidationFailed(NOTHING_TO_CHANGE)
+    _require(
+        actor=actor, chain=chain, needs=Role.OPERATOR, message=SETTINGS_ROLE, what="change settings",
+        asked=dict(wanted),
+    )  # fmt: skip
+    with transaction.atomic():
+        row = Chain.objects.select_for_update().get(pk=chain.pk)
+        changes = {
+            name: [getattr(row, name), value] for name, value in wanted.items() if getattr(row, name) != value
+        }
+        if not changes:
+            return {}
+        Chain.objects.filter(pk=row.pk).update(**{name: new for name, (_, new) in changes.items()})
+        record(
+            action=IndexerAction.SETTINGS_CHANGED,
+            actor=actor,
+            org=chain.org,
+            target=row,
+            reason=reason,
+            changes=changes,
+            metadata={"chain": chain.slug},
+        )
+    for name, (_, new) in changes.items():
+        setattr(chain, name, new)
+    return changes
+
+
+def source_update_settings(
+    *,
+    source: SyncSource,
+    actor: Actor,
+    reason: str,
+    priority: int | None = None,
+    enabled: bool | None = None,
+) -> dict[str, list[Any]]:
+    """Re-prioritize, disable or enable a sync source (None: leave as is). Operator role. One
+    transaction, one audit row. The running writer follows after its next step: a disabled source
+    is no longer asked and goes disconnecting -> disconnected (an intentional disconnect); an enabled
+    one is taken in. A refused source stays refused until `source_reenable`."""
+    reason = clean_reason(reason)
+    wanted: dict[str, Any] = {}
+    if priority is not None:
+        wanted["priority"] = _bounded("priority", priority, *SOURCE_PRIORITY_BOUNDS)
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise ValidationFailed("enabled must be true or false", fields={"enabled": ["must be a boolean"]})
+        wanted["enabled"] = enabled
+    if not wanted:
+        raise ValidationFailed(NOTHING_TO_CHANGE)
+    chain = Chain.objects.select_related("org").get(pk=source.chain_id)
+    _require(
+        actor=actor, chain=chain, needs=Role.OPERATOR, message=SETTINGS_ROLE,
+        what=f"change source {source.name}", asked=dict(wanted),
+    )  # fmt: skip
+    with transaction.atomic():
+        row = SyncSource.objects.select_for_update().get(pk=source.pk)
+        changes = {
+            name: [getattr(row, name), value] for name, value in wanted.items() if getattr(row, name) != value
+        }
+        if not changes:
+            return {}
+        SyncSource.objects.filter(pk=row.pk).update(**{name: new for name, (_, new) in changes.items()})
+        record(
+            action=IndexerAction.SOURCE_SETTINGS_CHANGED,
+            actor=actor,
+            org=chain.org,
+            target=row,
+            reason=reason,
+            changes=changes,
+            metadata={"chain": chain.slug, "source": row.name},
+        )
+    for name, (_, new) in changes.items():
+        setattr(source, name, new)
+    return changes

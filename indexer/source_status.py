@@ -5,9 +5,12 @@ runner step; this module moves it there.
 Every status change is one step of the machine through the transition kernel
 (`fleetops.lib.transition`: compare-and-set over the allowed from-states, a lost race counted
 once); a jump the machine does not allow in one step (disconnected -> connected) walks the shortest
-legal path, so it never skips a state. The writer's steps are not audited (they follow the sources'
-health after every step; `fleetops_indexer_source_transitions_total` counts them); an operator
-clearing a historic range failure (`source_clear_degraded`) writes one audit row.
+legal path, so it never skips a state; `disconnecting` is only walked through for an intentional
+disconnect (`intentional=True`: an operator disabled the source, or the process stops), a lost
+connection drops straight to `disconnected`. The writer's steps are not audited (they follow the
+sources' health after every step; `fleetops_indexer_source_transitions_total` counts them); an
+operator clearing a historic range failure (`source_clear_degraded`) or re-enabling a refused
+source (`source_reenable`) writes one audit row.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ REASON_ORDER = [r.value for r in DegradedReason]
 NOTHING_TO_CLEAR = "the source has no historic range failure to clear"
 CLEAR_ROLE = "clearing a source's historic range failure needs the {role} role in the chain's organization"
 CLEAR_ACTION = "indexer.source.clear_degraded"
+REENABLE_ACTION = "indexer.source.reenabled"
+NOT_REFUSED = "the source is not refused; only a refused source is re-enabled"
+REENABLE_ROLE = "re-enabling a refused source needs the {role} role in the chain's organization"
 
 # "blocks 1\u2013199 unavailable (pruned below 200)" (an en dash, as operators read ranges): written
 # by indexer.sources and read back there, so the failed range survives a restart without a schema
@@ -47,10 +53,32 @@ DASH = "\u2013"
 RANGE_FRAGMENT = re.compile(rf"blocks (\d+){DASH}(\d+) unavailable \(([^()]*)\)")
 
 
+# Errors no retry fixes (the name does not exist, the certificate or the TLS handshake is wrong, the
+# URL or the server does not speak HTTP/JSON-RPC): the source is refused until an operator re-enables
+# it. A temporary resolver failure ("Temporary failure in name resolution") is an outage, not this.
+_REFUSALS = (
+    ("DNS", re.compile(r"name or service not known|nodename nor servname|no address associated", re.I)),
+    ("TLS", re.compile(r"\[SSL|certificate verify failed|\bTLS\b|SSLError", re.I)),
+    (
+        "protocol",
+        re.compile(r"^(UnsupportedProtocol|RemoteProtocolError|LocalProtocolError|ProtocolError)\b"),
+    ),
+)
+
+
+def refusal(error: str) -> str | None:
+    """ "DNS: ...", "TLS: ..." or "protocol: ..." when `error` is one no retry fixes, else None."""
+    for kind, pattern in _REFUSALS:
+        if pattern.search(error or ""):
+            return f"{kind} error: {error}"[:500]
+    return None
+
+
 def _hop_preference(status: int) -> tuple[bool, bool, int]:
-    # Walks avoid syncing and disconnecting unless they are the goal: a source that merely answers
-    # is connected, not syncing, and a jump between live states never passes through a disconnect.
-    return (status == S.SYNCING, status == S.DISCONNECTING, status)
+    # Walks avoid syncing, disconnecting and refused unless they are the goal: a source that merely
+    # answers is connected, not syncing, and a jump between live states never passes through a
+    # disconnect.
+    return (status == S.SYNCING, status in (S.DISCONNECTING, S.REFUSED), status)
 
 
 def transition_path(frm: int, to: int) -> list[int]:
@@ -97,11 +125,15 @@ def source_transition(
     reasons: Iterable[str] = (),
     detail: str = "",
     actor: Actor = WRITER,
+    intentional: bool = False,
+    updates: dict[str, Any] | None = None,
 ) -> bool:
     """Move `source` to status `to`, walking intermediate states where the machine needs them; the
-    last step also sets the degraded reasons and detail. Every step goes through the kernel, so of
-    two writers racing one transition exactly one wins; the loser gets False (counted as race_lost)
-    and the instance keeps the last state it reached. The writer's steps: not audited.
+    last step also sets the degraded reasons and detail (and `updates`). `intentional` with `to`
+    disconnected walks through disconnecting (an operator's or the system's disconnect). Every step
+    goes through the kernel, so of two writers racing one transition exactly one wins; the loser
+    gets False (counted as race_lost) and the instance keeps the last state it reached. The
+    writer's steps: not audited.
 
     Already at `to`: only the reasons and detail are brought up to date, and the result is False
     (no transition happened)."""
@@ -117,11 +149,18 @@ def source_transition(
             if changed:
                 source.degraded_reasons, source.degraded_detail = ordered, detail
         return False
-    for hop in transition_path(source.connection_status, target):
+    path = transition_path(source.connection_status, target)
+    if (
+        intentional
+        and target == S.DISCONNECTED
+        and CONNECTION_MACHINE.can(source.connection_status, S.DISCONNECTING)
+    ):
+        path = [S.DISCONNECTING, S.DISCONNECTED]
+    for hop in path:
         before = S(source.connection_status).label
-        updates: dict[str, object] = {"status_changed_at": clock.now()}
+        fields: dict[str, object] = {"status_changed_at": clock.now()}
         if hop == target:
-            updates.update(degraded_reasons=ordered, degraded_detail=detail)
+            fields.update(degraded_reasons=ordered, degraded_detail=detail, **(updates or {}))
         try:
             transition(
                 source,
@@ -130,7 +169,7 @@ def source_transition(
                 actor=actor,
                 org=source.chain.org,
                 action=None,
-                updates=updates,
+                updates=fields,
             )
         except RaceLost:
             SOURCE_TRANSITIONS.labels(
@@ -183,7 +222,9 @@ def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> b
         kept = [p for p in (row.degraded_detail or "").split("; ") if p and not RANGE_FRAGMENT.search(p)]
         detail = "; ".join(kept)
         cleared: dict[str, Any] = {"degraded_reasons": reasons, "degraded_detail": detail}
-        if row.connection_status == S.CONNECTED_DEGRADED and not reasons:
+        if row.connection_status == S.CONNECTED_DEGRADED:
+            # connected_degraded means partial data only: without the range failure it is connected
+            # (other reasons stay as health reasons).
             transition(
                 row,
                 machine=CONNECTION_MACHINE,
@@ -200,7 +241,7 @@ def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> b
                 chain=chain.slug, source=row.name, to=S.CONNECTED.label, result="changed"
             ).inc()
         else:
-            # The status stays (it is not connected_degraded, or another reason holds): only the
+            # The status stays (it is not connected_degraded): only the
             # reason columns, named here, while the status is the one read (never the status itself).
             SyncSource.objects.filter(pk=row.pk, connection_status=row.connection_status).update(
                 degraded_reasons=reasons, degraded_detail=detail
@@ -216,4 +257,53 @@ def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> b
             )
     source.connection_status, source.degraded_reasons = row.connection_status, row.degraded_reasons
     source.degraded_detail = row.degraded_detail
+    return True
+
+
+def source_reenable(*, source: SyncSource, actor: Actor, reason: str) -> bool:
+    """An operator fixed what got a source refused (its DNS name, certificate, URL) and lets the
+    writer try it again: refused -> disconnected (an operator edge of `CONNECTION_MACHINE`), the
+    refusal reason and failure streak cleared; a running `indexer_run` takes the source back after
+    its next step (it reads the source rows every step). One transaction, one AuditEvent."""
+    reason = clean_reason(reason)
+    edge = CONNECTION_MACHINE.edge(S.REFUSED, S.DISCONNECTED)
+    assert edge is not None
+    role = Role(edge.role or Role.ADMIN)
+    chain = Chain.objects.select_related("org").get(pk=source.chain_id)
+    require_role(
+        actor=actor,
+        org=chain.org,
+        role=role,
+        what=f"re-enable the refused source {chain.slug}/{source.name}",
+        message=REENABLE_ROLE.format(role=role.label),
+        target=source,
+    )
+    with transaction.atomic():
+        row = SyncSource.objects.select_for_update().get(pk=source.pk)
+        row.chain = chain
+        if row.connection_status != S.REFUSED:
+            raise ValidationFailed(NOT_REFUSED)
+        transition(
+            row,
+            machine=CONNECTION_MACHINE,
+            to=S.DISCONNECTED,
+            actor=actor,
+            org=chain.org,
+            action=REENABLE_ACTION,
+            reason=reason,
+            updates={
+                "refused_reason": "",
+                "consecutive_failures": 0,
+                "first_failure_at": None,
+                "next_retry_at": None,
+                "status_changed_at": clock.now(),
+            },
+            audit_fields=("refused_reason",),
+            metadata={"chain": chain.slug, "source": row.name},
+            check_role=False,
+        )
+    SOURCE_TRANSITIONS.labels(
+        chain=chain.slug, source=row.name, to=S.DISCONNECTED.label, result="changed"
+    ).inc()
+    source.connection_status, source.refused_reason = row.connection_status, ""
     return True

@@ -5,24 +5,38 @@ The RPC client (`indexer.rpc.client.CometRpc`) keeps each source's health in mem
 after every runner step `sources_observe` writes that health to the SyncSource rows in one
 set-based UPDATE and derives the connection status:
 
-    disconnected -> connecting -> connected            a source that answers
-    connected <-> connected_degraded                   while any degraded reason holds
-    connected -> syncing -> connected(_degraded)       the best source while the indexer catches up
-    any live -> disconnecting -> disconnected          failing for a while, disabled, or the process stops
+    disconnected -> connecting -> connected            a source that answers and is caught up (not
+                                                       catching up itself, not lagging) on two
+                                                       /status checks in a row (the settle re-check)
+    connected -> syncing -> connected                  the source the indexer catches up from, until
+                                                       the indexer is caught up on two steps in a row
+    syncing -> connected_degraded                      ... when a range it had to serve failed:
+                                                       partial data (the only meaning of status 4)
+    live -> disconnected                               the connection was lost (failing for a while)
+    live -> disconnecting -> disconnected              intentional: disabled by an operator, or the
+                                                       process stops
+    disconnected | connecting -> refused               DNS, TLS or protocol error: kept off (and out of
+                                                       the client) until an operator re-enables it
 
 The status moves through `indexer.source_status` (`CONNECTION_MACHINE` steps through the
-transition kernel, shortest legal path, not audited; the operator's clear is). Degraded reasons:
+transition kernel, shortest legal path, not audited; the operator's clear and re-enable are).
+Reasons (`degraded_reasons`, with `degraded_detail` saying why):
 
 - historic_range_failed: the source could not serve a range the indexer asked for (pruned or
   missing blocks). Sticky: it holds until the source serves that range again (its earliest height
-  drops to the range) or an operator clears it; this is the "degraded (partial data)" of seed 002.
-- lagging_head: its head is more than `lag_blocks` behind the best source's head.
+  drops to the range) or an operator clears it; this is the "degraded (partial data)" of seed 002
+  and the only reason that makes the status connected_degraded.
+- lagging_head: its head is more than `lag_blocks` behind the best source's head (the client ranks
+  it last and does not trust it for the head or a reorg).
 - error_rate: it is failing now, or a quarter of its recent requests failed.
 - latency: its smoothed latency is over the threshold.
 - flapping: it dropped to disconnected `FLAP_LOSSES` times within `FLAP_WINDOW`.
+- forked: it served a block the trusted sources do not show (`indexer.forks`): ranked last, and not
+  trusted, until its backoff ends.
 
-Health (healthy | disconnected | degraded | dead | rate_limited) is derived from the row's
-timestamps by `SyncSource.health`; this module only writes them.
+The last five are health reasons: the status stays what the connection is, and the health
+(`SyncSource.health`) reads `degraded` while one holds. Every connection attempt to a source that was
+not connected is counted in `fleetops_indexer_source_connection_attempts_total{result}`.
 """
 
 from __future__ import annotations
@@ -39,14 +53,24 @@ from datetime import datetime, timedelta
 from django.db import transaction
 
 from fleetops.lib import clock
+from indexer.metrics import SOURCE_CONNECTION_ATTEMPTS
 from indexer.models import CONNECTION_MACHINE, Chain, ConnectionStatus, DegradedReason, SyncSource
-from indexer.rpc.client import CometRpc, SourceHealth, lowest_available
+from indexer.rpc.client import (
+    HEAD_FRESH_SECONDS,
+    LAGGING_HEAD_BLOCKS,
+    CometRpc,
+    SourceConfig,
+    SourceHealth,
+    lowest_available,
+)
 from indexer.source_status import (
     DASH,
     RANGE_FRAGMENT,
     ordered_reasons,
+    refusal,
     source_transition,
 )
+from indexer.watch import websocket_source
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +80,16 @@ LIVE = frozenset({S.SYNCING, S.CONNECTED, S.CONNECTED_DEGRADED})
 # and keep its reasons in (syncing, disconnecting), so the reason waits there and shows when the
 # source settles (seed 002). `connected` is not one of them: it is connected_degraded's reason-free
 # twin, and a failed range turns it connected_degraded (as every other state).
-KEEPS_STATUS_ON_RANGE_FAILURE = frozenset(CONNECTION_MACHINE.targets(S.CONNECTED_DEGRADED)) - {S.CONNECTED}
+# `disconnected` is no such state either: a source that answered "not available" is connected.
+KEEPS_STATUS_ON_RANGE_FAILURE = frozenset(CONNECTION_MACHINE.targets(S.CONNECTED_DEGRADED)) - {
+    S.CONNECTED,
+    S.DISCONNECTED,
+}
 
-LAGGING_HEAD_BLOCKS = 10
 ERROR_RATE_THRESHOLD = 0.25
 ERROR_RATE_MIN_SAMPLES = 8
 LATENCY_THRESHOLD_SECONDS = 2.0
-HEAD_FRESH_SECONDS = 60.0  # a head older than this (monotonic) is not compared
+SETTLE_CHECKS = 2  # caught up on this many checks in a row before connected
 DISCONNECT_AFTER_FAILURES = 3  # with the 5 s doubling backoff: about 15 s of failures
 DISCONNECT_AFTER_SECONDS = 60.0
 FLAP_LOSSES = 3
@@ -125,6 +152,8 @@ class _Verdict:
     reasons: list[str]
     detail: str
     lost: bool = False  # a live source dropped to disconnected (counts towards flapping)
+    intentional: bool = False  # a disconnect on purpose (disabled): walks through disconnecting
+    refused: str = ""  # why the source is refused (status refused)
 
 
 # Losses per source id, for the flapping reason. In memory: only the lease-holding writer observes
@@ -137,6 +166,10 @@ _losses_lock = threading.Lock()
 _await_status: dict[int, int | None] = {}
 # CometRpc objects whose failure streaks were already continued from the rows.
 _adopted: weakref.WeakSet[CometRpc] = weakref.WeakSet()
+# The settle re-check: source id -> (caught-up checks in a row, the /status answer last counted) for
+# sources on their way to connected, and -> caught-up runner steps in a row for the syncing one.
+_settling: dict[int, tuple[int, int]] = {}
+_sync_settling: dict[int, int] = {}
 
 
 def _status_since_failure(source_id: int, health: SourceHealth) -> bool:
@@ -203,7 +236,9 @@ def _judge(
 
     current = row.connection_status
 
-    def verdict(status: int | None, lost: bool = False) -> _Verdict:
+    def verdict(
+        status: int | None, lost: bool = False, intentional: bool = False, refused: str = ""
+    ) -> _Verdict:
         losses = flaps + (1 if lost else 0)
         if losses >= FLAP_LOSSES:
             fragments[DegradedReason.FLAPPING] = f"dropped {losses} times in {FLAP_WINDOW.seconds // 60} min"
@@ -212,18 +247,28 @@ def _judge(
         if ws_down:
             parts.append(WS_DOWN_NOTE)
         effective = current if status is None else status
-        if effective == S.CONNECTED and reasons:
+        # Status 4 is partial data only; every other reason shows in the health.
+        partial = DegradedReason.HISTORIC_RANGE_FAILED in reasons
+        if effective == S.CONNECTED and partial:
             effective = S.CONNECTED_DEGRADED
-        elif effective == S.CONNECTED_DEGRADED and not reasons:
+        elif effective == S.CONNECTED_DEGRADED and not partial:
             effective = S.CONNECTED
-        return _Verdict(effective, reasons, "; ".join(parts), lost)
+        return _Verdict(effective, reasons, "; ".join(parts), lost, intentional, refused)
 
+    if current == S.REFUSED:
+        _settling.pop(row.pk, None)
+        return verdict(None)  # only an operator takes it out of refused (source_reenable)
     if health is None:  # disabled, or not among the client's sources: nobody is connected to it
-        return verdict(S.DISCONNECTED)
+        _settling.pop(row.pk, None)
+        return verdict(S.DISCONNECTED, intentional=True)
     if not health.active:
         # This client has not heard from it yet: nothing new is known, the row stays as it is.
         return _Verdict(None, list(row.degraded_reasons or []), row.degraded_detail)
     if health.consecutive_failures:
+        _settling.pop(row.pk, None)
+        refused = refusal(health.last_error) if current not in LIVE else None
+        if refused is not None:
+            return verdict(S.REFUSED, refused=refused)
         since = health.first_failure_wall or now
         if (
             current == S.CONNECTING
@@ -231,13 +276,11 @@ def _judge(
             or (now - since).total_seconds() >= DISCONNECT_AFTER_SECONDS
         ):
             lost = current in LIVE
-            return verdict(S.DISCONNECTED, lost)
-        if current not in LIVE:
-            return verdict(None)  # still down; it has not answered yet
+            return verdict(S.DISCONNECTED, lost)  # the connection was lost: no disconnecting
         fragments[DegradedReason.ERROR_RATE] = (
             f"failing ({health.consecutive_failures} in a row): {health.last_error}"[:300]
         )
-        return verdict(S.SYNCING if current == S.SYNCING else S.CONNECTED_DEGRADED)
+        return verdict(None)  # still down (not live), or live and failing: a health reason
 
     # It answers.
     if len(health.recent) >= ERROR_RATE_MIN_SAMPLES and health.error_rate >= error_rate_threshold:
@@ -249,13 +292,31 @@ def _judge(
             f"latency {health.latency_avg * 1000:.0f} ms (over {latency_threshold * 1000:.0f} ms)"
         )
     head_fresh = health.status_at is not None and mono - health.status_at <= HEAD_FRESH_SECONDS
+    lagging = False
     if head_fresh and health.head_height is not None and best_head is not None:
         behind = best_head - health.head_height
         if behind > lag_blocks:
+            lagging = True
             fragments[DegradedReason.LAGGING_HEAD] = (
                 f"head {health.head_height} is {behind} blocks behind {best_head}"
             )
-    return verdict(S.SYNCING if current == S.SYNCING else S.CONNECTED)
+    if health.forked_until > mono:
+        fragments[DegradedReason.FORKED] = health.forked_detail or "showed a fork"
+    if current in LIVE:
+        return verdict(None)
+    # Disconnected or connecting: connected only once caught up on SETTLE_CHECKS /status answers in
+    # a row (not catching up itself, not lagging); connecting meanwhile.
+    checks, seen = _settling.get(row.pk, (0, 0))
+    if head_fresh and not health.catching_up and not lagging:
+        if health.status_count > seen:
+            checks, seen = checks + 1, health.status_count
+    else:
+        checks, seen = 0, health.status_count
+    if checks >= SETTLE_CHECKS:
+        _settling.pop(row.pk, None)
+        return verdict(S.CONNECTED)
+    _settling[row.pk] = (checks, seen)
+    return verdict(S.CONNECTING)
 
 
 def _wall_after(mono_at: float, mono_now: float, now: datetime) -> datetime | None:
@@ -300,7 +361,49 @@ def _walk(row: SyncSource, verdict: _Verdict) -> None:
     if verdict.lost and status == S.DISCONNECTED and row.connection_status != S.DISCONNECTED:
         _note_loss(row.pk, clock.now())
     if status != row.connection_status:
-        source_transition(source=row, to=status, reasons=verdict.reasons, detail=verdict.detail)
+        updates = {"refused_reason": verdict.refused} if status == S.REFUSED else None
+        if status == S.REFUSED:
+            log.error("source %s refused: %s", row.name, verdict.refused)
+        source_transition(
+            source=row,
+            to=status,
+            reasons=verdict.reasons,
+            detail=verdict.detail,
+            intentional=verdict.intentional,
+            updates=updates,
+        )
+
+
+def _attempt(
+    chain: Chain,
+    row: SyncSource,
+    before: int,
+    failures_before: int,
+    verdict: _Verdict,
+    health: SourceHealth | None,
+) -> None:
+    """Count a connection attempt to a source that was not connected (disconnected or connecting):
+    success when it answered, failure when a new request failed, refused when it was refused."""
+    if health is None or not health.active or before not in (S.DISCONNECTED, S.CONNECTING):
+        return
+    result = None
+    if verdict.status == S.REFUSED:
+        result = "refused"
+    elif health.consecutive_failures > failures_before or (
+        health.consecutive_failures and before == S.CONNECTING
+    ):
+        result = "failure"
+    elif before == S.DISCONNECTED and verdict.status in (S.CONNECTING, S.CONNECTED):
+        result = "success"
+    if result is not None:
+        SOURCE_CONNECTION_ATTEMPTS.labels(chain=chain.slug, source=row.name, result=result).inc()
+
+
+def usable_configs(rows: Iterable[SyncSource]) -> list[SourceConfig]:
+    """The client's sources: enabled and not refused, preferred first."""
+    usable = [r for r in rows if r.enabled and r.connection_status != S.REFUSED]
+    usable.sort(key=lambda r: (r.priority, r.name))
+    return [SourceConfig(r.name, r.rpc_url, r.priority) for r in usable]
 
 
 # --- what the runner calls ------------------------------------------------------------------------
@@ -312,9 +415,13 @@ def sources_ensure_rows(*, chain: Chain, rpc: CometRpc | None = None) -> list[Sy
     reset the backoff or the 24 h to dead). Returns the chain's sources."""
     rows = list(chain.sources.all())
     for row in rows:
-        if not row.enabled and row.connection_status != S.DISCONNECTED:
+        if not row.enabled and row.connection_status not in (S.DISCONNECTED, S.REFUSED):
             source_transition(
-                source=row, to=S.DISCONNECTED, reasons=row.degraded_reasons, detail=row.degraded_detail
+                source=row,
+                to=S.DISCONNECTED,
+                reasons=row.degraded_reasons,
+                detail=row.degraded_detail,
+                intentional=True,
             )
     if rpc is not None:
         _adopt_streaks(rpc, rows)
@@ -338,8 +445,8 @@ def sources_observe(
     Call after every runner step, outside any transaction (with `probe`, each source not backed off
     gets one `/status` at most every PROBE_INTERVAL seconds, which is how standby sources are seen
     to come and go, and how their heads are compared). `ws_connected` is the head watcher's socket
-    state (None: no watcher); when False the WebSocket source (`ws_source`, default the preferred
-    source with a WebSocket URL) notes that heads are polled. `ws_head` joins the best head.
+    state (None: no watcher); when False the WebSocket source (`ws_source`, default the one
+    `indexer.watch` picks) notes that heads are polled. `ws_head` joins the best head.
 
     One SELECT ... FOR UPDATE and one bulk UPDATE per call; status changes (rare) add a
     compare-and-set each. The row lock keeps an operator's clear from being overwritten."""
@@ -348,14 +455,7 @@ def sources_observe(
     healths = rpc.health()
     range_failures = rpc.take_range_failures()
     mono = rpc.clock()
-    heads = [
-        h.head_height
-        for h in healths.values()
-        if h.head_height is not None
-        and h.consecutive_failures == 0
-        and h.status_at is not None
-        and mono - h.status_at <= HEAD_FRESH_SECONDS
-    ]
+    heads = list(rpc.fresh_heads().values())
     if ws_head is not None and ws_connected:
         heads.append(ws_head)
     best_head = max(heads) if heads else None
@@ -363,14 +463,14 @@ def sources_observe(
         rows = list(chain.sources.select_for_update().order_by("pk"))
         _adopt_streaks(rpc, rows)
         if ws_source is None:
-            with_ws = sorted(
-                (r for r in rows if r.enabled and r.websocket_url), key=lambda r: (r.priority, r.name)
-            )
-            ws_source = with_ws[0].name if with_ws else None
+            listened = websocket_source(rows)
+            ws_source = listened.name if listened is not None else None
         now = clock.now()
         verdicts: list[tuple[SyncSource, _Verdict]] = []
+        attempts: list[tuple[SyncSource, int, int, SourceHealth | None]] = []
         for row in rows:
             health = healths.get(row.name) if row.enabled else None
+            attempts.append((row, row.connection_status, row.consecutive_failures, health))
             if health is not None and (health.active or health.rate_limited_until > 0):
                 _apply_health(row, health, now=now, mono=mono)
             verdict = _judge(
@@ -388,7 +488,8 @@ def sources_observe(
             row.degraded_reasons, row.degraded_detail = verdict.reasons, verdict.detail[:2000]
             verdicts.append((row, verdict))
         SyncSource.objects.bulk_update(rows, HEALTH_FIELDS)
-        for row, verdict in verdicts:
+        for (row, verdict), (_, before, failures_before, health) in zip(verdicts, attempts, strict=True):
+            _attempt(chain, row, before, failures_before, verdict, health)
             _walk(row, verdict)
     return rows
 
@@ -408,7 +509,7 @@ def source_range_failed(
         return None
     with transaction.atomic():
         row = chain.sources.select_for_update().filter(name=source_name).first()
-        if row is None:
+        if row is None or row.connection_status == S.REFUSED:
             return None
         merged = _merged_range(row.degraded_detail, first, last, error)
         reasons = [*(row.degraded_reasons or []), DegradedReason.HISTORIC_RANGE_FAILED]
@@ -441,26 +542,43 @@ def sources_mark_syncing(
     with transaction.atomic():
         rows = list(chain.sources.select_for_update().filter(enabled=True).order_by("pk"))
         best = _best(rows, source_name) if catching_up else None
-        if best is not None and best.connection_status == S.DISCONNECTING:
+        if best is not None and best.connection_status in (S.DISCONNECTING, S.REFUSED):
             best = None
         for row in rows:
-            if row is best and row.connection_status != S.SYNCING:
-                source_transition(
-                    source=row, to=S.SYNCING, reasons=row.degraded_reasons, detail=row.degraded_detail
-                )
-            elif row is not best and row.connection_status == S.SYNCING:
-                to = S.CONNECTED_DEGRADED if row.degraded_reasons else S.CONNECTED
+            if row is best:
+                _sync_settling.pop(row.pk, None)
+                if row.connection_status != S.SYNCING:
+                    source_transition(
+                        source=row, to=S.SYNCING, reasons=row.degraded_reasons, detail=row.degraded_detail
+                    )
+            elif row.connection_status == S.SYNCING:
+                if not catching_up and _sync_settling.get(row.pk, 0) + 1 < SETTLE_CHECKS:
+                    # The settle re-check: caught up once is not yet caught up.
+                    _sync_settling[row.pk] = _sync_settling.get(row.pk, 0) + 1
+                    continue
+                _sync_settling.pop(row.pk, None)
+                partial = DegradedReason.HISTORIC_RANGE_FAILED in (row.degraded_reasons or [])
+                to = S.CONNECTED_DEGRADED if partial else S.CONNECTED
                 source_transition(source=row, to=to, reasons=row.degraded_reasons, detail=row.degraded_detail)
-        return best if best is not None and best.connection_status == S.SYNCING else None
+        if best is not None and best.connection_status == S.SYNCING:
+            return best
+        return next((r for r in rows if r.connection_status == S.SYNCING), None)
 
 
 def sources_release(*, chain: Chain) -> int:
-    """The process stops: every source it was connected to goes disconnecting -> disconnected.
-    Reasons stay (a pruned source is still pruned). Returns how many moved."""
+    """The process stops: every source it was connected to goes disconnecting -> disconnected (an
+    intentional disconnect; a refused source stays refused). Reasons stay (a pruned source is still
+    pruned). Returns how many moved."""
     moved = 0
-    rows = list(chain.sources.exclude(connection_status=S.DISCONNECTED))
+    rows = list(chain.sources.exclude(connection_status__in=(S.DISCONNECTED, S.REFUSED)))
     for row in rows:
+        _settling.pop(row.pk, None)
+        _sync_settling.pop(row.pk, None)
         moved += source_transition(
-            source=row, to=S.DISCONNECTED, reasons=row.degraded_reasons, detail=row.degraded_detail
+            source=row,
+            to=S.DISCONNECTED,
+            reasons=row.degraded_reasons,
+            detail=row.degraded_detail,
+            intentional=True,
         )
     return moved

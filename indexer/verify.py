@@ -13,6 +13,11 @@ re-reading anything into Python objects:
   them (keys in jsonb's order `key`, `index`, `value`; `", "` and `": "`; non-ASCII as is; the same
   escapes for quotes, backslashes and control characters).
 
+Attribute keys and values are the parser's one canonical text for their bytes (the text, or `b64:` +
+base64 where the bytes are not NUL-free UTF-8; `indexer.rpc.parse`), so a 0.34 source (base64) and a
+0.37+ source (text) give the same checksum for the same chain, and the text never holds what jsonb
+cannot (NUL, lone surrogates).
+
 Equal texts mean equal values (each text parses back to its value), so a match is exact. A text
 that differs only in formatting (a future jsonb change, an attribute shape an old node sent) would
 read as "differs"; `indexer_reindex` therefore re-checks such heights with `heights_really_differ`,

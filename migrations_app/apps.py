@@ -47,15 +47,21 @@ class MigrationsAppConfig(AppConfig):
         register_event_type(FAILED_EVENT, "Key re-stake failed (attempt limit reached)")
         registry.register_collector("keys", keys_metrics.collect_states)
         registry.register_card(keys_dashboard.CARD)
+        registry.register_sampler("keys", keys_dashboard.sample_keys_by_status)
 
     def _ready_protocols(self) -> None:
         # Protocol history migration (seed 003): the indexer producer, the dashboard card, the
         # scrape-time metrics, the admin pages and the Celery tasks.
         from fleetops.observability import registry
+        from fleetops.observability.heartbeats import expect_one_shot
         from indexer.producers import register_producer
         from migrations_app.protocols import admin, dashboard, metrics, producer, tasks  # noqa: F401
 
         register_producer(producer.PRODUCER)
+        # A migration runs once to its handoff (one heartbeat row per chain): finished, not stale,
+        # once it completed.
+        for migration in ("history", "current_state"):
+            expect_one_shot(f"protocols.{migration}.*")
         registry.register_collector("protocols", metrics.collect_states)
         registry.register_card(dashboard.CARD)
         registry.register_status_check("protocols", dashboard.check_protocols)

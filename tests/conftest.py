@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pytest_django.fixtures import validate_django_db
 from rest_framework.test import APIClient
 
 from fleetops.access.models import Organization, Role
@@ -80,3 +81,35 @@ def superuser(db) -> Any:
 @pytest.fixture
 def members(viewer, operator, admin_member) -> dict[str, Member]:
     return {Role.VIEWER: viewer, Role.OPERATOR: operator, Role.ADMIN: admin_member}
+
+
+# --- the order tests run in ------------------------------------------------------------------------
+
+
+def _database_use(item: pytest.Item) -> int:
+    """0: no database, 1: rolled back after each test, 2: committed (and flushed after each test)."""
+    marker = item.get_closest_marker("django_db")
+    fixtures = getattr(item, "fixturenames", ())
+    transactional = "transactional_db" in fixtures or "live_server" in fixtures
+    if marker is not None:
+        transaction, reset_sequences, *_ = validate_django_db(marker)
+        transactional = transactional or transaction or reset_sequences
+    if transactional:
+        return 2
+    return 1 if marker is not None or "db" in fixtures else 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, so that the suite's wall time on several xdist workers is not one long
+    test started last. pytest-django has already put the rolled-back tests before the committed ones
+    (a committed test flushes the database, which a rolled-back test after it must not see); that
+    order stays, and each part runs its `slow` tests first. Tests that use no database touch no
+    state a database test sees, so the slow ones among them start the run and the rest end it."""
+
+    def rank(item: pytest.Item) -> tuple[int, bool]:
+        use, slow = _database_use(item), item.get_closest_marker("slow") is not None
+        if use == 0:
+            return (0 if slow else 3), False
+        return use, not slow
+
+    items.sort(key=rank)  # stable: file order within each part

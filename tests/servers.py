@@ -3,12 +3,17 @@ wheel's binaries), a Redis database or a `redis-server` of its own, a RabbitMQ v
 
 Where a server cannot be had, `unavailable()` says what did not run: a skip on a developer's
 laptop, a failure under CI=true (CI must never pass by not running the outage tests).
+
+Under pytest-xdist each worker keeps to its own share of what is shared: its own block of ports
+(`free_port()`) and its own Redis database (`redis_test_db()`); the test database is already its own
+(pytest-django names it `test_<name>_gwN`), and virtual hosts and data directories are made fresh.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import socket
@@ -52,7 +57,47 @@ def wait_for(condition: Callable[[], T | None], *, timeout: float, what: str, st
         time.sleep(step)
 
 
+def worker_index() -> int:
+    """N on pytest-xdist's worker gwN, 0 without xdist: what a worker keeps its resources apart by."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+# Each worker's ports: a block of its own below the kernel's ephemeral range, so no other worker, no
+# outgoing connection and no bind(0) can take a port between the pick and the server's bind, or while
+# a test's own server is stopped (it restarts on the same port).
+FIRST_WORKER_PORT = 20000
+PORTS_PER_WORKER = 400
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server the test starts on it (and may restart on it).
+    From this worker's block when the ephemeral range leaves room for it (tried in random order, so
+    two concurrent runs rarely try the same one first), else one the kernel picks."""
+    start = FIRST_WORKER_PORT + worker_index() * PORTS_PER_WORKER
+    if start + PORTS_PER_WORKER <= _ephemeral_low():
+        block = range(start, start + PORTS_PER_WORKER)
+        for candidate in random.sample(block, len(block)):
+            if candidate not in _handed_out and _bindable(candidate):
+                _handed_out.add(candidate)
+                return candidate
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -181,16 +226,21 @@ def _libpq(url: str) -> str:
 
 # --- Redis ------------------------------------------------------------------------------------------
 
-# The demo and env.example use databases 0 (broker) and 1 (cache); the tests keep to their own.
+# The demo and env.example use databases 0 (broker) and 1 (cache); the tests keep to their own: 13
+# without xdist, and one each for up to 14 workers (13, 14, 15, then 2, 3, ...).
 REDIS_TEST_DB = 13
+
+
+def redis_test_db() -> int:
+    return (REDIS_TEST_DB - 2 + worker_index()) % 14 + 2
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """`redis://host:port/13` on the Redis answering on 127.0.0.1:6379, else on a `redis-server`
-    this test starts and stops."""
+    """`redis://host:port/<redis_test_db()>` on the Redis answering on 127.0.0.1:6379, else on a
+    `redis-server` this test starts and stops."""
     if port_answers("127.0.0.1", 6379):
-        yield f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+        yield f"redis://127.0.0.1:6379/{redis_test_db()}"
         return
     binary = shutil.which("redis-server")
     if binary is None:
@@ -203,7 +253,7 @@ def redis_server() -> Iterator[str]:
     )
     try:
         wait_for(lambda: port_answers("127.0.0.1", port), timeout=20, what="the test's redis-server")
-        yield f"redis://127.0.0.1:{port}/{REDIS_TEST_DB}"
+        yield f"redis://127.0.0.1:{port}/{redis_test_db()}"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -525,7 +525,10 @@ def test_the_key_restake_loops_outlive_a_postgres_restart_and_broadcast_every_at
     broadcast = Counter(
         (p["key_id"], p["round"], p["attempt"]) for p in (json.loads(raw) for raw in sim.broadcast_log)
     )
-    assert broadcast and max(broadcast.values()) == 1  # 0 double broadcasts: one per attempt at most
+    # One transaction per attempt: sent once, plus at most one re-send of the very same bytes when
+    # the first send's outcome was lost (an outage between the broadcast and its record).
+    assert broadcast and max(broadcast.values()) <= 2
+    assert len(set(sim.broadcast_log)) == len(broadcast)
     assert set(broadcast) <= {(t["key_id"], t["round"], t["attempt"]) for t in stored}
 
 

@@ -46,7 +46,12 @@ class IdempotentCommand(OrgScopedMixin, APIView):
         if data.get("fail") == "conflict":
             raise Conflict("refused", code="refused")
         calls.append(dict(request.data))
-        return Response({"n": len(calls), "echo": request.data}, status=201)
+        location = data.get("location")
+        return Response(
+            {"n": len(calls), "echo": request.data},
+            status=201,
+            headers={"Location": location} if isinstance(location, str) else None,
+        )
 
 
 class Crash(OrgScopedMixin, APIView):

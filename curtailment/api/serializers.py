@@ -8,9 +8,44 @@ from curtailment.models import TERMINATE_STATES, CurtailmentEvent, CurtailmentTa
 from curtailment.planning import TEXT_CAP, trimmed_snapshot
 from curtailment.selector import REASON_SELECTED, Plan
 from fleetops.api.fields import ReasonField
+from fleetops.api.serializers import InputSerializer
+
+EVENT_FIELDS = [
+    "uuid",
+    "state",
+    "mode",
+    "strategy",
+    "level",
+    "priority",
+    "scope_type",
+    "scope",
+    "target_kw",
+    "tolerance_kw",
+    "restore_batch_size",
+    "restore_batch_interval_sec",
+    "effective_batch_size",
+    "min_curtailed_duration_sec",
+    "max_duration_seconds",
+    "allow_unbounded",
+    "include_maintenance",
+    "force_include_maintenance",
+    "source_actor_type",
+    "source_actor_id",
+    "external_source",
+    "external_reference",
+    "idempotency_key",
+    "reason",
+    "started_at",
+    "ended_at",
+    "created_at",
+    "updated_at",
+]
+
+# Fields of an event that no input sets: named as read-only, not unknown, when a body has them.
+EVENT_READ_ONLY = frozenset([*EVENT_FIELDS, "decision_snapshot", "target_rollup"])
 
 
-class PlanInput(serializers.Serializer):
+class PlanInput(InputSerializer):
     scope_type = serializers.ChoiceField(choices=ScopeType.choices, default=ScopeType.WHOLE_ORG)
     device_identifiers = serializers.ListField(
         child=serializers.CharField(max_length=100), required=False, default=list, max_length=100_000
@@ -24,6 +59,8 @@ class PlanInput(serializers.Serializer):
 
 
 class StartInput(PlanInput):
+    read_only_names = EVENT_READ_ONLY
+
     # The event's title, not a reason for an action: its own cap (`curtailment.planning`).
     reason = serializers.CharField(max_length=TEXT_CAP, trim_whitespace=False)
     max_duration_seconds = serializers.IntegerField(required=False, default=0)
@@ -31,14 +68,20 @@ class StartInput(PlanInput):
     restore_batch_interval_sec = serializers.IntegerField(required=False, default=0)
     min_curtailed_duration_sec = serializers.IntegerField(required=False, default=0)
     allow_unbounded = serializers.BooleanField(default=False)
-    idempotency_key = serializers.CharField(required=False, allow_null=True, allow_blank=True, default=None)
-    external_source = serializers.CharField(required=False, allow_null=True, allow_blank=True, default=None)
+    idempotency_key = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, default=None, max_length=TEXT_CAP
+    )
+    external_source = serializers.CharField(
+        required=False, allow_null=True, allow_blank=True, default=None, max_length=TEXT_CAP
+    )
     external_reference = serializers.CharField(
-        required=False, allow_null=True, allow_blank=True, default=None
+        required=False, allow_null=True, allow_blank=True, default=None, max_length=TEXT_CAP
     )
 
 
-class UpdateInput(serializers.Serializer):
+class UpdateInput(InputSerializer):
+    read_only_names = EVENT_READ_ONLY
+
     # A new title for the event (its `reason` field).
     reason = serializers.CharField(max_length=TEXT_CAP, required=False, trim_whitespace=False)
     restore_batch_size = serializers.IntegerField(required=False)
@@ -46,12 +89,12 @@ class UpdateInput(serializers.Serializer):
     max_duration_seconds = serializers.IntegerField(required=False)
 
 
-class StopInput(serializers.Serializer):
+class StopInput(InputSerializer):
     force = serializers.BooleanField(default=False)
     reason = ReasonField(required=False)
 
 
-class TerminateInput(serializers.Serializer):
+class TerminateInput(InputSerializer):
     target_state = serializers.ChoiceField(choices=list(TERMINATE_STATES))
     reason = ReasonField()
 
@@ -104,38 +147,6 @@ class PlanOutput(serializers.Serializer):
             "estimated_remaining_power_kw": round(plan.estimated_remaining_power_kw, 3),
             "candidate_min_power_w": plan.floor_w,
         }
-
-
-EVENT_FIELDS = [
-    "uuid",
-    "state",
-    "mode",
-    "strategy",
-    "level",
-    "priority",
-    "scope_type",
-    "scope",
-    "target_kw",
-    "tolerance_kw",
-    "restore_batch_size",
-    "restore_batch_interval_sec",
-    "effective_batch_size",
-    "min_curtailed_duration_sec",
-    "max_duration_seconds",
-    "allow_unbounded",
-    "include_maintenance",
-    "force_include_maintenance",
-    "source_actor_type",
-    "source_actor_id",
-    "external_source",
-    "external_reference",
-    "idempotency_key",
-    "reason",
-    "started_at",
-    "ended_at",
-    "created_at",
-    "updated_at",
-]
 
 
 class EventListOutput(serializers.ModelSerializer):

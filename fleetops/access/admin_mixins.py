@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -141,6 +142,11 @@ class ReasonForm(forms.Form):
 ActionService = Callable[..., Any]
 
 
+def counted(n: int, opts: Any) -> str:
+    """`1 key`, `2 keys`: a count with the model's singular or plural name."""
+    return f"{n} {opts.verbose_name if n == 1 else opts.verbose_name_plural}"
+
+
 def reasoned_action(
     *,
     name: str,
@@ -193,7 +199,7 @@ def reasoned_action(
                 org=None,
                 required=required_role,
                 have=highest_role(user=request.user),
-                what=f"{name} on {refused} {modeladmin.model._meta.verbose_name_plural}",
+                what=f"{name} on {counted(refused, modeladmin.model._meta)}",
             )
             modeladmin.message_user(
                 request,
@@ -212,9 +218,9 @@ def reasoned_action(
                 unchanged += 1
             else:
                 changed += 1
-        verbose = modeladmin.model._meta.verbose_name_plural
         modeladmin.message_user(
-            request, f"{description}: {changed} {verbose} changed, {unchanged} unchanged."
+            request,
+            f"{description}: {counted(changed, modeladmin.model._meta)} changed, {unchanged} unchanged.",
         )
         for error in errors[:20]:
             modeladmin.message_user(request, error, messages.ERROR)
@@ -264,6 +270,8 @@ class ObjectAction:
     form_class: type[forms.Form] = ObjectActionForm
     is_available: Callable[[Any], bool] = lambda obj: True
     danger: bool = False
+    # The form's starting values from the object (an update form shows what it would change).
+    initial: Callable[[Any], dict[str, Any]] = lambda obj: {}
 
 
 class ObjectActionsMixin:
@@ -322,11 +330,9 @@ class ObjectActionsMixin:
                 have=highest_role(user=request.user),
                 what=f"{action.name} on {obj}",
             )
-            from django.core.exceptions import PermissionDenied
-
             raise PermissionDenied(f"{action.label} needs the {action.required_role.label} role.")
         opts = self.model._meta  # type: ignore[attr-defined]
-        form = action.form_class(request.POST or None)
+        form = action.form_class(request.POST or None, initial=action.initial(obj))
         if request.method == "POST" and form.is_valid():
             try:
                 message = action.handler(request, obj, form.cleaned_data)
@@ -344,3 +350,20 @@ class ObjectActionsMixin:
             "opts": opts,
         }
         return TemplateResponse(request, "admin/fleetops/object_action.html", context)
+
+
+DENIED_DEFAULT = "Your role does not allow this page or action."
+
+
+def denied_page(admin_site: Any, request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
+    """A refusal inside the console: the admin's own layout, the message naming the role needed
+    (the gate that raised has already written its `access.denied` row), and a 403 status."""
+    message = str(exc) or DENIED_DEFAULT
+    role = highest_role(user=request.user) if request.user.is_authenticated else None
+    context = {
+        **admin_site.each_context(request),
+        "title": "Permission denied",
+        "message": message,
+        "your_role": "superuser" if request.user.is_superuser else (role.label if role else "none"),
+    }
+    return TemplateResponse(request, "admin/fleetops/denied.html", context, status=403)

@@ -11,11 +11,14 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from fleetops.api.parsers import RequestTooLarge
 from fleetops.lib.errors import DomainError
 from fleetops.observability.metrics import API_ERRORS
 from fleetops.observability.outages import (
@@ -75,6 +78,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     headers: dict[str, str] = {}
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
+    elif isinstance(exc, RequestDataTooBig):
+        # Django's own upload limit (a body read through `request.body`): the parser's 413.
+        exc = RequestTooLarge()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
 
@@ -128,6 +134,9 @@ def database_unavailable_json() -> JsonResponse:
     return response
 
 
+# Exempt from CSRF: a POST, PATCH or DELETE to a path that does not exist is a 404 in the error
+# shape, not the CSRF middleware's HTML 403 (there is nothing here to protect).
+@csrf_exempt
 def api_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
     return _json_error(404, "not_found", f"No API endpoint at {request.path}.")
 

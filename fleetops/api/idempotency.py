@@ -6,7 +6,9 @@
    holder went silent for IDEMPOTENCY_STALE_SECONDS); completed replays the stored response.
 3. Run the view and store its response in ONE transaction: either both the effects and the stored
    response commit, or neither does. A crash between them is impossible, so a takeover of a stale
-   claim never repeats effects that committed.
+   claim never repeats effects that committed. What is stored is the response as sent: its JSON
+   bytes, its status and the headers a client reads (Content-Type, Location), so a replay is
+   byte-for-byte the first answer (a keyed request is always answered in JSON).
 4. A view that raised or answered 5xx releases the key (deletes the row) so the client may retry.
 """
 
@@ -22,6 +24,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.http import HttpResponse
+from django.http.response import HttpResponseBase
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -36,6 +41,8 @@ from fleetops.observability.metrics import IDEMPOTENCY_OUTCOMES
 
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
+# The response headers a replay repeats; the rest (request id, Vary, Allow) belong to each request.
+STORED_HEADERS = ("Content-Type", "Location")
 KEY_INVALID = "Idempotency-Key must be 1-255 printable ASCII characters."
 KEY_IN_FLIGHT = "A request with this Idempotency-Key is still being processed; retry shortly."
 KEY_REUSED = "This Idempotency-Key was already used with a different request (method, path or body)."
@@ -111,7 +118,49 @@ def _redacted(data: Any, fields: tuple[str, ...]) -> Any:
     return {k: (None if k in fields else v) for k, v in data.items()}
 
 
-ViewMethod = Callable[..., Response]
+def _render_json(view: Any, response: Response, data: Any) -> bytes:
+    """`data` as the JSON renderer sends it for this response (compact, UTF-8)."""
+    renderer = JSONRenderer()
+    context = {**view.get_renderer_context(), "response": response}
+    return renderer.render(data, renderer.media_type, context)
+
+
+def _rendered_as_json(view: Any, response: Response) -> None:
+    """Render the view's response now, in JSON whatever the negotiation chose, so the bytes stored
+    for replays are the bytes sent. DRF sees a rendered response and sends it as it is."""
+    renderer = JSONRenderer()
+    response.accepted_renderer = renderer
+    response.accepted_media_type = renderer.media_type
+    response.renderer_context = view.get_renderer_context()  # type: ignore[attr-defined]
+    response.render()
+
+
+def _stored_content(view: Any, response: HttpResponseBase, redact: tuple[str, ...]) -> bytes:
+    if not isinstance(response, Response):
+        return bytes(getattr(response, "content", b""))
+    _rendered_as_json(view, response)
+    if redact:
+        return _render_json(view, response, _redacted(response.data, redact))
+    return bytes(response.content)
+
+
+def replay_response(row: IdempotencyKey) -> HttpResponse:
+    """The stored response, as it was first sent."""
+    assert row.response_status is not None
+    if row.response_content is None:  # pragma: no cover - every completed row has it (constraint)
+        raise ValueError(f"idempotency key {row.pk} has no stored response")
+    replay = HttpResponse(bytes(row.response_content), status=row.response_status)
+    for name in STORED_HEADERS:
+        value = (row.response_headers or {}).get(name)
+        if value is not None:
+            replay[name] = value
+        elif name in replay:
+            del replay[name]
+    replay[REPLAY_HEADER] = "true"
+    return replay
+
+
+ViewMethod = Callable[..., HttpResponseBase]
 
 
 def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMethod]:
@@ -120,7 +169,7 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
 
     def decorator(view_method: ViewMethod) -> ViewMethod:
         @functools.wraps(view_method)
-        def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
+        def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:
             key = request.headers.get(HEADER)
             if key is None:
                 return view_method(self, request, *args, **kwargs)
@@ -136,11 +185,7 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
                 org=org, key=key, fingerprint=fingerprint, method=request.method or "", path=request.path
             )
             if claim.replay is not None:
-                return Response(
-                    claim.replay.response_body,
-                    status=claim.replay.response_status,
-                    headers={REPLAY_HEADER: "true"},
-                )
+                return replay_response(claim.replay)
             try:
                 # A refusal audited inside the view is written after this block, so the rollback of
                 # the refused request does not take its `access.denied` row with it.
@@ -148,6 +193,7 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
                     response = view_method(self, request, *args, **kwargs)
                     if response.status_code >= 500:
                         raise _ServerError(response)
+                    stored = _stored_content(self, response, redact)
                     transition_rows(
                         model=IdempotencyKey,
                         machine=IDEMPOTENCY_MACHINE,
@@ -155,7 +201,10 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
                         to=IdempotencyKey.State.COMPLETED,
                         updates={
                             "response_status": response.status_code,
-                            "response_body": _redacted(response.data, redact),
+                            "response_content": stored,
+                            "response_headers": {
+                                name: response[name] for name in STORED_HEADERS if name in response
+                            },
                             "completed_at": clock.now(),
                         },
                         operation="idempotency_complete",
@@ -175,6 +224,6 @@ def idempotent(*, redact: tuple[str, ...] = ()) -> Callable[[ViewMethod], ViewMe
 
 
 class _ServerError(Exception):
-    def __init__(self, response: Response):
+    def __init__(self, response: HttpResponseBase):
         super().__init__("view answered 5xx")
         self.response = response

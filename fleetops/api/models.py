@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
 from fleetops.lib.machine import Machine
@@ -30,6 +29,8 @@ class IdempotencyKey(models.Model):
             └──(view raised or answered 5xx)──> deleted, the key may be used again
             └──(holder crashed, stale after IDEMPOTENCY_STALE_SECONDS)──> taken over
 
+    The stored response is the one sent: its bytes, status and the headers a client reads
+    (Content-Type, Location), so a replay is byte-for-byte the first answer.
     Rows are pruned after IDEMPOTENCY_TTL_HOURS (24 h by default).
     """
 
@@ -42,7 +43,8 @@ class IdempotencyKey(models.Model):
     path = models.CharField(max_length=300)
     state = models.CharField(max_length=16, choices=State.choices, default=State.IN_FLIGHT)
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    response_content = models.BinaryField(null=True, blank=True)
+    response_headers = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField()
     locked_at = models.DateTimeField()
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -55,7 +57,7 @@ class IdempotencyKey(models.Model):
             ),
             models.CheckConstraint(
                 condition=models.Q(state=IDEMPOTENCY_MACHINE.initial)
-                | models.Q(response_status__isnull=False),
+                | models.Q(response_status__isnull=False, response_content__isnull=False),
                 name="idempotency_completed_has_response",
             ),
         ]

@@ -4,9 +4,10 @@ from celery import shared_task
 
 from fleetops.api.idempotency import idempotency_prune as _prune
 from fleetops.observability.context import bound
+from fleetops.observability.heartbeats import heartbeat_scope
 
 
 @shared_task(name="fleetops.api.tasks.idempotency_prune", ignore_result=True)
 def idempotency_prune() -> int:
-    with bound(actor="scheduler:platform.idempotency_prune"):
+    with bound(actor="scheduler:platform.idempotency_prune"), heartbeat_scope("platform.idempotency_prune"):
         return _prune()

@@ -58,6 +58,8 @@ class AuditEvent(models.Model):
             models.Index(fields=["org", "-id"], name="audit_org_id"),
             models.Index(fields=["org", "action", "-id"], name="audit_org_action_id"),
             models.Index(fields=["target_type", "target_id"], name="audit_target"),
+            # The actor filter. The search's GIN index is on an expression (migration 0003).
+            models.Index(fields=["actor_type", "actor_id", "-id"], name="audit_actor"),
         ]
         constraints = [
             models.CheckConstraint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -41,6 +42,44 @@ def _run(title: str, argv: list[str], env: dict[str, str]) -> None:
     say(f"ok: {title} ({time.monotonic() - started:.1f}s)")
 
 
+class _Alongside(threading.Thread):
+    """A check that runs while pytest does (its output kept and printed once pytest is done)."""
+
+    def __init__(self, title: str, argv: list[str], env: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.title, self.argv, self.env = title, argv, env
+        self.returncode: int | None = None
+        self.output = ""
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            result = subprocess.run(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                check=False,
+            )
+            self.returncode, self.output = result.returncode, result.stdout
+        except OSError as exc:
+            self.returncode, self.output = 1, f"{exc}\n"
+        self.seconds = time.monotonic() - started
+
+    def report(self) -> bool:
+        self.join()
+        say(f"{self.title} (ran alongside pytest)")
+        print(self.output, end="", flush=True)
+        if self.returncode != 0:
+            say(f"FAILED: {self.title} (exit {self.returncode}, {self.seconds:.1f}s)")
+            return False
+        say(f"ok: {self.title} ({self.seconds:.1f}s)")
+        return True
+
+
 def _database(env: dict[str, str], name: str) -> object | None:
     """Point env["DATABASE_URL"] at a database that exists; return the embedded server handle."""
     server = None
@@ -53,31 +92,99 @@ def _database(env: dict[str, str], name: str) -> object | None:
     return server
 
 
+WORKERS_VARIABLE = "FLEETOPS_TEST_WORKERS"
+# The default when FLEETOPS_TEST_WORKERS is unset: one worker per CPU, at most this many (each
+# worker creates and migrates a test database of its own).
+MAX_DEFAULT_WORKERS = 8
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _xdist_args(pytest_args: list[str]) -> tuple[list[str], str]:
+    """pytest-xdist's options for this run and how to say it. FLEETOPS_TEST_WORKERS is a number or
+    `auto` (one per CPU); 0 or 1 runs the tests in one process. -n, --numprocesses, --dist or
+    -p no:xdist given to the test command win over both."""
+    for i, arg in enumerate(pytest_args):
+        following = pytest_args[i + 1] if i + 1 < len(pytest_args) else ""
+        if arg.startswith(("-n", "--numprocesses", "--dist")) or "no:xdist" in (arg, following):
+            return [], "as the arguments say"
+    if importlib.util.find_spec("xdist") is None:
+        return [], "1 process (pytest-xdist is not installed)"
+    value = os.environ.get(WORKERS_VARIABLE, "").strip().lower()
+    if not value:
+        workers = min(_cpus(), MAX_DEFAULT_WORKERS)
+    elif value == "auto":
+        workers = _cpus()
+    elif value.isdigit():
+        workers = int(value)
+    else:
+        raise SystemExit(f"{WORKERS_VARIABLE} must be a number of workers or 'auto', not {value!r}")
+    if workers <= 1:
+        return [], f"1 process ({WORKERS_VARIABLE}={value})" if value else "1 process"
+    # loadgroup: tests marked xdist_group("name") all run on one worker, one after the other.
+    return ["-n", str(workers), "--dist", "loadgroup"], f"{workers} workers ({WORKERS_VARIABLE} to change)"
+
+
+CHROMIUM_VARIABLE = "FLEETOPS_CHROMIUM"
+
+
+def _browser_missing() -> str | None:
+    """Why the browser tests (tests/browser) will not run here, or None. They skip themselves (and
+    fail under CI=true); this says so once more at the end of the run, where it is seen."""
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    configured = os.environ.get(CHROMIUM_VARIABLE, "").strip()
+    if configured and not os.access(configured, os.X_OK):
+        return f"{CHROMIUM_VARIABLE}={configured} is not executable"
+    if configured:
+        return None
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return None
+    return f"no Chromium (install Debian's chromium package or set {CHROMIUM_VARIABLE})"
+
+
 def cmd_test(pytest_args: list[str]) -> int:
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="fleetops.settings.test", PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     _run("ruff check", [str(BIN / "ruff"), "check", "."], env)
     _run("ruff format --check", [str(BIN / "ruff"), "format", "--check", "."], env)
-    # mypy loads the settings module but never connects: any syntactically valid URL will do.
+    # mypy loads the settings module but never connects: any syntactically valid URL will do. It
+    # takes a CPU for a minute from a cold cache, so it runs while pytest does.
     mypy_env = dict(env)
     mypy_env.setdefault("DATABASE_URL", "postgresql://mypy@localhost/mypy")
-    _run("mypy", [str(BIN / "mypy"), "."], mypy_env)
-    server = _database(env, "fleetops")
+    mypy = _Alongside("mypy", [str(BIN / "mypy"), "."], mypy_env)
+    mypy.start()
     python = str(BIN / "python")
-    _run(
-        "makemigrations --check",
-        [python, "manage.py", "makemigrations", "--check", "--dry-run", "--settings=fleetops.settings.test"],
-        env,
-    )
-    say("pytest")
-    result = subprocess.run([python, "-m", "pytest", *pytest_args], cwd=ROOT, env=env, check=False)
+    try:
+        server = _database(env, "fleetops")
+        check = ["makemigrations", "--check", "--dry-run", "--settings=fleetops.settings.test"]
+        _run("makemigrations --check", [python, "manage.py", *check], env)
+    except SystemExit:
+        mypy.report()
+        raise
+    xdist, workers = _xdist_args(pytest_args)
+    say(f"pytest: {workers}")
+    started = time.monotonic()
+    result = subprocess.run([python, "-m", "pytest", *xdist, *pytest_args], cwd=ROOT, env=env, check=False)
+    elapsed = time.monotonic() - started
     del server  # the embedded server stops when this process exits
+    typed = mypy.report()
+    browser = _browser_missing()
+    if browser:
+        say(f"NOT RUN: the browser tests (tests/browser): {browser}")
     if result.returncode == 5:
         say("FAILED: pytest collected no tests")
         return 1
     if result.returncode != 0:
-        say(f"FAILED: pytest (exit {result.returncode})")
-    return result.returncode
+        say(f"FAILED: pytest (exit {result.returncode}, {elapsed:.1f}s)")
+        return result.returncode
+    say(f"ok: pytest ({elapsed:.1f}s)")
+    return 0 if typed else 1
 
 
 def _port_free(port: int) -> bool:
@@ -207,13 +314,10 @@ def _wait_http(url: str, timeout: float = 20) -> None:
             time.sleep(0.2)
 
 
-def _supervise(
-    env: dict[str, str], port: int, smoke: bool, fleet_url: str, chain_url: str, indexer_port: int
-) -> int:
-    from honcho.manager import Manager
-
-    manager = Manager()
-    processes = {
+def demo_processes(port: int, indexer_port: int) -> dict[str, list[str]]:
+    """The demo's processes, as the supervisor starts them (each in a process group of its own,
+    which it stops with one SIGTERM to the group)."""
+    return {
         "web": [
             str(BIN / "gunicorn"),
             "fleetops.wsgi",
@@ -231,6 +335,11 @@ def _supervise(
             "worker",
             "--loglevel",
             "INFO",
+            # Threads, not prefork: the supervisor's SIGTERM goes to the whole process group, and
+            # prefork children killed that way are logged as "exited with signal 15" errors; one
+            # process with a thread pool stops with a quiet warm shutdown.
+            "--pool",
+            "threads",
             "--concurrency",
             "2",
             "--hostname",
@@ -259,6 +368,15 @@ def _supervise(
             str(indexer_port),
         ],
     }
+
+
+def _supervise(
+    env: dict[str, str], port: int, smoke: bool, fleet_url: str, chain_url: str, indexer_port: int
+) -> int:
+    from honcho.manager import Manager
+
+    manager = Manager()
+    processes = demo_processes(port, indexer_port)
     for name, argv in processes.items():
         manager.add_process(name, shlex.join(argv), env=env, cwd=str(ROOT))
 

@@ -153,6 +153,16 @@ def run_smoke(base: str, indexer: str | None = None) -> bool:
         status == 200 and "Operations dashboard" in body,
         str(status),
     )
+    script = re.search(r'src="([^"]*/fleetops/console[^"]*\.js)"', body)
+    if script:
+        status, _ = _get(opener, urllib.parse.urljoin(base, script.group(1)))
+        check("the console's live script is served (static, no CDN)", status == 200, script.group(1))
+    else:
+        check("the dashboard references the console's live script", False, "no console.js <script>")
+    status, card = _get(opener, f"{base}/admin/live/card/platform/")
+    check(
+        "a dashboard card's live fragment answers", status == 200 and "data-live-status" in card, str(status)
+    )
 
     deadline = time.monotonic() + 120
     wanted = {"platform.worker", "curtailment.reconciler"}

@@ -18,6 +18,7 @@ class NotificationsConfig(AppConfig):
         schedules.declare(
             name="notifications.deliver_pending",
             task="fleetops.notifications.tasks.deliver_pending",
+            heartbeat="notifications.sweep",
             every_seconds=60,
             expires_seconds=50,
             description="Send deliveries still pending (a send task that never ran) and retry failed ones.",

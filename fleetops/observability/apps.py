@@ -17,6 +17,7 @@ class ObservabilityConfig(AppConfig):
         schedules.declare(
             name="platform.worker_heartbeat",
             task="fleetops.observability.tasks.worker_heartbeat",
+            heartbeat="platform.worker",
             every_seconds=30,
             expires_seconds=25,
             description="Beat -> broker -> worker -> database liveness probe (heartbeat platform.worker).",

@@ -17,12 +17,13 @@ A `--loop` outlives its dependencies and exits only on SIGTERM or SIGINT:
    stop is prompt, during a backoff too.
 
 `--once` runs one tick; a database or broker outage there is a one-line CommandError (exit 1).
+Bad numbers (`--interval -1`, `--batch-size 0`) are refused while the arguments are parsed, by the
+`type=` callables of `fleetops.lib.commands`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import socket
@@ -31,11 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import close_old_connections
 
 from fleetops.lib import clock
 from fleetops.lib.backoff import backoff_delay
+from fleetops.lib.commands import OperatorCommand, positive_float
 from fleetops.observability.context import bound
 from fleetops.observability.heartbeats import heartbeat_beat
 from fleetops.observability.outages import (
@@ -49,7 +51,6 @@ from fleetops.observability.outages import (
 
 log = logging.getLogger(__name__)
 
-MUST_BE_POSITIVE = "--{option} must be a number greater than 0 (got {value})."
 ONCE_UNAVAILABLE = "{reason}: {error}"
 
 BACKOFF_BASE_SECONDS = 1.0
@@ -79,21 +80,21 @@ class Outage:
         return details
 
 
-class TickCommand(BaseCommand):
+class TickCommand(OperatorCommand):
     actor: str  # the log context of every tick, e.g. "command:curtailment_reconcile"
     default_interval = 30.0
     default_max_backoff = 30.0
-    # Options that, when given, must be positive numbers (subclasses' `--batch-size` and the like).
-    positive_options: tuple[str, ...] = ("interval", "max_backoff", "batch_size")
 
     def add_arguments(self, parser: CommandParser) -> None:
         mode = parser.add_mutually_exclusive_group(required=True)
         mode.add_argument("--once", action="store_true", help="one tick, then exit")
         mode.add_argument("--loop", action="store_true", help="a tick every --interval seconds")
-        parser.add_argument("--interval", type=float, default=self.default_interval, help="seconds (> 0)")
+        parser.add_argument(
+            "--interval", type=positive_float, default=self.default_interval, help="seconds (> 0)"
+        )
         parser.add_argument(
             "--max-backoff",
-            type=float,
+            type=positive_float,
             default=self.default_max_backoff,
             help="longest wait in seconds before retrying a failed tick (full jitter, from 1 s up)",
         )
@@ -111,17 +112,7 @@ class TickCommand(BaseCommand):
         """The loop's heartbeat row: `loop.curtailment_reconcile` for `command:curtailment_reconcile`."""
         return "loop." + self.actor.partition(":")[2]
 
-    def validate(self, options: dict[str, Any]) -> None:
-        for name in self.positive_options:
-            value = options.get(name)
-            if value is None:
-                continue
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or value <= 0:
-                raise CommandError(MUST_BE_POSITIVE.format(option=name.replace("_", "-"), value=value))
-
     def handle(self, *args: Any, **options: Any) -> None:
-        self.validate(options)
         if options["once"]:
             try:
                 with bound(actor=self.actor):

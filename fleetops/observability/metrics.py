@@ -39,6 +39,12 @@ LOGIN_FAILURES = Counter(
     "fleetops_access_login_failures_total",
     "Failed interactive logins (including locked-out attempts).",
 )
+FAILED_AUTH = Counter(
+    "fleetops_access_failed_auth_total",
+    "API requests refused at token authentication, by outcome (invalid, revoked, expired, "
+    "owner_inactive; throttled: refused unchecked because the address failed too often).",
+    ["outcome"],
+)
 AUDIT_EVENTS = Counter(
     "fleetops_audit_events_total",
     "Audit rows written, by actor type.",

@@ -48,3 +48,21 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.holder} (token {self.token})"
+
+
+class MetricSample(models.Model):
+    """One sampled value of a dashboard series ("keys.failed", "curtailment.live_events") for one
+    organization (None: not per organization), written every few minutes by the platform tick from
+    the samplers apps register, and pruned after a day: the history behind the cards' sparklines
+    for series that have no history table of their own. Bounded: series x organizations x 288."""
+
+    series = models.CharField(max_length=80)
+    org_id = models.BigIntegerField(null=True, blank=True)
+    at = models.DateTimeField()
+    value = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["series", "at"], name="metricsample_series_at")]
+
+    def __str__(self) -> str:
+        return f"{self.series} {self.at:%H:%M} {self.value}"

@@ -13,8 +13,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from fleetops.lib import clock
 from fleetops.observability import registry
+from fleetops.observability.heartbeats import heartbeat_verdicts, schedule_last_runs
 from fleetops.observability.models import Heartbeat, Lease
-from fleetops.observability.registry import CheckResult, DashboardCard, Status
+from fleetops.observability.registry import CheckResult, DashboardCard
+from fleetops.observability.trends import platform_trends
 
 
 def check_database() -> CheckResult:
@@ -45,49 +47,52 @@ def check_beat() -> CheckResult:
     from django_celery_beat.models import PeriodicTask
 
     now = clock.now()
+    # Beat saves `last_run_at` only every few minutes; the heartbeat rows the tasks write are
+    # current, so a schedule that ran a minute ago never reads "never".
+    ran = schedule_last_runs()
     rows: list[dict[str, Any]] = []
-    status: Status = "ok"
+    late_names: list[str] = []
     for task in PeriodicTask.objects.select_related("interval", "crontab").order_by("name"):
         period = task.interval.schedule.run_every.total_seconds() if task.interval else 86400.0
+        last_run = max((t for t in (task.last_run_at, ran.get(task.name)) if t is not None), default=None)
         # A schedule that never ran is measured from when it was created or last changed, so a daily
         # job is not "late" an hour after a deploy.
-        since = task.last_run_at or task.date_changed
+        since = last_run or task.date_changed
         late = bool(task.enabled and since is not None and (now - since).total_seconds() > 2 * period + 60)
         rows.append(
             {
                 "schedule": task.name,
                 "enabled": task.enabled,
                 "every (s)": int(period),
-                "last run": task.last_run_at.isoformat() if task.last_run_at else "never",
+                "last run": last_run.isoformat(timespec="seconds") if last_run else "never",
                 "late": late,
             }
         )
         if late:
-            status = "warn"
-    summary = f"{len(rows)} schedules" + (", some late" if status == "warn" else "")
-    return CheckResult(status, summary, rows)
+            late_names.append(task.name)
+    summary = f"{len(rows)} schedules" + (f"; late: {', '.join(late_names)}" if late_names else "")
+    return CheckResult("warn" if late_names else "ok", summary, rows)
 
 
 def check_heartbeats() -> CheckResult:
-    now = clock.now()
-    stale_after = settings.FLEETOPS_HEARTBEAT_STALE_SECONDS
-    rows: list[dict[str, Any]] = []
-    status: Status = "ok"
-    for hb in Heartbeat.objects.all():
-        age = (now - hb.last_beat_at).total_seconds()
-        failing = hb.last_success_at is None or hb.last_success_at < hb.last_beat_at
-        rows.append(
-            {
-                "loop": hb.name,
-                "age (s)": round(age, 1),
-                "last duration (s)": round(hb.last_duration_seconds, 3),
-                "beats": hb.beats,
-                "last error": hb.last_error[:200] if failing else "",
-            }
-        )
-        if age > stale_after or failing:
-            status = "warn"
-    return CheckResult(status, f"{len(rows)} loops", rows)
+    """One row per loop with its own staleness threshold and, when it is not ok, why."""
+    verdicts = heartbeat_verdicts()
+    rows = [
+        {
+            "loop": v.name,
+            "status": v.status,
+            "age (s)": round(v.age_seconds, 1),
+            "stale after (s)": round(v.stale_after_seconds),
+            "why": v.reason,
+        }
+        for v in verdicts
+    ]
+    warned = [v.name for v in verdicts if v.status == "warn"]
+    finished = sum(1 for v in verdicts if v.status == "finished")
+    summary = f"{len(rows)} loops" + (f", {finished} finished" if finished else "")
+    if warned:
+        summary += "; not ok: " + ", ".join(warned)
+    return CheckResult("warn" if warned else "ok", summary, rows)
 
 
 def check_leases() -> CheckResult:
@@ -146,6 +151,16 @@ def collect_platform() -> Iterable[Metric]:
     yield beat
 
 
+# The card counts a day of audit rows up to this many and says "10,000+" beyond: refreshed every
+# few seconds per open dashboard, an exact count would read a busy day's rows each time.
+CARD_COUNT_CAP = 10_000
+
+
+def _bounded_count(rows: Any) -> int | str:
+    n = int(rows.order_by()[: CARD_COUNT_CAP + 1].count())
+    return f"{CARD_COUNT_CAP:,}+" if n > CARD_COUNT_CAP else n
+
+
 def platform_card_context(request: HttpRequest) -> dict[str, Any]:
     from fleetops.audit.models import AuditEvent
     from fleetops.audit.selectors import audit_event_visible_to
@@ -154,14 +169,13 @@ def platform_card_context(request: HttpRequest) -> dict[str, Any]:
     since = now - timedelta(hours=24)
     recent = audit_event_visible_to(user=request.user).filter(at__gte=since)
     heartbeats = [
-        {"name": hb.name, "age": (now - hb.last_beat_at).total_seconds(), "ok": not hb.last_error}
-        for hb in Heartbeat.objects.all()[:20]
+        {"name": v.name, "age": v.age_seconds, "status": v.status, "why": v.reason}
+        for v in heartbeat_verdicts(limit=20)
     ]
     return {
         "heartbeats": heartbeats,
-        "stale_after": settings.FLEETOPS_HEARTBEAT_STALE_SECONDS,
-        "audit_24h": recent.count(),
-        "denied_24h": recent.filter(action__in=AuditEvent.ATTENTION_ACTIONS).count(),
+        "audit_24h": _bounded_count(recent),
+        "denied_24h": _bounded_count(recent.filter(action__in=AuditEvent.ATTENTION_ACTIONS)),
     }
 
 
@@ -179,5 +193,6 @@ def register() -> None:
             template="observability/card_platform.html",
             context=platform_card_context,
             order=0,
+            trends=platform_trends,
         )
     )

@@ -24,18 +24,33 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class Trend:
+    """A sparkline under a card's title: `svg` from `fleetops.lib.charts.sparkline`, `caption` says
+    what it shows ("lag, 24 h")."""
+
+    key: str
+    caption: str
+    svg: str
+
+
+@dataclass(frozen=True)
 class DashboardCard:
     key: str
     title: str
     template: str
     context: Callable[[HttpRequest], dict[str, Any]]
     order: int = 100
+    # Sparklines drawn above the card's body (bounded reads: a day of samples at most).
+    trends: Callable[[HttpRequest], list[Trend]] | None = None
 
 
 _cards: dict[str, DashboardCard] = {}
 _status_checks: dict[str, Callable[[], CheckResult]] = {}
 _readiness_checks: dict[str, Callable[[], str | None]] = {}
 _collectors: dict[str, Callable[[], Iterable[Metric]]] = {}
+# (series, org id or None, value) rows sampled into `MetricSample` by the platform tick.
+Sample = tuple[str, int | None, float]
+_samplers: dict[str, Callable[[], Iterable[Sample]]] = {}
 
 
 def register_card(card: DashboardCard) -> None:
@@ -70,3 +85,13 @@ def register_collector(name: str, collect: Callable[[], Iterable[Metric]]) -> No
 
 def collectors() -> dict[str, Callable[[], Iterable[Metric]]]:
     return dict(_collectors)
+
+
+def register_sampler(name: str, sample: Callable[[], Iterable[Sample]]) -> None:
+    """A cheap function whose values are stored every few minutes as history for sparklines (only
+    for series with no history table of their own)."""
+    _samplers[name] = sample
+
+
+def samplers() -> dict[str, Callable[[], Iterable[Sample]]]:
+    return dict(_samplers)

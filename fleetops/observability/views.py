@@ -101,12 +101,21 @@ def ops_status(request: HttpRequest) -> HttpResponse:
         if any(c["status"] == "fail" for c in checks)
         else ("warn" if any(c["status"] == "warn" for c in checks) else "ok")
     )
+    # What makes the page not "ok", named at the top: the check and its summary (which says which
+    # loop or schedule, and why).
+    problems = [{"check": c["name"], "what": c["summary"]} for c in checks if c["status"] != "ok"]
     if request.GET.get("format") == "json" or "application/json" in request.headers.get("Accept", ""):
-        return JsonResponse({"status": overall, "checks": checks})
+        return JsonResponse({"status": overall, "problems": problems, "checks": checks})
     return render(
         request,
         "observability/ops_status.html",
-        {"checks": checks, "overall": overall, "title": "System status", "site_header": "FleetOps"},
+        {
+            "checks": checks,
+            "overall": overall,
+            "problems": problems,
+            "title": "System status",
+            "site_header": "FleetOps",
+        },
     )
 
 

@@ -70,6 +70,8 @@ class OutboxMessage(models.Model):
             models.Index(
                 fields=["available_at"], condition=Q(status=OutboxStatus.PENDING), name="outbox_pending_due"
             ),
+            # The console's search by the request that queued a message.
+            models.Index(fields=["request_id"], name="outbox_request_id"),
         ]
 
     def __str__(self) -> str:

@@ -15,6 +15,7 @@ from fleetops.settings.env import (
     env_database,
     env_int,
     env_list,
+    env_rate,
     env_str,
 )
 
@@ -117,6 +118,8 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))
+# The console's own script and stylesheet (fleetops/static/fleetops/): plain files, no build step.
+STATICFILES_DIRS = [BASE_DIR / "fleetops" / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -143,7 +146,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["fleetops.access.permissions.OrgRolePermission"],
     "DEFAULT_PAGINATION_CLASS": "fleetops.api.pagination.KeysetPagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular plus the error responses of every operation.
+    "DEFAULT_SCHEMA_CLASS": "fleetops.api.schema.FleetOpsAutoSchema",
     "EXCEPTION_HANDLER": "fleetops.api.errors.api_exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
         # DRF's anon/user throttles, failing open while their cache (Redis) is unreachable.
@@ -151,13 +155,17 @@ REST_FRAMEWORK = {
         "fleetops.api.throttling.UserThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
-        "anon": env_str("API_THROTTLE_ANON", "60/min"),
-        "user": env_str("API_THROTTLE_USER", "1200/min"),
+        "anon": env_rate("API_THROTTLE_ANON", "60/min"),
+        "user": env_rate("API_THROTTLE_USER", "1200/min"),
+        # Invalid, revoked or expired API tokens per client address (fleetops.access.authentication).
+        "failed_auth": env_rate("API_THROTTLE_FAILED_AUTH", "20/min"),
     },
-    "DEFAULT_RENDERER_CLASSES": [
-        "rest_framework.renderers.JSONRenderer",
-        "rest_framework.renderers.BrowsableAPIRenderer",
-    ],
+    # The client address for the throttles: the Nth address from the right of X-Forwarded-For, or
+    # REMOTE_ADDR when 0 (no proxy in front, so the header is the client's to forge).
+    "NUM_PROXIES": env_int("API_NUM_PROXIES", 0, min_value=0, max_value=10),
+    # JSON in, JSON out: no browsable API (humans read /api/docs/) and no form bodies.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["fleetops.api.parsers.StrictJSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -175,6 +183,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "fleetops.api.schema.error_responses_hook",
+    ],
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     # Several apps have a `state` field; name their enums after the model, not a hash.
     "ENUM_NAME_OVERRIDES": {
@@ -229,6 +241,10 @@ FLEETOPS_IDEMPOTENCY_TTL_HOURS = env_int("IDEMPOTENCY_TTL_HOURS", 24, min_value=
 FLEETOPS_IDEMPOTENCY_STALE_SECONDS = env_int("IDEMPOTENCY_STALE_SECONDS", 300, min_value=10)
 FLEETOPS_API_PAGE_SIZE = env_int("API_PAGE_SIZE", 50, min_value=1, max_value=1000)
 FLEETOPS_API_MAX_PAGE_SIZE = env_int("API_MAX_PAGE_SIZE", 200, min_value=1, max_value=5000)
+# Request bodies (fleetops.api.parsers): larger is a 413 (a 100,000-device list fits in the
+# default); nested deeper is a 400 (no input nests beyond 3).
+FLEETOPS_API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 4 * 1024 * 1024, min_value=1024)
+FLEETOPS_API_MAX_JSON_DEPTH = env_int("API_MAX_JSON_DEPTH", 16, min_value=4, max_value=200)
 FLEETOPS_METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 FLEETOPS_HEARTBEAT_STALE_SECONDS = env_int("HEARTBEAT_STALE_SECONDS", 120, min_value=5)
 # Fleet gateway (curtailment): request timeout, concurrent requests per client, devices per command.
@@ -258,7 +274,16 @@ FLEETOPS_KEYS_VERIFY_BACKOFF_SECONDS = env_int("KEYS_VERIFY_BACKOFF_SECONDS", 30
 FLEETOPS_KEYS_VERIFY_MIN_GAP_SECONDS = env_int("KEYS_VERIFY_MIN_GAP_SECONDS", 5, min_value=0)
 FLEETOPS_KEYS_COOLDOWN_RESET_SECONDS = env_int("KEYS_COOLDOWN_RESET_SECONDS", 0, min_value=0)
 FLEETOPS_KEYS_STUCK_SECONDS = env_int("KEYS_STUCK_SECONDS", 600, min_value=1)
+# "Stuck" flags in the console (docs/operator-guide.md): a pending curtailment event older than
+# this; a restoring one past its restore plan (batches x interval) plus the grace; a protocol
+# history migration in progress whose cursor has not moved for this long.
+FLEETOPS_CURTAILMENT_PENDING_STUCK_SECONDS = env_int("CURTAILMENT_PENDING_STUCK_SECONDS", 600, min_value=1)
+FLEETOPS_CURTAILMENT_RESTORE_GRACE_SECONDS = env_int("CURTAILMENT_RESTORE_GRACE_SECONDS", 300, min_value=0)
+FLEETOPS_PROTOCOL_STUCK_SECONDS = env_int("PROTOCOL_STUCK_SECONDS", 900, min_value=1)
 FLEETOPS_KEYS_RPC_TIMEOUT_SECONDS = env_int("KEYS_RPC_TIMEOUT_SECONDS", 10, min_value=1)
+# How long after a broadcast whose outcome was lost (transport error) its hash is looked up on chain
+# (time for a tx the node did take to land, so it is found rather than re-sent).
+FLEETOPS_KEYS_LOOKUP_DELAY_SECONDS = env_int("KEYS_LOOKUP_DELAY_SECONDS", 5, min_value=0)
 # Notifications: webhook timeout and send attempts before a delivery is marked `error`.
 FLEETOPS_NOTIFICATION_TIMEOUT_SECONDS = env_int("NOTIFICATION_TIMEOUT_SECONDS", 5, min_value=1)
 FLEETOPS_NOTIFICATION_MAX_ATTEMPTS = env_int("NOTIFICATION_MAX_ATTEMPTS", 5, min_value=1)

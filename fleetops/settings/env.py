@@ -7,6 +7,7 @@ name in the message, not turn into a silent default three layers down.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +82,18 @@ def env_list(
             raise ImproperlyConfigured(f"Environment variable {name} is required but not set.")
         return list(default)
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+_RATE = re.compile(r"^[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)$")
+
+
+def env_rate(name: str, default: str = _MISSING, *, environ: Mapping[str, str] | None = None) -> str:
+    """A DRF throttle rate, `<requests>/<second|minute|hour|day>` (`20/min`), checked at start-up
+    rather than on the first throttled request."""
+    value = env_str(name, default, environ=environ).strip()
+    if not _RATE.match(value):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate like 20/min (per s, min, hour or day).")
+    return value
 
 
 def env_choice(

@@ -12,6 +12,9 @@ CELERY_BROKER_URL = env_broker_url("CELERY_BROKER_URL", schemes=NETWORK_BROKER_S
 
 # TLS terminates at the load balancer, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# ... and appends the client's address to X-Forwarded-For: the API throttles count that address,
+# not the balancer's (one address for every client). Count the proxies in front of gunicorn.
+REST_FRAMEWORK["NUM_PROXIES"] = env_int("API_NUM_PROXIES", 1, min_value=0, max_value=10)  # noqa: F405
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
 # The load balancer probes /health/* over plain HTTP inside the network.
 SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]

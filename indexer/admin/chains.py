@@ -1,6 +1,7 @@
 """Chains in the operator console: state (mode with the drawn `MODE_MACHINE`), sources, enrichment
 backlog and a lag chart, with the admin-role actions (retry poison height, pause, resume, roll back
-to a height with a confirmation page) and an operator-role re-queue; each calls its service."""
+to a height with a confirmation page) and the operator-role re-queue and "Tune limits" (max in
+flight, batch sizes, decode concurrency: live, from the writer's next step); each calls its service."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from fleetops.access.admin_mixins import (
 from fleetops.access.models import Role
 from fleetops.access.permissions import audit_denied
 from fleetops.access.selectors import highest_role
+from fleetops.admin_live import LiveObjectMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
+from fleetops.lib.charts import Marker, Series, line_chart
 from fleetops.lib.errors import DomainError
 from fleetops.observability.models import Lease
 from indexer import selectors, services
@@ -36,13 +39,40 @@ from indexer.admin.sources import SyncSourceInline
 from indexer.blocks import lease_name
 from indexer.models import MODE_MACHINE, Chain, IndexerState
 
-LAG_CHART_HOURS = 6
+LAG_WINDOWS = {
+    "1h": timedelta(hours=1),
+    "6h": timedelta(hours=6),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+}
+DEFAULT_LAG_WINDOW = "6h"
 
 
 class RollbackForm(ObjectActionForm):
     to_height = forms.IntegerField(
         min_value=0,
         help_text="Every block, transaction and event above this height is deleted and re-ingested.",
+    )
+
+
+class LimitsForm(ObjectActionForm):
+    max_in_flight = forms.IntegerField(min_value=1, max_value=256, required=False)
+    catchup_batch_size = forms.IntegerField(min_value=1, max_value=5000, required=False)
+    decode_concurrency = forms.IntegerField(min_value=1, max_value=64, required=False)
+    enrichment_batch_size = forms.IntegerField(min_value=1, max_value=10_000, required=False)
+
+
+def _limits(request: HttpRequest, chain: Chain, data: dict[str, Any]) -> str:
+    changes = services.chain_update_settings(
+        chain=chain,
+        actor=Actor.for_user(request.user),
+        reason=data["reason"],
+        **{name: data.get(name) for name in services.CHAIN_SETTING_BOUNDS},
+    )
+    if not changes:
+        return "Nothing changed."
+    return (
+        "Changed " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) + " (from the next step)."
     )
 
 
@@ -99,41 +129,56 @@ def _has_blocks(chain: Chain) -> bool:
     return state is not None and state.last_indexed_height is not None
 
 
+def lag_window(request: HttpRequest) -> str:
+    """The lag chart's window from `?window=` (1h, 6h, 24h, 7d); anything else is the default."""
+    value = request.GET.get("window", "")
+    return value if value in LAG_WINDOWS else DEFAULT_LAG_WINDOW
+
+
 def lag_chart(
-    chain: Chain, *, hours: int = LAG_CHART_HOURS, width: int = 640, height: int = 160
+    chain: Chain, *, window: str = DEFAULT_LAG_WINDOW, width: int = 720, height: int = 200
 ) -> dict[str, Any] | None:
-    """Lag (head - indexed, in blocks) over the last hours from ChainLagSample, as SVG points."""
-    since = clock.now() - timedelta(hours=hours)
-    samples = [
-        (at, max((head or 0) - (indexed or 0), 0))
-        for at, head, indexed in selectors.lag_samples(chain=chain, since=since)
-        if head is not None
-    ]
-    if not samples:
+    """Lag (head - indexed, in blocks) over the window from ChainLagSample, the worst lag per bucket
+    (about 120 buckets whatever the window), with the chain's reorgs, rollbacks and halts marked at
+    their time. Server-rendered SVG with a time axis."""
+    span = LAG_WINDOWS.get(window, LAG_WINDOWS[DEFAULT_LAG_WINDOW])
+    end = clock.now()
+    since = end - span
+    bucket = max(60, int(span.total_seconds() / 120))
+    rows = selectors.lag_series(chain=chain, since=since, bucket_seconds=bucket)
+    found = selectors.chain_markers(chain=chain, since=since)
+    if not rows and not found:
         return None
-    span = max((clock.now() - since).total_seconds(), 1.0)
-    top = max(lag for _, lag in samples) or 1
-
-    def x(at: Any) -> float:
-        return round((at - since).total_seconds() / span * width, 1)
-
-    def y(lag: int) -> float:
-        return round(height - lag / (top * 1.1) * height, 1)
-
+    markers = [Marker(at=at, kind=kind, label=label) for at, kind, label in found]
+    series = [Series("lag (blocks)", [(at, float(lag)) for at, lag, _ in rows])]
+    chart = line_chart(
+        series,
+        start=since,
+        end=end,
+        width=width,
+        height=height,
+        markers=markers,
+        label=f"lag in blocks between the chain head and the indexed height, last {window}",
+    )
     return {
-        "width": width,
-        "height": height,
-        "points": " ".join(f"{x(at)},{y(lag)}" for at, lag in samples),
-        "max_lag": top,
-        "last_lag": samples[-1][1],
-        "hours": hours,
-        "count": len(samples),
+        "svg": chart.svg,
+        "max_lag": max((lag for _, lag, _ in rows), default=0),
+        "last_lag": rows[-1][1] if rows else None,
+        "count": sum(n for _, _, n in rows),
+        "bucket": bucket,
+        "markers": markers,
     }
 
 
 @admin.register(Chain)
-class ChainAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+class ChainAdmin(
+    LiveObjectMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+):
     change_form_template = "admin/indexer/chain/change_form.html"
+    # Indexer state, sources and the lag chart: refreshed in place (console.js) from one partial.
+    live_template = "admin/indexer/chain/live.html"
+    live_name = "chain"
+    live_interval_seconds = 5
     list_display = ["slug", "chain_id", "org", "mode", "head", "indexed", "lag", "leader"]
     list_select_related = ["org", "state"]
     # Only the organizations of the chains listed: a plain "org" filter would name every tenant.
@@ -158,6 +203,7 @@ class ChainAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, adm
             danger=True,
         ),
         ObjectAction("requeue_failed", "Re-queue failed enrichment", Role.OPERATOR, _requeue_failed),
+        ObjectAction("limits", "Tune limits", Role.OPERATOR, _limits, form_class=LimitsForm),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Chain]:
@@ -217,16 +263,19 @@ class ChainAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, adm
         chain = self.get_object(request, object_id)
         context = dict(extra_context or {})
         if chain is not None:
-            status = selectors.chain_status(chain=chain)
-            context.update(
-                {
-                    "status": status,
-                    "mode_badge": mode_badge(status.mode if _state(chain) else None, paused=status.paused),
-                    "chart": lag_chart(chain),
-                    "chart_hours": LAG_CHART_HOURS,
-                }
-            )
+            context.update(self.full_live_context(request, chain))
         return super().change_view(request, object_id, form_url, context)
+
+    def live_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        status = selectors.chain_status(chain=obj)
+        window = lag_window(request)
+        return {
+            "status": status,
+            "mode_badge": mode_badge(status.mode if _state(obj) else None, paused=status.paused),
+            "chart": lag_chart(obj, window=window),
+            "chart_window": window,
+            "chart_windows": list(LAG_WINDOWS),
+        }
 
     def object_action_view(self, request: HttpRequest, object_id: str, action_name: str) -> HttpResponse:
         """Roll back asks twice: the form (height and reason), then a page that names what is deleted."""

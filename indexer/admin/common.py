@@ -36,6 +36,7 @@ STATUS_TONES = {
     ConnectionStatus.CONNECTED: "ok",
     ConnectionStatus.CONNECTED_DEGRADED: "warn",
     ConnectionStatus.DISCONNECTING: "muted",
+    ConnectionStatus.REFUSED: "fail",
 }
 HEALTH_TONES = {
     SourceHealth.HEALTHY: "ok",
@@ -67,6 +68,8 @@ def status_badge(source: SyncSource) -> SafeString:
     """`connected (degraded)` with its reasons, e.g. "historic range failed (partial data)"."""
     status = ConnectionStatus(source.connection_status)
     text = badge(str(status.label), STATUS_TONES.get(status, "muted"))
+    if status == ConnectionStatus.REFUSED and source.refused_reason:
+        return format_html('{}<br><small class="fo-reasons">{}</small>', text, source.refused_reason[:200])
     reasons = selectors.source_status(source).degraded_reasons if source.degraded_reasons else []
     if not reasons:
         return text

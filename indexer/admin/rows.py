@@ -19,6 +19,7 @@ from fleetops.access.admin_mixins import ReasonField, StateDiagramMixin
 from fleetops.access.models import Role
 from fleetops.access.permissions import audit_denied
 from fleetops.access.selectors import highest_role, org_ids_with_role
+from fleetops.admin_live import ColumnPriorityMixin
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib.errors import DomainError
@@ -113,8 +114,13 @@ class TransactionAdmin(ReadOnlyBigTableAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(ReadOnlyBigTableAdmin):
+class EventAdmin(ColumnPriorityMixin, ReadOnlyBigTableAdmin):
     list_display = ["id", "height", "chain", "phase", "tx_index", "event_index", "type", "short_attributes"]
+    # On a narrow changelist these move into the row's "Details" disclosure.
+    secondary_columns = ("tx_index", "event_index")
+    collapse_below_px = 1000
+    narrow_columns = ("chain", "phase")
+    narrow_below_px = 760
     search_help_text = "A height, or an exact event type (e.g. transfer)."
     # (chain, id) is the event_chain_id index.
     chain_ordering = ("-id",)
@@ -198,8 +204,11 @@ requeue_selected.required_role = Role.OPERATOR  # type: ignore[attr-defined]
 
 
 @admin.register(Enrichment)
-class EnrichmentAdmin(StateDiagramMixin, ReadOnlyBigTableAdmin):
+class EnrichmentAdmin(ColumnPriorityMixin, StateDiagramMixin, ReadOnlyBigTableAdmin):
     state_machines = [ENRICHMENT_MACHINE]
+    # On a narrow changelist these move into the row's "Details" disclosure.
+    secondary_columns = ("chain", "phase", "event_index", "encoding", "next_attempt_at", "updated_at")
+    collapse_below_px = 1100
     list_display = [
         "id",
         "height",

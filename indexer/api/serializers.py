@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from fleetops.api.fields import ReasonField
+from fleetops.api.serializers import InputSerializer
 from indexer.models import Block, Chain, Enrichment, Event, Mode, Transaction
 from indexer.selectors import ChainStatus, lag_of
 from indexer.services import REQUEUE_IDS_CAP
@@ -12,7 +13,7 @@ from indexer.services import REQUEUE_IDS_CAP
 # --- inputs ------------------------------------------------------------------------------------------
 
 
-class ChainActionInput(serializers.Serializer):
+class ChainActionInput(InputSerializer):
     reason = ReasonField()
 
 
@@ -56,8 +57,9 @@ class SyncSourceOutput(serializers.Serializer):
     priority = serializers.IntegerField()
     enabled = serializers.BooleanField()
     connection_status = serializers.IntegerField(
-        help_text="0 disconnected, 1 connecting, 2 syncing, 3 connected, 4 connected (degraded), "
-        "5 disconnecting."
+        help_text="0 disconnected, 1 connecting, 2 syncing, 3 connected, 4 connected (degraded: "
+        "partial data), 5 disconnecting (intentional), 6 refused (DNS, TLS or protocol error; until "
+        "an operator re-enables it)."
     )
     connection_status_label = serializers.CharField()
     degraded_reasons = SourceDegradedReasonOutput(many=True)
@@ -75,6 +77,9 @@ class SyncSourceOutput(serializers.Serializer):
     head_height = serializers.IntegerField(allow_null=True)
     latency_ms = serializers.FloatField(allow_null=True)
     last_error = serializers.CharField()
+    refused_reason = serializers.CharField(
+        help_text="Why the source was refused (status 6); empty otherwise."
+    )
 
 
 class ChainRollbackRequestOutput(serializers.Serializer):

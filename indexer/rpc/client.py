@@ -1,10 +1,12 @@
 """CometBFT RPC client: real HTTP, timeouts, retries with backoff and jitter, failover between
-sources by health and priority, per-source metrics.
+sources by health, head lag and priority, per-source metrics.
 
 A source that fails is backed off (5 s doubling to 1 h) and the next best source is tried at once;
-a 429 parks the source for its Retry-After. `height ... is not available` is a fact about that
-source's history (pruned, or not there yet), not an outage: the next source is asked, and if none
-has it the caller gets HeightUnavailable.
+a 429 parks the source for its Retry-After. A malformed answer (`parse.MalformedResponse`: a wrong
+type, a missing field, a body that is not JSON, a /block and /block_results that disagree) is such a
+failure too, recorded as `malformed: …` in the source's `last_error`, never read as an empty block.
+`height ... is not available` is a fact about that source's history (pruned, or not there yet),
+not an outage: the next source is asked, and if none has it the caller gets HeightUnavailable.
 
 Per-source health stays in memory (monotonic times drive the backoff; wall-clock times from
 `fleetops.lib.clock` are kept beside them for the SyncSource rows that `indexer.sources` writes after
@@ -30,6 +32,12 @@ from fleetops.lib import clock as wallclock
 from fleetops.lib.backoff import backoff_delay
 from indexer.metrics import RPC_LATENCY, RPC_REQUESTS
 from indexer.rpc import parse
+from indexer.rpc.errors import HeightUnavailable as HeightUnavailable
+from indexer.rpc.errors import RpcError as RpcError
+from indexer.rpc.errors import RpcRateLimited as RpcRateLimited
+from indexer.rpc.errors import RpcUnavailable as RpcUnavailable
+from indexer.rpc.errors import TxAlreadyKnown as TxAlreadyKnown
+from indexer.rpc.errors import TxNotFound as TxNotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,36 +45,18 @@ T = TypeVar("T")
 SOURCE_BACKOFF_BASE = 5.0
 SOURCE_BACKOFF_CAP = 3600.0
 PROBE_INTERVAL = 5.0  # seconds between /status probes of one source (head tracking of every source)
+LAGGING_HEAD_BLOCKS = 10  # a source this many blocks below the best head is lagging
+HEAD_FRESH_SECONDS = 60.0  # a /status answer older than this (monotonic) is not compared
+FORKED_BACKOFF_BASE = 60.0  # a source showing a fork the trusted sources do not: ranked last this long,
+FORKED_BACKOFF_CAP = 3600.0  # doubling each time it is caught again
 RECENT_WINDOW = 50  # request outcomes kept per source for the error rate
 LATENCY_SMOOTHING = 0.3  # weight of the newest sample in the moving average
 _HEIGHT_UNAVAILABLE = re.compile(r"(is not available|must be less than or equal to|lowest height is)", re.I)
 # Below the source's history (pruned), as opposed to above its head (not there yet).
 _PRUNED = re.compile(r"is not available|lowest height is", re.I)
 _LOWEST = re.compile(r"lowest height is (\d+)", re.I)
-
-
-class RpcError(Exception):
-    pass
-
-
-class RpcUnavailable(RpcError):
-    """Transport error, timeout or 5xx: nothing is known about the request's effect."""
-
-
-class RpcRateLimited(RpcUnavailable):
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class HeightUnavailable(RpcError):
-    """No source can serve the height (pruned below, or above its head). `sources` names the sources
-    that answered without it; `lowest` is the lowest height one of them said it still has."""
-
-    def __init__(self, message: str, *, sources: Sequence[str] = (), lowest: int | None = None):
-        super().__init__(message)
-        self.sources = tuple(sources)
-        self.lowest = lowest
+# Answers about one tx that are facts, not outages: no such committed tx, or the bytes are known.
+_TX_FACTS = {"tx": re.compile(r"tx \(\w*\) not found"), "broadcast_tx_sync": re.compile("in cache")}
 
 
 def lowest_available(error_text: str) -> int | None:
@@ -104,9 +94,15 @@ class SourceHealth:
     earliest_height: int | None = None
     status_at: float | None = None  # monotonic time of the last /status answer
     status_count: int = 0  # /status answers so far: tells a newer answer from an older one
+    catching_up: bool = False  # the source's own /status says it is still syncing
+    node_version: str = ""  # from its last /status: which encoding its event attributes use
     # Pruned heights this source could not serve since the last take_range_failures():
     # (lowest, highest, error text).
     missing_range: tuple[int, int, str] | None = None
+    # It showed a fork the trusted sources do not show (`demote_forked`): ranked last until then.
+    forked_until: float = 0.0
+    forked_detail: str = ""
+    forks: int = 0
 
     @property
     def error_rate(self) -> float:
@@ -138,9 +134,12 @@ class CometRpc:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         wall: Callable[[], datetime] | None = None,
+        lag_blocks: int = LAGGING_HEAD_BLOCKS,
     ):
         if not sources:
             raise ValueError("at least one RPC source is required")
+        self.timeout = timeout
+        self.lag_blocks = lag_blocks
         self._sources = [
             _Source(config=s, http=httpx.Client(base_url=s.url.rstrip("/"), timeout=timeout)) for s in sources
         ]
@@ -171,10 +170,30 @@ class CometRpc:
         return self._call("block", {"height": str(height)}, parse.parse_block)
 
     def block_results(self, height: int) -> parse.BlockResults:
-        return self._call("block_results", {"height": str(height)}, parse.parse_block_results)
+        return self._call(
+            "block_results", {"height": str(height)}, parse.parse_block_results, attributes=True
+        )
+
+    def block_with_results(self, height: int) -> tuple[parse.Block, parse.BlockResults]:
+        """`/block` and `/block_results` of one height from the same source, checked against each
+        other (the height asked for, one tx result per tx). A source whose answers disagree is
+        faulted like one that sent a malformed body, and the next source is asked."""
+        params = {"height": str(height)}
+
+        def both(source: _Source) -> tuple[parse.Block, parse.BlockResults]:
+            block = self._once(source, "block", params, parse.parse_block)
+            results = self._once(source, "block_results", params, parse.parse_block_results, attributes=True)
+            try:
+                parse.check_block_results(block, results, height=height)
+            except parse.MalformedResponse as exc:
+                self._malformed(source, "block_results", exc)
+                raise
+            return block, results
+
+        return self._failover(f"block+block_results {params}", both)
 
     def tx(self, tx_hash: str) -> parse.TxInfo:
-        return self._call("tx", {"hash": f"0x{tx_hash}"}, parse.parse_tx)
+        return self._call("tx", {"hash": f"0x{tx_hash}"}, parse.parse_tx, attributes=True)
 
     def broadcast_tx_sync(self, tx: bytes) -> parse.BroadcastResult:
         # One request to one source: after a timeout the node may have taken the tx, so re-sending is
@@ -222,11 +241,78 @@ class CometRpc:
                 pass  # recorded in the source's health by _once
         return self.heads()
 
+    def fresh_heads(self) -> dict[str, int]:
+        """Heads of the sources that answer now (no failure streak, not ranked down for a fork) from
+        a /status younger than HEAD_FRESH_SECONDS: the ones the chain head is agreed from."""
+        now = self.clock()
+        with self._lock:
+            return {
+                s.config.name: s.health.head_height
+                for s in self._sources
+                if s.health.head_height is not None
+                and s.health.consecutive_failures == 0
+                and s.health.forked_until <= now
+                and s.health.status_at is not None
+                and now - s.health.status_at <= HEAD_FRESH_SECONDS
+            }
+
+    def lagging(self) -> dict[str, int]:
+        """Sources whose fresh head is more than `lag_blocks` below the best fresh head, with how
+        many blocks they are behind. They are ranked last, and neither set the head nor show a reorg."""
+        heads = self.fresh_heads()
+        if not heads:
+            return {}
+        best = max(heads.values())
+        return {name: best - head for name, head in heads.items() if best - head > self.lag_blocks}
+
+    def block_from(self, name: str, height: int) -> parse.Block:
+        """`/block` of one named source: no retries, no failover (checking what another source said)."""
+        return self._once(self._by_name(name), "block", {"height": str(height)}, parse.parse_block)
+
+    def set_sources(self, sources: Sequence[SourceConfig]) -> bool:
+        """Take a new source list (an operator enabled, disabled or re-prioritized sources while
+        the process runs): a source kept by name keeps its health; a new one starts fresh; a removed
+        one is closed. Returns whether anything changed."""
+        if not sources:
+            raise ValueError("at least one RPC source is required")
+        with self._lock:
+            current = {s.config.name: s for s in self._sources}
+            if [s.config for s in self._sources] == list(sources):
+                return False
+            kept: list[_Source] = []
+            for config in sources:
+                known = current.pop(config.name, None)
+                if known is not None and known.config.url == config.url:
+                    known.config = config
+                    kept.append(known)
+                else:
+                    if known is not None:
+                        known.http.close()
+                    http = httpx.Client(base_url=config.url.rstrip("/"), timeout=self.timeout)
+                    kept.append(_Source(config=config, http=http))
+            for gone in current.values():
+                gone.http.close()
+            self._sources = kept
+        return True
+
     def mark_rate_limited(self, name: str, seconds: float) -> None:
         """Park a source for `seconds` (a 429 seen elsewhere, or an operator's cooldown)."""
         with self._lock:
             source = self._by_name(name)
             source.health.rate_limited_until = max(source.health.rate_limited_until, self.clock() + seconds)
+
+    def demote_forked(self, name: str, *, detail: str) -> float:
+        """`name` served a fork the trusted sources do not show: rank it last (and keep it out of the
+        trusted sources) for a backoff that doubles each time. Returns the seconds."""
+        with self._lock:
+            health = self._by_name(name).health
+            health.forks += 1
+            seconds = backoff_delay(
+                health.forks, base=FORKED_BACKOFF_BASE, cap=FORKED_BACKOFF_CAP, jitter=False
+            )
+            health.forked_until = self.clock() + seconds
+            health.forked_detail = f"{detail} (ranked last for {seconds:.0f} s)"[:300]
+        return seconds
 
     def take_range_failures(self) -> dict[str, tuple[int, int, str]]:
         """The pruned ranges each source failed to serve since the last call, and forget them."""
@@ -274,7 +360,9 @@ class CometRpc:
     # --- machinery ------------------------------------------------------------------------------------
 
     def ranked_sources(self) -> list[_Source]:
-        """Healthy sources by priority first; sources in backoff last, soonest retry first."""
+        """Healthy sources by priority first (lagging, self-declared catching-up or forked ones after
+        the others); sources in backoff last, soonest retry first."""
+        lagging = self.lagging()
         now = self.clock()
         with self._lock:
             ready = [
@@ -283,7 +371,13 @@ class CometRpc:
                 if s.health.next_retry_at <= now and s.health.rate_limited_until <= now
             ]
             waiting = [s for s in self._sources if s not in ready]
-        ready.sort(key=lambda s: (s.config.priority, s.health.consecutive_failures))
+        ready.sort(
+            key=lambda s: (
+                s.config.name in lagging or s.health.catching_up or s.health.forked_until > now,
+                s.config.priority,
+                s.health.consecutive_failures,
+            )
+        )
         waiting.sort(key=lambda s: max(s.health.next_retry_at, s.health.rate_limited_until))
         return ready + waiting
 
@@ -291,11 +385,29 @@ class CometRpc:
         self,
         method: str,
         params: dict[str, str],
-        parser: Callable[[Any], T],
+        parser: Callable[..., T],
+        *,
+        attempts: int | None = None,
+        failover: bool = True,
+        attributes: bool = False,
+    ) -> T:
+        return self._failover(
+            f"{method} {params}",
+            lambda source: self._once(source, method, params, parser, attributes=attributes),
+            attempts=attempts,
+            failover=failover,
+        )
+
+    def _failover(
+        self,
+        what: str,
+        ask: Callable[[_Source], T],
         *,
         attempts: int | None = None,
         failover: bool = True,
     ) -> T:
+        """`ask` the best source; on a fault (transport, 5xx, malformed answer) the next one at
+        once, then again after a jittered backoff, `attempts` rounds in all."""
         last_error: Exception | None = None
         missing_height: list[str] = []
         lowest: int | None = None
@@ -305,7 +417,7 @@ class CometRpc:
                 if source.config.name in missing_height:
                     continue
                 try:
-                    return self._once(source, method, params, parser)
+                    return ask(source)
                 except HeightUnavailable as exc:
                     missing_height.append(source.config.name)
                     last_error = exc
@@ -319,11 +431,24 @@ class CometRpc:
                 self.sleep(backoff_delay(attempt, base=self.retry_base, cap=self.retry_cap, rng=self.rng))
         if len(missing_height) == len(self._sources):
             raise HeightUnavailable(
-                f"{method} {params}: no source has it ({last_error})", sources=missing_height, lowest=lowest
+                f"{what}: no source has it ({last_error})", sources=missing_height, lowest=lowest
             )
-        raise RpcUnavailable(f"{method} {params}: every attempt failed: {last_error}") from last_error
+        raise RpcUnavailable(f"{what}: every attempt failed: {last_error}") from last_error
 
-    def _once(self, source: _Source, method: str, params: dict[str, str], parser: Callable[[Any], T]) -> T:
+    def _once(
+        self,
+        source: _Source,
+        method: str,
+        params: dict[str, str],
+        parser: Callable[..., T],
+        *,
+        attributes: bool = False,
+    ) -> T:
+        """One request to one source. With `attributes` the body carries event attributes, read in
+        the encoding of the source's node version (from its /status, asked first if this client has
+        not seen one from it; detected per body only when the version says nothing)."""
+        if attributes and not self._knows_version(source):
+            self._once(source, "status", {}, parse.parse_status)
         name = source.config.name
         started = self.clock()
         try:
@@ -344,7 +469,7 @@ class CometRpc:
         body: Any = None
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             body = None
         error_text = _error_text(body)
         if error_text and _HEIGHT_UNAVAILABLE.search(error_text):
@@ -354,15 +479,23 @@ class CometRpc:
             if _PRUNED.search(error_text) and params.get("height", "").isdigit():
                 self._missing(source, int(params["height"]), error_text)
             raise HeightUnavailable(f"{name}: {error_text}", sources=(name,), lowest=lowest)
-        if response.status_code >= 500 or body is None:
+        if error_text and method in _TX_FACTS and _TX_FACTS[method].search(error_text):
+            RPC_REQUESTS.labels(source=name, method=method, result="tx_fact").inc()
+            self._succeeded(source, latency)  # an answer about the tx, not a failing source
+            raise (TxNotFound if method == "tx" else TxAlreadyKnown)(f"{name}: {error_text}")
+        if response.status_code >= 500 or (body is None and response.status_code != 200):
             self._failed(source, f"HTTP {response.status_code}")
             RPC_REQUESTS.labels(source=name, method=method, result="unavailable").inc()
             raise RpcUnavailable(f"{name}: HTTP {response.status_code}")
         try:
-            parsed = parser(body)
+            if body is None:
+                raise parse.MalformedResponse("HTTP 200 but the body is not JSON")
+            if attributes:
+                parsed = parser(body, base64_attributes=self._attribute_encoding(source))
+            else:
+                parsed = parser(body)
         except parse.MalformedResponse as exc:
-            self._failed(source, f"malformed: {exc}")
-            RPC_REQUESTS.labels(source=name, method=method, result="malformed").inc()
+            self._malformed(source, method, exc)
             raise
         self._succeeded(source, latency, served=True)
         if isinstance(parsed, parse.Status):
@@ -371,8 +504,24 @@ class CometRpc:
                 source.health.earliest_height = parsed.earliest_height
                 source.health.status_at = self.clock()
                 source.health.status_count += 1
+                source.health.catching_up = parsed.catching_up
+                source.health.node_version = parsed.node_version
         RPC_REQUESTS.labels(source=name, method=method, result="ok").inc()
         return parsed
+
+    def _knows_version(self, source: _Source) -> bool:
+        with self._lock:
+            return source.health.status_count > 0
+
+    def _attribute_encoding(self, source: _Source) -> bool | None:
+        with self._lock:
+            return parse.attributes_base64_for(source.health.node_version)
+
+    def _malformed(self, source: _Source, method: str, exc: parse.MalformedResponse) -> None:
+        """A malformed answer is a fault of the source, recorded like an outage (backoff, the
+        failure streak, `last_error` for the SyncSource row's degraded detail)."""
+        self._failed(source, f"malformed: {exc}")
+        RPC_REQUESTS.labels(source=source.config.name, method=method, result="malformed").inc()
 
     def _missing(self, source: _Source, height: int, error: str) -> None:
         with self._lock:

@@ -1,11 +1,30 @@
 """Parse CometBFT JSON-RPC bodies (0.34, 0.37, 0.38) into plain values. Pure functions.
 
-Tolerant by design: nulls, missing and unknown fields are accepted; numbers may come as strings or
-ints; hashes are normalized to uppercase hex; event attributes may be base64 (0.34) or plain (0.37+).
-The encoding is decided once per response: if every attribute key of the response decodes as
-strict base64 into printable UTF-8, the response is base64-encoded; one plain key (`sender`,
-`amount`, ... are not valid base64) makes it plain. Mixing the two in one body does not happen in
-real nodes, and deciding per response avoids misreading a plain value that happens to be base64.
+Strict by design: every field is read as the JSON type CometBFT sends for it, and anything else
+raises `MalformedResponse` (a fault of the source: the client fails over, it is never read as an
+empty block or a zero). Per field:
+
+- integers: a JSON integer or a string of decimal digits (Go's int64 encoding), in range; never
+  null, "", a fraction or a boolean;
+- lists: a JSON list, or null where Go sends a nil slice (`txs_results`, the phase events,
+  `block.data.txs`, an event's `attributes`); never an object or a string;
+- objects: a JSON object where CometBFT always sends one (`block_id`, `block.header`,
+  `sync_info`, ...); never null;
+- booleans (`catching_up`, an attribute's `index`): JSON true/false only;
+- timestamps: RFC 3339 with up to nanoseconds and a zone, a real date and time;
+- hashes: hex (even length) or base64, uppercase hex out;
+- fields Go omits when empty (`omitempty`: a tx result's code, codespace, log, gas, events; an
+  event's type and attributes; an attribute's key, value, index) read as empty when absent, but
+  when present they must have their type. Keys CometBFT always sends (`height`, `txs_results`,
+  the phase events of the response's version, `block.data.txs`, ...) must be there.
+
+Across responses `CometRpc.block_with_results` checks that a height's /block and /block_results
+agree (same height, one tx result per tx): a list cut short in one of them is a fault too. An event
+list cut short cannot be told from a shorter one; nothing in a response counts its events.
+
+Event attributes: a 0.34 node sends keys and values base64-encoded, 0.37+ as text; both become one
+canonical text (`indexer.rpc.attributes`), in the encoding of the node's version when the caller
+knows it (the client does, from the source's /status), detected per body otherwise.
 """
 
 from __future__ import annotations
@@ -13,16 +32,34 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.utils.dateparse import parse_datetime
+# The attribute rules are part of the parser's interface (re-exported).
+from indexer.rpc.attributes import MARKER as MARKER
+from indexer.rpc.attributes import attribute_bytes as attribute_bytes
+from indexer.rpc.attributes import attributes_are_base64 as attributes_are_base64
+from indexer.rpc.attributes import attributes_base64_for as attributes_base64_for
+from indexer.rpc.attributes import canonical_bytes as canonical_bytes
+from indexer.rpc.attributes import canonical_text as canonical_text
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT32_MAX = 2**32 - 1
+
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+_MISSING: Any = object()
 
 
 class MalformedResponse(ValueError):
-    """The body is not a usable CometBFT response (no result, wrong types where it matters)."""
+    """The body is not a usable CometBFT response: no result, a wrong type, a missing required
+    field, an impossible value. A fault of the source that sent it."""
 
 
 @dataclass(frozen=True)
@@ -119,136 +156,190 @@ class NewBlock:
     events: tuple[Event, ...] = field(default=())
 
 
-# --- helpers -----------------------------------------------------------------------------------------
+# --- field readers -----------------------------------------------------------------------------------
 
 
-def result_of(body: Any) -> Mapping[str, Any]:
+def _bad(where: str, what: str, value: Any = _MISSING) -> MalformedResponse:
+    if value is _MISSING:
+        return MalformedResponse(f"{where}: {what}")
+    shown = repr(value)
+    return MalformedResponse(f"{where}: {what}, got {shown[:80]}{'…' if len(shown) > 80 else ''}")
+
+
+def _required(obj: Mapping[str, Any], key: str, where: str) -> Any:
+    value = obj.get(key, _MISSING)
+    if value is _MISSING:
+        raise _bad(f"{where}.{key}", "missing")
+    return value
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _bad(where, "not an object", value)
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    """A list, or null for Go's nil slice."""
+    if type(value) is list:
+        return value
+    if value is None:
+        return []
+    raise _bad(where, "not a list", value)
+
+
+def _str(value: Any, where: str) -> str:
+    if type(value) is not str:
+        raise _bad(where, "not a string", value)
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if type(value) is not bool:
+        raise _bad(where, "not a boolean", value)
+    return value
+
+
+def to_int(value: Any, where: str = "integer", *, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:
+    """A JSON integer or a string of decimal digits, within [minimum, maximum]."""
+    if type(value) is int:
+        number = value
+    elif type(value) is str and _INTEGER.fullmatch(value):
+        number = int(value)
+    else:
+        raise _bad(where, "not an integer", value)
+    if not minimum <= number <= maximum:
+        raise _bad(where, f"out of range [{minimum}, {maximum}]", value)
+    return number
+
+
+def _opt_int(
+    obj: Mapping[str, Any], key: str, where: str, *, minimum: int = INT64_MIN, maximum: int = INT64_MAX
+) -> int:
+    value = obj.get(key, _MISSING)
+    return 0 if value is _MISSING else to_int(value, f"{where}.{key}", minimum=minimum, maximum=maximum)
+
+
+def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key, _MISSING)
+    return "" if value is _MISSING else _str(value, f"{where}.{key}")
+
+
+def to_hash(value: Any, where: str = "hash", *, empty: bool = False) -> str:
+    """Uppercase hex; base64-encoded hashes (some encoders) are converted. "" only where `empty`."""
+    text = _str(value, where)
+    if not text:
+        if empty:
+            return ""
+        raise _bad(where, "empty hash")
+    if _HEX.fullmatch(text):
+        return text.upper()
+    try:
+        return base64.b64decode(text, validate=True).hex().upper()
+    except (binascii.Error, ValueError):
+        raise _bad(where, "not a hex or base64 hash", value) from None
+
+
+def to_time(value: Any, where: str = "time") -> datetime:
+    """RFC 3339 with up to nanoseconds (Python keeps microseconds) and a zone; a real instant."""
+    text = _str(value, where)
+    match = _TIME.fullmatch(text)
+    if match is None:
+        raise _bad(where, "not an RFC 3339 timestamp", value)
+    head, fraction, zone = match.groups()
+    micros = (fraction or "")[:6].ljust(6, "0")
+    try:
+        return datetime.fromisoformat(f"{head}.{micros}{'+00:00' if zone == 'Z' else zone}")
+    except ValueError:
+        raise _bad(where, "an impossible timestamp", value) from None
+
+
+def _b64(value: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(where, "not base64", value) from None
+
+
+def result_of(body: Any) -> dict[str, Any]:
     """The `result` of a JSON-RPC envelope (or the body itself when it is already unwrapped)."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict:
         raise MalformedResponse("response is not a JSON object")
-    if body.get("error"):
-        raise MalformedResponse(f"RPC error: {body['error']}")
+    if body.get("error") is not None:
+        raise MalformedResponse(f"RPC error: {str(body['error'])[:300]}")
     result = body.get("result", body if "jsonrpc" not in body else None)
-    if not isinstance(result, Mapping):
+    if type(result) is not dict:
         raise MalformedResponse("response has no result object")
     return result
 
 
-# `type(x) is dict` first: JSON bodies are plain dicts and lists, and an ABC isinstance check per
-# attribute was a third of the parse time of a 300-event block.
-def _is_mapping(value: Any) -> bool:
-    return type(value) is dict or isinstance(value, Mapping)
+# --- events ------------------------------------------------------------------------------------------
 
 
-def _obj(value: Any) -> Mapping[str, Any]:
-    return value if type(value) is dict or isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if type(value) is list or isinstance(value, list) else []
-
-
-def to_int(value: Any, default: int = 0) -> int:
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        return int(value)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise MalformedResponse(f"not an integer: {value!r}")
-
-
-def to_hash(value: Any) -> str:
-    """Uppercase hex; base64-encoded hashes (some encoders) are converted."""
-    if not value or not isinstance(value, str):
+def _attribute_text(value: Any, base64_attributes: bool) -> str | None:
+    """The stored text of an attribute key or value as sent (`_MISSING` when omitted); None when it
+    has the wrong type or is not base64 (the caller names the field: no path strings in the hot loop)."""
+    if type(value) is str:
+        if not base64_attributes:
+            return canonical_text(value)
+        if not value:
+            return ""
+        try:
+            return canonical_bytes(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            return None
+    if value is _MISSING or (value is None and base64_attributes):  # omitempty; 0.34's nil bytes
         return ""
-    text = value.strip()
-    try:
-        int(text, 16)
-        return text.upper()
-    except ValueError:
-        pass
-    try:
-        return base64.b64decode(text, validate=True).hex().upper()
-    except (binascii.Error, ValueError):
-        raise MalformedResponse(f"not a hash: {value!r}")
+    return None
 
 
-def to_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    # CometBFT prints nanoseconds; Python keeps microseconds.
-    text = value
-    if "." in text:
-        head, _, tail = text.partition(".")
-        digits = "".join(ch for ch in tail if ch.isdigit())
-        zone = tail[len(digits) :]
-        text = f"{head}.{digits[:6]}{zone}"
-    return parse_datetime(text)
-
-
-def _b64_text(value: str) -> str | None:
-    if not value or len(value) % 4:
-        return None
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
-    return decoded if decoded.isprintable() else None
-
-
-def _raw_attributes(events: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
-    for event in events:
-        for attribute in _list(_obj(event).get("attributes")):
-            if _is_mapping(attribute):
-                yield attribute
-
-
-def attributes_are_base64(event_lists: Iterable[Iterable[Any]]) -> bool:
-    # Stops at the first plain key (the common case on 0.37+ nodes decides on the first attribute).
-    seen = False
-    for events in event_lists:
-        for a in _raw_attributes(events):
-            key = a.get("key")
-            if isinstance(key, str) and key:
-                if _b64_text(key) is None:
-                    return False
-                seen = True
-    return seen
-
-
-def parse_events(events: Any, *, base64_attributes: bool) -> tuple[Event, ...]:
+def parse_events(events: Any, *, base64_attributes: bool, where: str = "events") -> tuple[Event, ...]:
     parsed = []
-    for event in _list(events):
-        event = _obj(event)
+    for i, event in enumerate(_list(events, where)):
+        if type(event) is not dict:
+            raise _bad(f"{where}[{i}]", "not an object", event)
+        kind = event.get("type", "")
+        if type(kind) is not str:
+            raise _bad(f"{where}[{i}].type", "not a string", kind)
+        raw_attributes = event.get("attributes")
+        if type(raw_attributes) is not list:
+            raw_attributes = _list(raw_attributes, f"{where}[{i}].attributes")
         attributes = []
-        for raw in _list(event.get("attributes")):
-            if not _is_mapping(raw):
-                continue
-            key, value = raw.get("key") or "", raw.get("value")
-            value = "" if value is None else value if type(value) is str else str(value)
-            if base64_attributes:
-                key = _b64_text(str(key)) or str(key)
-                value = (_b64_text(value) if value else "") or value
-            index = raw.get("index", False)
-            attributes.append(
-                _new_attribute(key if type(key) is str else str(key), value, index is True or bool(index))
-            )
-        parsed.append(Event(type=str(event.get("type") or ""), attributes=tuple(attributes)))
+        for j, attribute in enumerate(raw_attributes):
+            if type(attribute) is not dict:
+                raise _bad(f"{where}[{i}].attributes[{j}]", "not an object", attribute)
+            raw_key, raw_value = attribute.get("key", _MISSING), attribute.get("value", _MISSING)
+            key = _attribute_text(raw_key, base64_attributes)
+            value = _attribute_text(raw_value, base64_attributes)
+            index = attribute.get("index", False)
+            if key is None or value is None or type(index) is not bool:
+                name, got, what = (
+                    ("key", raw_key, "not a string")
+                    if key is None
+                    else ("value", raw_value, "not a string")
+                    if value is None
+                    else ("index", index, "not a boolean")
+                )
+                if type(got) is str:
+                    what = "not base64"
+                raise _bad(f"{where}[{i}].attributes[{j}].{name}", what, got)
+            attributes.append(_new_attribute(key, value, index))
+        parsed.append(Event(type=canonical_text(kind), attributes=tuple(attributes)))
     return tuple(parsed)
 
 
-def _tx_result(raw: Any, index: int, *, base64_attributes: bool) -> TxResult:
-    raw = _obj(raw)
+def _tx_result(raw: Any, index: int, where: str, *, base64_attributes: bool) -> TxResult:
+    result = _obj(raw, where)
     return TxResult(
         index=index,
-        code=to_int(raw.get("code")),
-        codespace=str(raw.get("codespace") or ""),
-        gas_wanted=to_int(raw.get("gas_wanted")),
-        gas_used=to_int(raw.get("gas_used")),
-        log=str(raw.get("log") or ""),
-        events=parse_events(raw.get("events"), base64_attributes=base64_attributes),
+        code=_opt_int(result, "code", where, minimum=0, maximum=UINT32_MAX),
+        codespace=_opt_str(result, "codespace", where),
+        gas_wanted=_opt_int(result, "gas_wanted", where),
+        gas_used=_opt_int(result, "gas_used", where),
+        log=_opt_str(result, "log", where),
+        events=parse_events(
+            result.get("events"), base64_attributes=base64_attributes, where=f"{where}.events"
+        ),
     )
 
 
@@ -257,109 +348,195 @@ def _tx_result(raw: Any, index: int, *, base64_attributes: bool) -> TxResult:
 
 def parse_status(body: Any) -> Status:
     result = result_of(body)
-    node, sync = _obj(result.get("node_info")), _obj(result.get("sync_info"))
-    if "latest_block_height" not in sync:
-        raise MalformedResponse("status has no sync_info.latest_block_height")
-    earliest = sync.get("earliest_block_height")
+    node = _obj(_required(result, "node_info", "status"), "status.node_info")
+    sync = _obj(_required(result, "sync_info", "status"), "status.sync_info")
+    earliest = sync.get("earliest_block_height", _MISSING)  # older nodes do not send it
     return Status(
-        chain_id=str(node.get("network") or ""),
-        latest_height=to_int(sync.get("latest_block_height")),
-        latest_block_hash=to_hash(sync.get("latest_block_hash")),
-        latest_block_time=to_time(sync.get("latest_block_time")),
-        earliest_height=to_int(earliest) if earliest not in (None, "") else None,
-        catching_up=bool(sync.get("catching_up", False)),
-        node_version=str(node.get("version") or ""),
+        chain_id=_str(_required(node, "network", "status.node_info"), "status.node_info.network"),
+        latest_height=to_int(
+            _required(sync, "latest_block_height", "status.sync_info"),
+            "status.sync_info.latest_block_height",
+            minimum=0,
+        ),
+        latest_block_hash=to_hash(
+            _required(sync, "latest_block_hash", "status.sync_info"),
+            "status.sync_info.latest_block_hash",
+            empty=True,
+        ),
+        latest_block_time=to_time(
+            _required(sync, "latest_block_time", "status.sync_info"), "status.sync_info.latest_block_time"
+        ),
+        earliest_height=None
+        if earliest is _MISSING
+        else to_int(earliest, "status.sync_info.earliest_block_height", minimum=0),
+        catching_up=_bool(_required(sync, "catching_up", "status.sync_info"), "status.sync_info.catching_up"),
+        node_version=_str(_required(node, "version", "status.node_info"), "status.node_info.version"),
     )
 
 
 def parse_block(body: Any) -> Block:
     result = result_of(body)
-    block = _obj(result.get("block"))
-    header = _obj(block.get("header"))
-    if "height" not in header:
-        raise MalformedResponse("block has no header.height")
+    block_id = _obj(_required(result, "block_id", "block"), "block.block_id")
+    block = _obj(_required(result, "block", "block"), "block.block")
+    header = _obj(_required(block, "header", "block.block"), "block.block.header")
+    data = _obj(_required(block, "data", "block.block"), "block.block.data")
+    where = "block.block.header"
+    last_block_id = _obj(_required(header, "last_block_id", where), f"{where}.last_block_id")
+    raw_txs = _list(_required(data, "txs", "block.block.data"), "block.block.data.txs")
     txs = []
-    for tx in _list(_obj(block.get("data")).get("txs")):
-        try:
-            txs.append(base64.b64decode(str(tx), validate=True))
-        except (binascii.Error, ValueError):
-            raise MalformedResponse("a block tx is not base64")
+    for i, tx in enumerate(raw_txs):
+        txs.append(_b64(_str(tx, f"block.block.data.txs[{i}]"), f"block.block.data.txs[{i}]"))
     return Block(
-        height=to_int(header.get("height")),
-        hash=to_hash(_obj(result.get("block_id")).get("hash")),
-        parent_hash=to_hash(_obj(header.get("last_block_id")).get("hash")),
-        time=to_time(header.get("time")),
-        chain_id=str(header.get("chain_id") or ""),
-        proposer=to_hash(header.get("proposer_address")),
+        height=to_int(_required(header, "height", where), f"{where}.height", minimum=1),
+        hash=to_hash(_required(block_id, "hash", "block.block_id"), "block.block_id.hash"),
+        # Empty at a chain's first block (its initial height need not be 1).
+        parent_hash=to_hash(
+            _required(last_block_id, "hash", f"{where}.last_block_id"),
+            f"{where}.last_block_id.hash",
+            empty=True,
+        ),
+        time=to_time(_required(header, "time", where), f"{where}.time"),
+        chain_id=_str(_required(header, "chain_id", where), f"{where}.chain_id"),
+        proposer=to_hash(_required(header, "proposer_address", where), f"{where}.proposer_address"),
         txs=tuple(txs),
     )
 
 
-def parse_block_results(body: Any) -> BlockResults:
+_PHASES = ("begin_block_events", "end_block_events", "finalize_block_events")
+
+
+def parse_block_results(body: Any, *, base64_attributes: bool | None = None) -> BlockResults:
+    """`base64_attributes`: the node's encoding (`attributes_base64_for`), or None to detect it."""
     result = result_of(body)
-    if "height" not in result:
-        raise MalformedResponse("block_results has no height")
-    txs = _list(result.get("txs_results"))
-    phases = {
-        name: _list(result.get(name))
-        for name in ("begin_block_events", "end_block_events", "finalize_block_events")
-    }
-    encoded = attributes_are_base64([*phases.values(), *(_list(_obj(t).get("events")) for t in txs)])
+    height = to_int(_required(result, "height", "block_results"), "block_results.height", minimum=1)
+    txs = _list(_required(result, "txs_results", "block_results"), "block_results.txs_results")
+    # 0.34 / 0.37 send begin_block_events and end_block_events, 0.38 finalize_block_events.
+    if "finalize_block_events" not in result:
+        _required(result, "begin_block_events", "block_results")
+        _required(result, "end_block_events", "block_results")
+    phases = {name: _list(result.get(name), f"block_results.{name}") for name in _PHASES}
+    app_hash = result.get("app_hash")
+    if app_hash is not None and type(app_hash) is not str:
+        raise _bad("block_results.app_hash", "not a string", app_hash)
+    if base64_attributes is None:
+        base64_attributes = attributes_are_base64(
+            [*phases.values(), *(t.get("events") for t in txs if type(t) is dict)]
+        )
     return BlockResults(
-        height=to_int(result.get("height")),
-        txs=tuple(_tx_result(t, i, base64_attributes=encoded) for i, t in enumerate(txs)),
-        begin_block_events=parse_events(phases["begin_block_events"], base64_attributes=encoded),
-        end_block_events=parse_events(phases["end_block_events"], base64_attributes=encoded),
-        finalize_block_events=parse_events(phases["finalize_block_events"], base64_attributes=encoded),
-        app_hash=str(result.get("app_hash") or ""),
+        height=height,
+        txs=tuple(
+            _tx_result(t, i, f"block_results.txs_results[{i}]", base64_attributes=base64_attributes)
+            for i, t in enumerate(txs)
+        ),
+        begin_block_events=parse_events(
+            phases["begin_block_events"],
+            base64_attributes=base64_attributes,
+            where="block_results.begin_block_events",
+        ),
+        end_block_events=parse_events(
+            phases["end_block_events"],
+            base64_attributes=base64_attributes,
+            where="block_results.end_block_events",
+        ),
+        finalize_block_events=parse_events(
+            phases["finalize_block_events"],
+            base64_attributes=base64_attributes,
+            where="block_results.finalize_block_events",
+        ),
+        app_hash=app_hash or "",
     )
 
 
-def parse_tx(body: Any) -> TxInfo:
+def check_block_results(block: Block, results: BlockResults, *, height: int | None = None) -> None:
+    """A height's /block and /block_results must agree: the same height (the one asked for) and
+    one tx result per tx. Raises MalformedResponse otherwise."""
+    if block.height != results.height:
+        raise MalformedResponse(f"/block is height {block.height} but /block_results is {results.height}")
+    if height is not None and block.height != height:
+        raise MalformedResponse(f"asked for height {height}, got {block.height}")
+    if len(block.txs) != len(results.txs):
+        raise MalformedResponse(
+            f"height {block.height}: {len(block.txs)} txs in /block but {len(results.txs)} tx results"
+        )
+
+
+def parse_tx(body: Any, *, base64_attributes: bool | None = None) -> TxInfo:
     result = result_of(body)
-    raw_result = _obj(result.get("tx_result"))
-    encoded = attributes_are_base64([_list(raw_result.get("events"))])
-    try:
-        tx = base64.b64decode(str(result.get("tx") or ""), validate=True)
-    except (binascii.Error, ValueError):
-        raise MalformedResponse("tx is not base64")
-    index = to_int(result.get("index"))
+    raw_result = _obj(_required(result, "tx_result", "tx"), "tx.tx_result")
+    if base64_attributes is None:
+        base64_attributes = attributes_are_base64([raw_result.get("events")])
+    index = to_int(_required(result, "index", "tx"), "tx.index", minimum=0)
     return TxInfo(
-        hash=to_hash(result.get("hash")),
-        height=to_int(result.get("height")),
+        hash=to_hash(_required(result, "hash", "tx"), "tx.hash"),
+        height=to_int(_required(result, "height", "tx"), "tx.height", minimum=1),
         index=index,
-        tx=tx,
-        result=_tx_result(raw_result, index, base64_attributes=encoded),
+        tx=_b64(_str(_required(result, "tx", "tx"), "tx.tx"), "tx.tx"),
+        result=_tx_result(raw_result, index, "tx.tx_result", base64_attributes=base64_attributes),
     )
 
 
 def parse_broadcast(body: Any) -> BroadcastResult:
     result = result_of(body)
     return BroadcastResult(
-        code=to_int(result.get("code")),
-        codespace=str(result.get("codespace") or ""),
-        hash=to_hash(result.get("hash")),
-        log=str(result.get("log") or ""),
+        code=_opt_int(result, "code", "broadcast", minimum=0, maximum=UINT32_MAX),
+        codespace=_opt_str(result, "codespace", "broadcast"),
+        # A tx CheckTx refused may come back without a hash.
+        hash=to_hash(result.get("hash", ""), "broadcast.hash", empty=True),
+        log=_opt_str(result, "log", "broadcast"),
     )
+
+
+_NEW_BLOCK_TYPES = ("tendermint/event/NewBlock", "tendermint/event/NewBlockHeader")
 
 
 def parse_new_block_event(message: Any) -> NewBlock | None:
     """A WebSocket message for tm.event='NewBlock' or 'NewBlockHeader'; None for anything else
-    (the subscription acknowledgement, other events)."""
-    result = _obj(_obj(message).get("result"))
-    value = _obj(_obj(result.get("data")).get("value"))
-    block = _obj(value.get("block"))
-    header = _obj(block.get("header")) or _obj(value.get("header"))
-    if "height" not in header:
+    (the subscription acknowledgement, other events). A NewBlock message of the wrong shape is
+    malformed."""
+    if type(message) is not dict:
+        raise MalformedResponse("message is not a JSON object")
+    result = message.get("result")
+    data = result.get("data") if type(result) is dict else None
+    if type(data) is not dict:
         return None
-    begin = _list(_obj(value.get("result_begin_block")).get("events"))
-    end = _list(_obj(value.get("result_end_block")).get("events"))
-    final = _list(_obj(value.get("result_finalize_block")).get("events"))
-    encoded = attributes_are_base64([begin, end, final])
-    events = tuple(parse_events(begin + end + final, base64_attributes=encoded))
+    value = data.get("value")
+    kind = data.get("type")
+    if type(value) is not dict:
+        if kind in _NEW_BLOCK_TYPES:
+            raise _bad("event.data.value", "not an object", value)
+        return None
+    block = value.get("block")
+    if kind not in _NEW_BLOCK_TYPES and not (
+        (type(block) is dict and "header" in block) or "header" in value
+    ):
+        return None
+    where = "event.data.value"
+    if block is not None:
+        header = _obj(
+            _required(_obj(block, f"{where}.block"), "header", f"{where}.block"), f"{where}.block.header"
+        )
+    else:
+        header = _obj(_required(value, "header", where), f"{where}.header")
+    phases = []
+    for name in ("result_begin_block", "result_end_block", "result_finalize_block"):
+        phase = value.get(name)
+        phases.append(
+            _list(_obj(phase, f"{where}.{name}").get("events"), f"{where}.{name}.events")
+            if phase is not None
+            else []
+        )
+    encoded = attributes_are_base64(phases)
+    block_id = value.get("block_id")
     return NewBlock(
-        height=to_int(header.get("height")),
-        hash=to_hash(_obj(value.get("block_id")).get("hash")),
-        time=to_time(header.get("time")),
-        events=events,
+        height=to_int(_required(header, "height", f"{where}.header"), f"{where}.header.height", minimum=1),
+        hash=""
+        if block_id is None
+        else to_hash(
+            _required(_obj(block_id, f"{where}.block_id"), "hash", f"{where}.block_id"),
+            f"{where}.block_id.hash",
+        ),
+        time=to_time(_required(header, "time", f"{where}.header"), f"{where}.header.time"),
+        events=parse_events(
+            phases[0] + phases[1] + phases[2], base64_attributes=encoded, where=f"{where}.events"
+        ),
     )

@@ -51,10 +51,12 @@ class HeadWatcher:
         open_timeout: float = 5.0,
         query: str = NEW_BLOCK_HEADER_QUERY,
         name: str = "",
+        source: str = "",
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ):
         self.url = url
+        self.source = source  # the sync source it was chosen for (`indexer.watch`); "" if by hand
         self.on_head = on_head
         self.reconnect_base, self.reconnect_cap = reconnect_base, reconnect_cap
         self.open_timeout = open_timeout
@@ -106,6 +108,11 @@ class HeadWatcher:
 
     def thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        """start() was called (it may have been stopped since)."""
+        return self._thread is not None
 
     def __enter__(self) -> HeadWatcher:
         return self.start()

@@ -1,4 +1,4 @@
-"""The key console: status badges, stuck-keys filter, history and transaction inlines, the
+"""The key console: status badges, stuck-keys filter, paginated history and transactions, the
 Migrate… and Retry actions (operator+, reason required), address groups and the org config.
 
 Imported from `MigrationsAppConfig.ready()` (the app's own `admin.py` belongs to the protocols).
@@ -11,7 +11,8 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import Count, QuerySet
+from django.core.paginator import Paginator
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
@@ -23,15 +24,23 @@ from fleetops.access.admin_mixins import (
     ReasonField,
     ReasonForm,
     StateDiagramMixin,
+    counted,
 )
 from fleetops.access.models import Organization, Role
 from fleetops.access.selectors import org_ids_for_user, org_ids_with_role
+from fleetops.admin_live import ColumnPriorityMixin, LiveChangelistMixin
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from fleetops.lib import clock
 from fleetops.lib.errors import DomainError
 from migrations_app.keys.common import MAX_KEY_IDS
-from migrations_app.keys.selectors import KeyFilter, migration_label, stuck_keys
+from migrations_app.keys.selectors import (
+    KeyFilter,
+    key_overdue,
+    migration_label,
+    overdue_keys,
+    stuck_keys,
+)
 from migrations_app.keys.services import (
     address_group_delete,
     address_group_save,
@@ -44,11 +53,13 @@ from migrations_app.models.keys import (
     KEY_MIGRATION_MACHINE,
     KEY_MIGRATION_RETRYABLE,
     AddressGroup,
+    BroadcastState,
     Key,
     KeyMigrationStatus,
     OrgKeyConfig,
     RemediationEntry,
     StakeTransaction,
+    StakeTxStatus,
 )
 
 BADGE_COLOURS: dict[str, str] = {
@@ -59,6 +70,7 @@ BADGE_COLOURS: dict[str, str] = {
     KeyMigrationStatus.FAILED: "#c53030",
 }
 MIGRATE_PREVIEW_IDS = 200
+HISTORY_PER_PAGE = 20
 
 
 class StuckFilter(admin.SimpleListFilter):
@@ -66,9 +78,14 @@ class StuckFilter(admin.SimpleListFilter):
     parameter_name = "stuck"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("yes", "Scheduled/retrying past the threshold")]
+        return [
+            ("yes", "Scheduled/retrying past the threshold"),
+            ("overdue", "Past next attempt + grace (not picked up)"),
+        ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Key]) -> QuerySet[Key]:
+        if self.value() == "overdue":
+            return overdue_keys(queryset)
         return stuck_keys(queryset) if self.value() == "yes" else queryset
 
 
@@ -89,65 +106,23 @@ class GroupFilter(admin.SimpleListFilter):
         return queryset.filter(address_group_id=int(value)) if value and value.isdigit() else queryset
 
 
-class RemediationEntryInline(admin.TabularInline):
-    model = RemediationEntry
-    extra = 0
-    can_delete = False
-    ordering = ["-id"]
-    fields = (
-        "created_at",
-        "outcome",
-        "round",
-        "attempt",
-        "message",
-        "error",
-        "tx_hash",
-        "result_code",
-        "actor_label",
-    )
-    readonly_fields = fields
-    verbose_name_plural = "migration history"
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return True  # whoever may view the key (the parent admin's org-scoped gate) reads its rows
-
-
-class StakeTransactionInline(admin.TabularInline):
-    model = StakeTransaction
-    extra = 0
-    can_delete = False
-    ordering = ["-id"]
-    fields = (
-        "created_at",
-        "round",
-        "attempt",
-        "status",
-        "broadcast_state",
-        "hash",
-        "execution_height",
-        "last_covered_height",
-        "timeout_height",
-        "landed_height",
-        "unavailable_checks",
-        "code",
-        "message",
-    )
-    readonly_fields = fields
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return True  # whoever may view the key (the parent admin's org-scoped gate) reads its rows
+def stake_tx_outcome(tx: StakeTransaction) -> str:
+    """One wording for a stake transaction: its verdict once it has one (the broadcast state means
+    nothing then), else where the broadcast is; an unknown outcome is looked up."""
+    if tx.status == StakeTxStatus.SUCCESS:
+        at = f" at height {tx.landed_height}" if tx.landed_height is not None else ""
+        return f"Succeeded on chain{at}"
+    if tx.status == StakeTxStatus.FAILURE:
+        if tx.landed_height is not None:
+            return f"Failed on chain at height {tx.landed_height} (code {tx.code})"
+        # Every broadcast row has its hash (committed before the call), so the hash cannot tell a
+        # refusal apart: a code with no landing and no `sent` is the node's CheckTx answer.
+        if tx.code is not None and tx.broadcast_state != BroadcastState.SENT:
+            return f"Rejected by the node at CheckTx (code {tx.code}); never on chain"
+        if tx.code is not None:
+            return f"Failed (code {tx.code})"
+        return "Failed: not on chain by its timeout height"
+    return f"Pending: {BroadcastState(tx.broadcast_state).label}"
 
 
 class MigrateForm(forms.Form):
@@ -281,7 +256,9 @@ def _retry_in_bulk(modeladmin: KeyAdmin, request: HttpRequest, queryset: QuerySe
                 break
             retried += len(result.retried)
             skipped += len(result.skipped)
-    modeladmin.message_user(request, f"{RETRY_DESCRIPTION}: {retried} keys changed, {skipped} unchanged.")
+    modeladmin.message_user(
+        request, f"{RETRY_DESCRIPTION}: {counted(retried, Key._meta)} changed, {skipped} unchanged."
+    )
     for error in errors[:20]:
         modeladmin.message_user(request, error, messages.ERROR)
 
@@ -297,22 +274,37 @@ def _retry_object(request: HttpRequest, key: Key, data: dict[str, Any]) -> str:
 
 @admin.register(Key)
 class KeyAdmin(
-    BigTableAdminMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+    LiveChangelistMixin,
+    ColumnPriorityMixin,
+    BigTableAdminMixin,
+    StateDiagramMixin,
+    ObjectActionsMixin,
+    OrgScopedAdminMixin,
+    admin.ModelAdmin,
 ):
-    change_form_template = "admin/fleetops/change_form_actions.html"
+    change_form_template = "admin/migrations_app/key/change_form.html"
     list_display = [
         "address",
         "address_group",
         "state",
         "migration_badge",
+        "stuck",
         "attempts",
         "migration_next_attempt_at",
         "last_error",
         "migration_manual_retries",
     ]
+    # On a narrow changelist these move into the row's "Details" disclosure (never hidden): group
+    # and state first, then next attempt, last error and manual retries; the address, the badge,
+    # the stuck flag and the attempts stay columns.
+    secondary_columns = ("address_group", "state")
+    collapse_below_px = 1400
+    narrow_columns = ("migration_next_attempt_at", "last_error", "migration_manual_retries")
+    narrow_below_px = 900
     list_filter = ["migration_status", StuckFilter, GroupFilter, "state"]
     list_select_related = ["address_group"]
     search_fields = ["=address", "=owner_address", "=public_key"]
+    search_help_text = "An address, an owner address or a public key (exact)."
     ordering = ["-id"]
     state_machines = [KEY_MIGRATION_MACHINE]
     readonly_fields = [f.name for f in Key._meta.fields] + ["migration_badge", "state_diagram"]
@@ -350,7 +342,8 @@ class KeyAdmin(
             },
         ),
     ]
-    inlines = [RemediationEntryInline, StakeTransactionInline]
+    # History and transactions are paginated tables on the change page (HISTORY_PER_PAGE rows), not
+    # inlines: a key with years of retries must not render thousands of rows nor stretch the page.
     actions = [migrate_keys, retry_keys]
     object_actions = (
         ObjectAction(
@@ -370,6 +363,47 @@ class KeyAdmin(
             BADGE_COLOURS.get(obj.migration_status, "#999"),
             migration_label(obj, now=clock.now()),
         )
+
+    @admin.display(description="Stuck")
+    def stuck(self, obj: Key) -> str:
+        why = key_overdue(obj)
+        return format_html('<span class="fo-stuck" title="{}">stuck</span>', why) if why else ""
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        key = self.get_object(request, object_id)
+        context = dict(extra_context or {})
+        if key is not None:
+            history = Paginator(RemediationEntry.objects.filter(key=key).order_by("-id"), HISTORY_PER_PAGE)
+            txs = Paginator(StakeTransaction.objects.filter(key=key).order_by("-id"), HISTORY_PER_PAGE)
+            tx_page = txs.get_page(request.GET.get("tx_page"))
+            tx_page.object_list = list(tx_page.object_list)
+            for tx in tx_page.object_list:
+                setattr(tx, "outcome_text", stake_tx_outcome(tx))  # noqa: B010 - read by the template
+            context.update(
+                history_page=history.get_page(request.GET.get("history_page")),
+                tx_page=tx_page,
+                stuck=key_overdue(key),
+            )
+        return super().change_view(request, object_id, form_url, context)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Key], search_term: str
+    ) -> tuple[QuerySet[Key], bool]:
+        """Exact matches on the indexed columns (a case-insensitive `=` lookup compares UPPER(...) and
+        reads every key); bech32 addresses and hex keys are stored lower-case, so the term is tried
+        as typed and lower-cased."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        terms = sorted({term, term.lower()})
+        matches = Q(address__in=terms) | Q(owner_address__in=terms) | Q(public_key__in=terms)
+        return queryset.filter(matches), False
 
     @admin.display(description="Attempts")
     def attempts(self, obj: Key) -> str:

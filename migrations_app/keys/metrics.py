@@ -14,7 +14,13 @@ ATTEMPTS = Counter(
 )
 BROADCASTS = Counter(
     "fleetops_keys_broadcasts_total",
-    "Stake tx broadcasts by result: sent, rejected (CheckTx), unknown (left to verification).",
+    "Stake tx broadcasts by result: sent, rejected (CheckTx), unknown (transport error: looked up by "
+    "hash); the one re-send of a tx missing on chain: resend_accepted, resend_rejected, resend_unknown.",
+    ["result"],
+)
+LOOKUPS = Counter(
+    "fleetops_keys_tx_lookups_total",
+    "Hash lookups of stake txs whose broadcast outcome was lost: found, missing, unavailable.",
     ["result"],
 )
 VERIFICATIONS = Counter(

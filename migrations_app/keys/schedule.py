@@ -5,7 +5,10 @@ One pass (`restake_tick`, beat every 30 s and `manage.py keys_restake`):
 1. Cool-down auto-reset of failed keys (only when KEYS_COOLDOWN_RESET_SECONDS is set).
 2. Recover orphans: pending transactions still `claimed` (never sent) whose claim is older than
    the lease belong to a worker that died between its claim and its broadcast. They are taken over
-   with a conditional UPDATE on the old claim and broadcast once, for the same attempt.
+   with a conditional UPDATE on the old claim and broadcast once, for the same attempt. Then settle
+   lost outcomes (`migrations_app.keys.outcomes`): transactions whose broadcast ended in a transport
+   error (`unknown`), or whose worker died in the call, are looked up by hash; found is the verdict,
+   missing is re-sent once with the same bytes.
 3. Claim batches. ONE statement per batch: due keys `FOR UPDATE SKIP LOCKED` (a range scan of the
    partial index on (next attempt, id)), the attempt counter incremented and the next attempt
    cleared, and the pending transaction inserted, then commit. Any number of workers can run this
@@ -15,11 +18,12 @@ One pass (`restake_tick`, beat every 30 s and `manage.py keys_restake`):
    never due (see the model docstring), so the claim does not probe the transactions table.
 4. Per batch, outside any transaction: one `/status` for the head height, then the deterministic tx
    bytes and hash. The kernel moves `claimed → broadcasting` (hash, heights) for rows still holding
-   our claim token and commits BEFORE the broadcast: a row whose claim was taken over is not ours to
-   send, and a crash from here on leaves a row that verification can settle by its hash. Then
-   `broadcast_tx_sync`.
+   our claim token and commits BEFORE the broadcast (restarting the claim's lease): a row whose
+   claim was taken over is not ours to send, and a crash from here on leaves a row the next pass
+   looks up by its hash. Then `broadcast_tx_sync`.
 5. Record: accepted → `sent` (one kernel UPDATE); refused by CheckTx → the attempt fails at once
-   (verdict); timeout or transport error → left `broadcasting` for verification, never re-sent.
+   (verdict); timeout or transport error → `unknown`, never a failed attempt: a later pass looks
+   the hash up (step 2) and verification's coverage scan covers it meanwhile.
 
 Every state the SQL here filters on or inserts is read from the machines in
 `migrations_app.models.keys` and passed as a parameter; the claim and the orphan takeover keep their
@@ -47,11 +51,12 @@ from fleetops.lib import clock
 from fleetops.lib.transition import transition_rows
 from fleetops.observability.heartbeats import heartbeat_scope
 from indexer.rpc import parse
-from indexer.rpc.client import RpcError
+from indexer.rpc.client import RpcError, TxAlreadyKnown
 from migrations_app.keys.chain import rpc_for, stake_payload, tx_bytes, tx_hash
 from migrations_app.keys.common import Verdict
 from migrations_app.keys.lifecycle import keys_cooldown_reset
 from migrations_app.keys.metrics import ATTEMPTS, BROADCASTS, SCHEDULE_DURATION, SCHEDULE_FAILURES
+from migrations_app.keys.outcomes import LookupResult, Lost, stake_txs_mark_unknown, stake_txs_resolve_unknown
 from migrations_app.keys.verdicts import stake_txs_resolve
 from migrations_app.models.keys import (
     BROADCAST_MACHINE,
@@ -148,6 +153,7 @@ class RestakeResult:
     not_ours: int = 0
     chain_unavailable: int = 0
     auto_reset: int = 0
+    lookups: LookupResult = field(default_factory=LookupResult)
     races_lost: int = 0
     duration: float = 0.0
     batches: int = 0
@@ -242,6 +248,8 @@ def stake_txs_mark_broadcasting(prepared: list[_Prepared], *, token: str) -> set
             to=BroadcastState.BROADCASTING,
             set_fields=("hash", "payload", "execution_height", "timeout_height"),
             match=("claim_token", "status"),
+            # The lease restarts here: a row still `broadcasting` past it belongs to a dead worker.
+            updates={"claimed_at": clock.now()},
             operation="keys_mark_broadcasting",
         )
     )
@@ -250,6 +258,8 @@ def stake_txs_mark_broadcasting(prepared: list[_Prepared], *, token: str) -> set
 def _broadcast(rpc: Any, item: _Prepared) -> tuple[_Prepared, str, parse.BroadcastResult | None, str]:
     try:
         result = rpc.broadcast_tx_sync(item.raw)
+    except TxAlreadyKnown:
+        return item, "sent", None, ""  # the node already holds these exact bytes
     except (RpcError, parse.MalformedResponse) as exc:
         return item, "unknown", None, str(exc)[:500]
     if result.code != 0:
@@ -306,11 +316,17 @@ def stake_txs_record_broadcasts(
     outcomes: list[tuple[_Prepared, str, parse.BroadcastResult | None, str]], result: RestakeResult
 ) -> None:
     """Step 5: the broadcasts' outcomes. `sent` rows move `broadcasting -> sent`; CheckTx refusals
-    are failed attempts (`stake_txs_resolve`); unknown outcomes wait for verification."""
+    are failed attempts (`stake_txs_resolve`); lost outcomes move `broadcasting -> unknown`
+    (`stake_txs_mark_unknown`), to be looked up by hash."""
     now = clock.now()
     sent = [p for p, kind, _, _ in outcomes if kind == "sent"]
     rejected = [(p, r, error) for p, kind, r, error in outcomes if kind == "rejected"]
-    result.unknown += sum(1 for _, kind, _, _ in outcomes if kind == "unknown")
+    lost = [
+        Lost(p.claim.tx_id, p.claim.key_id, p.claim.round, p.claim.attempt, p.hash, error)
+        for p, kind, _, error in outcomes
+        if kind == "unknown"
+    ]
+    result.unknown += len(lost)
     if sent:
         with transaction.atomic():
             # Lock the rows in id order (as every resolver does), then `broadcasting -> sent`
@@ -354,10 +370,8 @@ def stake_txs_record_broadcasts(
             )
         result.sent += len(sent)
         BROADCASTS.labels(result="sent").inc(len(sent))
-    for _, kind, _, error in outcomes:
-        if kind == "unknown":
-            BROADCASTS.labels(result="unknown").inc()
-            log.warning("stake tx broadcast outcome unknown; verification decides: %s", error)
+    if lost:
+        result.races_lost += len(lost) - len(stake_txs_mark_unknown(lost))
     if rejected:
         stake_txs_resolve(
             verdicts=[
@@ -389,6 +403,8 @@ def restake_tick(*, batch_size: int | None = None, max_batches: int | None = Non
             if recovered:
                 result.recovered = len(recovered)
                 broadcast_claims(recovered, token=token, result=result)
+            result.lookups = stake_txs_resolve_unknown(token=token, limit=size)
+            result.errors += result.lookups.errors
             while max_batches is None or result.batches < max_batches:
                 claims = claim_batch(token=token, limit=size)
                 if not claims:
@@ -399,7 +415,14 @@ def restake_tick(*, batch_size: int | None = None, max_batches: int | None = Non
                 if len(claims) < size:
                     break
             beat.details.update(
-                claimed=result.claimed, sent=result.sent, rejected=result.rejected, recovered=result.recovered
+                claimed=result.claimed,
+                sent=result.sent,
+                rejected=result.rejected,
+                recovered=result.recovered,
+                unknown=result.unknown,
+                looked_up=result.lookups.claimed,
+                found_on_chain=result.lookups.found,
+                resent=result.lookups.resent,
             )
     except Exception:
         SCHEDULE_FAILURES.labels(loop="restake").inc()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Min, QuerySet
+from django.db import connection
+from django.db.models import Count, Min, Q, QuerySet
 
 from fleetops.access.models import Organization
 from fleetops.lib import clock
@@ -108,10 +110,32 @@ class MigrationSummary:
     oldest_scheduled_at: datetime | None
 
 
+def bounded_counts_by_status(keys: QuerySet[Key], *, cap: int) -> dict[str, int]:
+    """Keys per migration status, each counted up to `cap` + 1 in one query: a LIMITed subquery per
+    status on the status index instead of a GROUP BY that reads every key."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for status in KeyMigrationStatus.values:
+        inner = keys.filter(migration_status=status).order_by().values("pk")[: cap + 1]
+        sql, inner_params = inner.query.sql_with_params()
+        # The subquery is Django's own compiled SQL; values travel as parameters.
+        parts.append(f"(SELECT COUNT(*) FROM ({sql}) AS bounded)")  # noqa: S608
+        params.extend(inner_params)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(parts)}", params)
+        row = cursor.fetchone()
+    return dict(zip(KeyMigrationStatus.values, (int(n) for n in row), strict=True))
+
+
+# The dashboard counts each migration status up to this many keys and shows "1,000+" beyond: a
+# GROUP BY over every key of a big fleet, every 15 s per open dashboard, reads the whole table.
+SUMMARY_COUNT_CAP = 1_000
+
+
 def migration_summary(*, keys: QuerySet[Key]) -> MigrationSummary:
-    counts = dict(
-        keys.values_list("migration_status").annotate(n=Count("id")).values_list("migration_status", "n")
-    )
+    """Counts by status (each bounded: at most SUMMARY_COUNT_CAP + 1 rows read through the status
+    index), the oldest due key and the ten newest failures."""
+    counts = bounded_counts_by_status(keys, cap=SUMMARY_COUNT_CAP)
     oldest = keys.filter(migration_status__in=KEY_MIGRATION_DUE).aggregate(at=Min("migration_scheduled_at"))[
         "at"
     ]
@@ -121,7 +145,7 @@ def migration_summary(*, keys: QuerySet[Key]) -> MigrationSummary:
         .order_by("-migration_updated_at")[:10]
     )
     return MigrationSummary(
-        by_status={s: counts.get(s, 0) for s in KeyMigrationStatus.values},
+        by_status=counts,
         failed=failed,
         oldest_scheduled_at=oldest,
     )
@@ -158,3 +182,34 @@ def migration_label(key: Key, *, now: datetime | None = None) -> str:
         return f"Scheduled — {when}"
     number = attempts if next_at is None else attempts + 1
     return f"Retrying #{number} of {limit} — {when}"
+
+
+def key_overdue(key: Key, *, now: datetime | None = None) -> str:
+    """Why the key is past its expected time, or "": due (scheduled or retrying) and its next
+    attempt is more than FLEETOPS_KEYS_STUCK_SECONDS in the past, or in flight (claimed, no next
+    attempt) with no change for that long. The schedule claims due keys every few seconds, so
+    either means the loop is not picking it up."""
+    if key.migration_status not in KEY_MIGRATION_DUE:
+        return ""
+    now = now or clock.now()
+    grace = settings.FLEETOPS_KEYS_STUCK_SECONDS
+    if key.migration_next_attempt_at is not None:
+        late = (now - key.migration_next_attempt_at).total_seconds()
+        return f"due {late / 60:.0f} min ago, not picked up (grace {grace // 60} min)" if late > grace else ""
+    if key.migration_updated_at is not None:
+        idle = (now - key.migration_updated_at).total_seconds()
+        return (
+            f"in flight for {idle / 60:.0f} min with no outcome (grace {grace // 60} min)"
+            if idle > grace
+            else ""
+        )
+    return ""
+
+
+def overdue_keys(queryset: QuerySet[Key], *, now: datetime | None = None) -> QuerySet[Key]:
+    """The keys `key_overdue` flags, as one filter (the due part reads `key_migration_due`)."""
+    cut = (now or clock.now()) - timedelta(seconds=settings.FLEETOPS_KEYS_STUCK_SECONDS)
+    return queryset.filter(migration_status__in=KEY_MIGRATION_DUE).filter(
+        Q(migration_next_attempt_at__lt=cut)
+        | Q(migration_next_attempt_at__isnull=True, migration_updated_at__lt=cut)
+    )

@@ -4,6 +4,8 @@ One pass (`verify_tick`, beat every 30 s, `manage.py keys_verify`):
 
 1. Claim due transactions: pending, hash known, and not checked within the backoff
    `min(unavailable_checks, 20) x 30 s` (at least a few seconds, so overlapping passes spread out).
+   Every broadcast state past the pre-state counts, so a broadcast whose outcome was lost
+   (`unknown`, `resending`: see `migrations_app.keys.outcomes`) is covered too.
    `FOR UPDATE SKIP LOCKED` and `last_verification_at = now` in one statement.
 2. Per chain: one `/status` for the head. Each transaction is scanned from `last_covered_height + 1`
    (the first time from its execution height) up to the head, at most 30 blocks per pass; blocks and

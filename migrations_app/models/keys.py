@@ -23,6 +23,12 @@ Stake transaction (one per attempt; at most one `pending` per key, by a partial 
         └─(no hash: CheckTx refused)─> failure     success <─ code 0 ──┤  (absent past the timeout)
                                                    failure <─ code ≠ 0 ┴──────────> failure
 
+    pending/broadcasting ─(transport error, or its worker died)─> pending/unknown
+        ─(looked up by hash: on chain)─> success | failure (its code)
+        ─(not on chain, before its timeout height)─> pending/resending ─(node took it)─> pending/sent
+    A transaction is re-sent at most once, with the same bytes (same hash); verification's coverage
+    scan covers `unknown` and `resending` rows too, and fails them only past the timeout height.
+
 The three machines are declared once below (`KEY_MIGRATION_MACHINE`, `STAKE_TX_MACHINE`,
 `BROADCAST_MACHINE`): the check constraints, the state lists the code filters on, the transition
 kernel (`fleetops.lib.transition`), the generated tests and the drawn diagrams
@@ -159,6 +165,8 @@ class RemediationOutcome(models.TextChoices):
     ATTEMPT_FAILED = "attempt_failed", "Attempt failed, will retry"
     FAILED = "failed", "Failed: attempt limit reached"
     SUPERSEDED = "superseded", "Verdict of a superseded attempt"
+    OUTCOME_UNKNOWN = "outcome_unknown", "Broadcast outcome unknown (transport error)"
+    RESENT = "resent", "Not on chain: re-sent once (same bytes)"
     MANUAL_RETRY = "manual_retry", "Manual retry"
     AUTO_RESET = "auto_reset", "Cool-down auto-reset"
 
@@ -173,7 +181,9 @@ class BroadcastState(models.TextChoices):
     """Where a pending transaction is on its way to the node (meaningless once terminal)."""
 
     CLAIMED = "claimed", "Claimed, not sent"
-    BROADCASTING = "broadcasting", "Broadcast started (outcome unknown until verified)"
+    BROADCASTING = "broadcasting", "Broadcast started"
+    UNKNOWN = "unknown", "Outcome unknown: to be looked up by hash"
+    RESENDING = "resending", "Not on chain: re-sent once (same bytes)"
     SENT = "sent", "Accepted by the node"
 
 
@@ -195,12 +205,16 @@ BROADCAST_MACHINE = Machine.declare(
     initial=BroadcastState.CLAIMED,
     description=(
         "Where a pending stake transaction is on its way to the node. `broadcasting` is committed "
-        "before the call (a crash leaves a row verification settles by its hash); a claimed row of "
-        "a dead worker is taken over in place (no state change)."
+        "before the call; a transport error (timeout, connection reset) or a worker that died in "
+        "the call leaves the outcome `unknown`, and the next pass looks the hash up on chain: found "
+        "is the verdict, missing is re-sent once with the same bytes (`resending`, committed before "
+        "the call, with no way back). A claimed row of a dead worker is taken over in place."
     ),
     edges={
         BroadcastState.CLAIMED: {BroadcastState.BROADCASTING: None},
-        BroadcastState.BROADCASTING: {BroadcastState.SENT: None},
+        BroadcastState.BROADCASTING: {BroadcastState.SENT: None, BroadcastState.UNKNOWN: None},
+        BroadcastState.UNKNOWN: {BroadcastState.RESENDING: None},
+        BroadcastState.RESENDING: {BroadcastState.SENT: None},
     },
 )
 # Past the pre-state commit: the transaction has its hash and may be on chain (verification's queue).
@@ -314,11 +328,32 @@ class Key(models.Model):
         ]
         indexes = [
             models.Index(fields=["org", "id"], name="key_org_id"),
+            # The console's and the API's search by owner (address and public key are unique).
+            models.Index(fields=["owner_address"], name="key_owner_address"),
             # The schedule's claim: due keys in (next attempt time, id) order, read as a range scan.
             models.Index(
                 fields=["migration_next_attempt_at", "id"],
                 condition=Q(migration_status__in=KEY_MIGRATION_DUE),
                 name="key_migration_due",
+            ),
+            # Stuck and overdue keys (console filters, the dashboard's oldest due key): due keys by
+            # round start, and in-flight keys (claimed, no next attempt) by last change. Both stay
+            # as small as the due set; without them each read visits every due key's row.
+            models.Index(
+                fields=["migration_scheduled_at"],
+                condition=Q(migration_status__in=KEY_MIGRATION_DUE),
+                name="key_due_scheduled",
+            ),
+            models.Index(
+                fields=["migration_updated_at"],
+                condition=Q(migration_status__in=KEY_MIGRATION_DUE, migration_next_attempt_at__isnull=True),
+                name="key_in_flight",
+            ),
+            # The dashboard's newest failures (failed keys only, newest change first).
+            models.Index(
+                fields=["-migration_updated_at"],
+                condition=Q(migration_status=KeyMigrationStatus.FAILED),
+                name="key_failed_recent",
             ),
         ]
 
@@ -419,6 +454,9 @@ class StakeTransaction(models.Model):
                 condition=Q(status=STAKE_TX_PENDING),
                 name="staketx_pending_verify",
             ),
+            # A key's transactions newest first (its page in the console and the API): without it
+            # the planner walks the primary key backwards past every other key's rows.
+            models.Index(fields=["key", "-id"], name="staketx_key_id"),
         ]
 
     def __str__(self) -> str:

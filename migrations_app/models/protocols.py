@@ -40,6 +40,7 @@ __all__ = [
     "ProtocolStateChange",
     "ProtocolWriteSpan",
     "Writer",
+    "cursor_name",
 ]
 
 
@@ -99,10 +100,13 @@ def _status_field() -> models.CharField[str, str]:
 
 
 class Protocol(models.Model):
-    """A registered protocol on one chain (the organization that runs the chain owns it). Rows are
-    created by `protocol_setup` from the classifier registry (`migrations_app.protocols.registry`)."""
+    """A registered protocol on one chain (the organization that runs the chain owns it), identified
+    by (chain, protocol id): SEP41 may run on every chain of a deployment, each with its own
+    statuses, cursors and rows. Rows are created by `protocol_setup` from the classifier registry
+    (`migrations_app.protocols.registry`); the surrogate `id` is what the rows of a protocol point at."""
 
-    id = models.CharField(primary_key=True, max_length=32, help_text="SEP41, SEP50, …")
+    id = models.BigAutoField(primary_key=True)
+    protocol_id = models.CharField(max_length=32, help_text="SEP41, SEP50, … (the classifier's id)")
     chain = models.ForeignKey("indexer.Chain", on_delete=models.PROTECT, related_name="+")
     name = models.CharField(max_length=200)
     classification_status = _status_field()
@@ -122,8 +126,9 @@ class Protocol(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        ordering = ["id"]
+        ordering = ["protocol_id", "chain_id"]
         constraints = [
+            models.UniqueConstraint(fields=["chain", "protocol_id"], name="protocol_chain_identity"),
             models.CheckConstraint(
                 condition=CLASSIFICATION_MACHINE.constraint_q(),
                 name="protocol_classification_status_valid",
@@ -137,15 +142,21 @@ class Protocol(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.id
+        return f"{self.protocol_id} on {self.chain.slug}"
 
+    # The cursors are named after the chain and the protocol (`protocol_<chain>_<ID>_…_cursor`), so
+    # the same protocol on two chains never shares one.
     @property
     def history_cursor_name(self) -> str:
-        return f"protocol_{self.id}_history_cursor"
+        return cursor_name(self.chain.slug, self.protocol_id, "history")
 
     @property
     def current_state_cursor_name(self) -> str:
-        return f"protocol_{self.id}_current_state_cursor"
+        return cursor_name(self.chain.slug, self.protocol_id, "current_state")
+
+
+def cursor_name(chain_slug: str, protocol_id: str, migration: str) -> str:
+    return f"protocol_{chain_slug}_{protocol_id}_{migration}_cursor"
 
 
 class Cursor(models.Model):
@@ -180,7 +191,7 @@ class ProtocolContract(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.protocol_id} {self.contract}"
+        return f"{self.protocol.protocol_id} {self.contract}"
 
 
 class ChangeKind(models.TextChoices):

@@ -29,6 +29,7 @@ from fleetops.access.admin_mixins import (
 )
 from fleetops.access.models import Role
 from fleetops.access.selectors import org_ids_for_user
+from fleetops.admin_live import LiveObjectMixin
 from fleetops.admin_site import BigTableAdminMixin
 from fleetops.audit.actors import Actor
 from migrations_app.models import (
@@ -116,21 +117,29 @@ def _current_state_startable(p: Protocol) -> bool:
 
 
 @admin.register(Protocol)
-class ProtocolAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin):
+class ProtocolAdmin(
+    LiveObjectMixin, StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, admin.ModelAdmin
+):
     change_form_template = "admin/migrations_app/protocol/change_form.html"
+    # Migration status and write spans: refreshed in place (console.js) from one partial.
+    live_template = "admin/migrations_app/protocol/live.html"
+    live_name = "protocol"
+    live_interval_seconds = 5
     org_field = "chain__org"
     state_machines = [CLASSIFICATION_MACHINE, HISTORY_MACHINE, CURRENT_STATE_MACHINE]
     list_display = [
-        "id",
+        "protocol_id",
         "chain",
         "classification",
         "history",
+        "stuck",
         "history_cursor",
         "lag",
         "handoff",
         "current_state",
     ]
     list_select_related = ["chain"]
+    ordering = ["protocol_id", "chain__slug"]
     object_actions = (
         ObjectAction(
             "start_history",
@@ -165,17 +174,31 @@ class ProtocolAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, 
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Protocol]:
         # Cursor and indexed height in the same query as the protocols: the cursor row is named after
-        # the protocol exactly as `Protocol.history_cursor_name` names it (a test pins the two).
+        # chain and protocol exactly as `Protocol.history_cursor_name` names it (a test pins the two).
         cursor = Cursor.objects.filter(
             name=Concat(
-                Value("protocol_"), OuterRef("id"), Value("_history_cursor"), output_field=CharField()
+                Value("protocol_"),
+                OuterRef("chain__slug"),
+                Value("_"),
+                OuterRef("protocol_id"),
+                Value("_history_cursor"),
+                output_field=CharField(),
             )
-        ).values("height")[:1]
+        )
         return (
             super()
             .get_queryset(request)
-            .annotate(cursor_height=Subquery(cursor), indexed_height=F("chain__state__last_indexed_height"))
+            .annotate(
+                cursor_height=Subquery(cursor.values("height")[:1]),
+                cursor_moved_at=Subquery(cursor.values("updated_at")[:1]),
+                indexed_height=F("chain__state__last_indexed_height"),
+            )
         )
+
+    @admin.display(description="Stuck")
+    def stuck(self, obj: Protocol) -> str:
+        why = selectors.history_stuck(obj, cursor_moved_at=getattr(obj, "cursor_moved_at", None))
+        return format_html('<span class="fo-stuck" title="{}">stuck</span>', why) if why else ""
 
     @admin.display(description="Classification")
     def classification(self, obj: Protocol) -> SafeString:
@@ -214,9 +237,15 @@ class ProtocolAdmin(StateDiagramMixin, ObjectActionsMixin, OrgScopedAdminMixin, 
         protocol = self.get_object(request, object_id)
         context = dict(extra_context or {})
         if protocol is not None:
-            context["status"] = selectors.protocol_status(protocol=protocol)
-            context["spans"] = selectors.write_spans(protocol=protocol)
+            context.update(self.full_live_context(request, protocol))
         return super().change_view(request, object_id, form_url, context)
+
+    def live_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        return {
+            "status": selectors.protocol_status(protocol=obj),
+            "spans": selectors.write_spans(protocol=obj),
+            "stuck": selectors.history_stuck(obj, cursor_moved_at=getattr(obj, "cursor_moved_at", None)),
+        }
 
 
 class ProtocolRowsAdminMixin(OrgScopedAdminMixin):
@@ -245,10 +274,11 @@ class ProtocolListFilter(admin.SimpleListFilter):
     parameter_name = "protocol__id__exact"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        protocols = Protocol.objects.order_by("id")
+        protocols = Protocol.objects.order_by("protocol_id", "chain__slug")
         if not request.user.is_superuser:
             protocols = protocols.filter(chain__org_id__in=org_ids_for_user(request.user))
-        return [(pk, pk) for pk in protocols.values_list("id", flat=True)]
+        rows = protocols.values_list("id", "protocol_id", "chain__slug")
+        return [(str(pk), f"{pid} ({slug})") for pk, pid, slug in rows]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()

@@ -47,7 +47,7 @@ START_HEIGHT_CHANGED = (
 
 
 def _persist_current_state(t: Tracker, chain_id: int, rows: Sequence[Row], start: int, end: int) -> None:
-    store.apply_current_state(spec=t.spec, protocol_id=t.protocol.id, rows=rows)
+    store.apply_current_state(spec=t.spec, protocol_pk=t.protocol.pk, rows=rows)
 
 
 CURRENT_STATE = Strategy(
@@ -60,19 +60,23 @@ CURRENT_STATE = Strategy(
 
 
 def current_state_validate(
-    *, protocol_id: str, start_height: int, window_size: int = DEFAULT_WINDOW_SIZE
+    *,
+    protocol_id: str,
+    start_height: int,
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    chain: str | None = None,
 ) -> tuple[Chain, Protocol | None, list[str]]:
     """(chain, the protocol to run or None when it already succeeded, ids skipped); raises
     ValidationFailed and writes nothing. Run by the admin's request (so a bad request is refused
     before anything is audited or queued) and again by the run itself."""
     check_window_size(window_size)
-    chain, protocols, skipped = validate_protocols([protocol_id], kind=CURRENT_STATE_KIND)
+    the_chain, protocols, skipped = validate_protocols([protocol_id], kind=CURRENT_STATE_KIND, chain=chain)
     if not protocols:
-        return chain, None, skipped
+        return the_chain, None, skipped
     if len(protocols) != 1:
         raise ValidationFailed(ONE_PROTOCOL)
     protocol = protocols[0]
-    indexed = indexer_selectors.indexed_range(chain_id=chain.pk)
+    indexed = indexer_selectors.indexed_range(chain_id=the_chain.pk)
     assert indexed is not None  # validated
     oldest, latest = indexed
     assert oldest is not None
@@ -81,7 +85,7 @@ def current_state_validate(
     started = protocol.current_state_start_height
     if existing is not None and started is not None and started != start_height:
         raise ValidationFailed(
-            START_HEIGHT_CHANGED.format(id=protocol.id, started=started, asked=start_height),
+            START_HEIGHT_CHANGED.format(id=protocol.protocol_id, started=started, asked=start_height),
             fields={"start_height": [start_height]},
         )
     if existing is None and not oldest <= start_height <= latest + 1:
@@ -89,7 +93,7 @@ def current_state_validate(
             START_HEIGHT_RANGE.format(oldest=oldest, latest=latest + 1),
             fields={"start_height": [start_height]},
         )
-    return chain, protocol, skipped
+    return the_chain, protocol, skipped
 
 
 def current_state_migrate(
@@ -97,19 +101,20 @@ def current_state_migrate(
     protocol_id: str,
     start_height: int,
     actor: Actor,
+    chain: str | None = None,
     window_size: int = DEFAULT_WINDOW_SIZE,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     poll_seconds: float = 1.0,
 ) -> RunResult:
-    chain, protocol, skipped = current_state_validate(
-        protocol_id=protocol_id, start_height=start_height, window_size=window_size
+    the_chain, protocol, skipped = current_state_validate(
+        protocol_id=protocol_id, start_height=start_height, window_size=window_size, chain=chain
     )
-    result = RunResult(migration="current_state", skipped=skipped)
+    result = RunResult(migration="current_state", chain=the_chain.slug, skipped=skipped)
     if protocol is None:
         return result
-    if not try_lock("current_state", protocol.id):
-        raise Conflict(ALREADY_RUNNING.format(migration="current-state", id=protocol.id))
+    if not try_lock("current_state", protocol):
+        raise Conflict(ALREADY_RUNNING.format(migration="current-state", id=protocol.protocol_id))
     try:
         trackers = start_trackers(
             strategy=CURRENT_STATE,
@@ -121,7 +126,7 @@ def current_state_migrate(
         )
         run = MigrationRun(
             strategy=CURRENT_STATE,
-            chain=chain,
+            chain=the_chain,
             trackers=trackers,
             window_size=window_size,
             actor=actor,
@@ -134,5 +139,5 @@ def current_state_migrate(
         finally:
             _summarize(result, trackers)
     finally:
-        unlock("current_state", protocol.id)
+        unlock("current_state", protocol)
     return result

@@ -54,7 +54,7 @@ def check_protocols() -> CheckResult:
             overall = status
         rows.append(
             {
-                "protocol": s.protocol.id,
+                "protocol": s.protocol.protocol_id,
                 "chain": s.chain_slug,
                 "classification": s.classification_status,
                 "history": s.history.status,

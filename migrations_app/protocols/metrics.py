@@ -28,8 +28,8 @@ CAS_RESULTS = Counter(
 )
 HANDOFFS = Counter(
     "fleetops_protocol_migration_handoffs_total",
-    "Backfills that lost the cursor CAS to live ingestion (the handoff), by protocol and migration.",
-    ["protocol", "migration"],
+    "Backfills that lost the cursor CAS to live ingestion (the handoff), by chain, protocol and migration.",
+    ["chain", "protocol", "migration"],
 )
 HEIGHTS = Counter(
     "fleetops_protocol_migration_heights_total",
@@ -52,42 +52,44 @@ WINDOW_RETRIES = Counter(
 
 
 def collect_states() -> Iterable[Metric]:
-    protocols = list(Protocol.objects.all())
+    protocols = list(Protocol.objects.select_related("chain"))
     cursors = dict(Cursor.objects.values_list("name", "height"))
     indexed = {chain_id: last for chain_id, (_, last) in indexer_selectors.indexed_ranges().items()}
     cursor = GaugeMetricFamily(
         "fleetops_protocol_migration_cursor",
-        "Cursor height by protocol and migration (history, current_state); absent until created.",
-        labels=["protocol", "migration"],
+        "Cursor height by chain, protocol and migration (history, current_state); absent until created.",
+        labels=["chain", "protocol", "migration"],
     )
     status = GaugeMetricFamily(
         "fleetops_protocol_migration_status",
         "Migration status: 0 in_progress, 1 success, 2 failed, 3 not_started.",
-        labels=["protocol", "migration"],
+        labels=["chain", "protocol", "migration"],
     )
     lag = GaugeMetricFamily(
         "fleetops_protocol_migration_lag_blocks",
         "Indexed height minus the cursor (0 once live ingestion writes the protocol).",
-        labels=["protocol", "migration"],
+        labels=["chain", "protocol", "migration"],
     )
     for p in protocols:
         for migration, name, value in (
             ("history", p.history_cursor_name, p.history_migration_status),
             ("current_state", p.current_state_cursor_name, p.current_state_migration_status),
         ):
-            status.add_metric([p.id, migration], STATUS_VALUES.get(value, 3))
+            labels = [p.chain.slug, p.protocol_id, migration]
+            status.add_metric(labels, STATUS_VALUES.get(value, 3))
             if name in cursors:
-                cursor.add_metric([p.id, migration], cursors[name])
+                cursor.add_metric(labels, cursors[name])
                 top = indexed.get(p.chain_id)
                 if top is not None:
-                    lag.add_metric([p.id, migration], max(0, top - cursors[name]))
+                    lag.add_metric(labels, max(0, top - cursors[name]))
     classification = GaugeMetricFamily(
         "fleetops_protocol_classification_status",
         "Classification status: 0 in_progress, 1 success, 2 failed, 3 not_started.",
-        labels=["protocol"],
+        labels=["chain", "protocol"],
     )
     for p in protocols:
-        classification.add_metric([p.id], STATUS_VALUES.get(p.classification_status, 3))
+        classified = STATUS_VALUES.get(p.classification_status, 3)
+        classification.add_metric([p.chain.slug, p.protocol_id], classified)
     yield cursor
     yield status
     yield lag

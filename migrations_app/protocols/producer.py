@@ -33,7 +33,12 @@ PRODUCER_NAME = "protocols"
 
 
 def _protocols(chain: Chain) -> list[Protocol]:
-    return list(Protocol.objects.filter(chain_id=chain.pk).order_by("id"))
+    """The chain's protocols (each identified by (chain, protocol id)), with the chain attached so
+    naming their cursors costs no query."""
+    protocols = list(Protocol.objects.filter(chain_id=chain.pk).order_by("protocol_id"))
+    for p in protocols:
+        p.chain = chain
+    return protocols
 
 
 def protocols_write(chain: Chain, blocks: Sequence[IndexedBlock]) -> None:
@@ -47,7 +52,7 @@ def protocols_write(chain: Chain, blocks: Sequence[IndexedBlock]) -> None:
     first, last = blocks[0].height, blocks[-1].height
     events: list[store.EventTuple] | None = None
     for protocol in protocols:
-        spec = registry.get(protocol.id)
+        spec = registry.get(protocol.protocol_id)
         if spec is None:
             continue
         history = protocol.history_cursor_name in existing and (
@@ -69,12 +74,12 @@ def protocols_write(chain: Chain, blocks: Sequence[IndexedBlock]) -> None:
             events = block_events(blocks)
         rows = store.classify_events(spec, events)
         if history:
-            store.copy_state_changes(protocol_id=protocol.id, chain_id=chain.pk, rows=rows)
-            store.span_extend(protocol_id=protocol.id, writer="live", from_height=first, to_height=last)
-            store.note_contracts(protocol_id=protocol.id, rows=rows)
+            store.copy_state_changes(protocol_pk=protocol.pk, chain_id=chain.pk, rows=rows)
+            store.span_extend(protocol_pk=protocol.pk, writer="live", from_height=first, to_height=last)
+            store.note_contracts(protocol_pk=protocol.pk, rows=rows)
             STATE_CHANGES.labels(writer="live").inc(len(rows))
         if current:
-            store.apply_current_state(spec=spec, protocol_id=protocol.id, rows=rows)
+            store.apply_current_state(spec=spec, protocol_pk=protocol.pk, rows=rows)
 
 
 def protocols_rollback(chain: Chain, height: int) -> None:
@@ -84,20 +89,20 @@ def protocols_rollback(chain: Chain, height: int) -> None:
     names = [n for p in protocols for n in (p.history_cursor_name, p.current_state_cursor_name)]
     cursors = cursors_lock(names)
     for protocol in protocols:
-        spec = registry.get(protocol.id)
+        spec = registry.get(protocol.protocol_id)
         top = cursors.get(protocol.current_state_cursor_name)
         if spec is None or top is None or top <= height:
             continue
         # The events are still stored: the indexer deletes them after the producers ran.
         events = store.read_events(chain_id=chain.pk, types=spec.event_types, low=height + 1, high=top)
         rows = store.classify_events(spec, events)
-        store.undo_current_state(spec=spec, protocol_id=protocol.id, rows=rows, to_height=height)
+        store.undo_current_state(spec=spec, protocol_pk=protocol.pk, rows=rows, to_height=height)
     rewound = cursors_rewind(names=names, to_height=height)
-    ids = [p.id for p in protocols]
+    pks = [p.pk for p in protocols]
     deleted, _ = ProtocolStateChange.objects.filter(
-        protocol_id__in=ids, chain_id=chain.pk, height__gt=height
+        protocol_id__in=pks, chain_id=chain.pk, height__gt=height
     ).delete()
-    store.spans_trim(protocol_ids=ids, to_height=height)
+    store.spans_trim(protocol_pks=pks, to_height=height)
     if rewound or deleted:
         log.info(
             "protocol rows rolled back",

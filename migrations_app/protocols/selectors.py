@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, QuerySet
 
 from fleetops.access.models import Organization
-from fleetops.lib.errors import NotFound
+from fleetops.lib import clock
+from fleetops.lib.errors import Conflict, NotFound
 from indexer import selectors as indexer_selectors
 from migrations_app.models import (
     Cursor,
+    MigrationStatus,
     Protocol,
     ProtocolBalance,
     ProtocolNftOwner,
@@ -22,6 +25,9 @@ from migrations_app.models import (
 )
 
 PROTOCOL_NOT_FOUND = "No such protocol."
+PROTOCOL_AMBIGUOUS = (
+    "Protocol {id} runs on several chains ({chains}): name the chain, /api/v1/protocols/<chain>/{id}."
+)
 
 
 @dataclass(frozen=True)
@@ -48,23 +54,32 @@ class ProtocolStatus:
     current_state_start_height: int | None
 
 
-def protocol_list(*, org: Organization) -> QuerySet[Protocol]:
-    return Protocol.objects.filter(chain__org=org).select_related("chain")
+def protocol_list(*, org: Organization, chain: str | None = None) -> QuerySet[Protocol]:
+    qs = Protocol.objects.filter(chain__org=org).select_related("chain")
+    return qs if chain is None else qs.filter(chain__slug=chain)
 
 
 def protocols_visible(*, org_ids: Sequence[int] | None) -> QuerySet[Protocol]:
-    qs = Protocol.objects.select_related("chain").order_by("id")
+    qs = Protocol.objects.select_related("chain").order_by("protocol_id", "chain__slug")
     return qs if org_ids is None else qs.filter(chain__org_id__in=org_ids)
 
 
-def protocol_get(*, org: Organization, protocol_id: str) -> Protocol:
-    """Another organization's protocol is simply not found."""
-    protocol = (
-        Protocol.objects.filter(chain__org=org, id=protocol_id).select_related("chain", "chain__org").first()
+def protocol_get(*, org: Organization, protocol_id: str, chain: str | None = None) -> Protocol:
+    """The organization's protocol `protocol_id` on `chain` (a slug). Without a chain the protocol
+    must run on one chain of the organization only (a Conflict names the chains otherwise). Another
+    organization's protocol is simply not found."""
+    qs = Protocol.objects.filter(chain__org=org, protocol_id=protocol_id).select_related(
+        "chain", "chain__org"
     )
-    if protocol is None:
+    if chain is not None:
+        qs = qs.filter(chain__slug=chain)
+    found = list(qs.order_by("chain__slug")[:10])
+    if not found:
         raise NotFound(PROTOCOL_NOT_FOUND)
-    return protocol
+    if len(found) > 1:
+        chains = ", ".join(p.chain.slug for p in found)
+        raise Conflict(PROTOCOL_AMBIGUOUS.format(id=protocol_id, chains=chains), code="ambiguous")
+    return found[0]
 
 
 def _lag(top: int | None, cursor: int | None) -> int | None:
@@ -172,3 +187,28 @@ def write_spans(*, protocol: Protocol) -> list[dict[str, Any]]:
         }
         for s in spans
     ]
+
+
+def history_stuck(
+    protocol: Protocol, *, cursor_moved_at: datetime | None, now: datetime | None = None
+) -> str:
+    """Why the history migration is past its expected time, or "": in progress, and its cursor has
+    not moved (nor, before the first window, the migration started) for longer than
+    FLEETOPS_PROTOCOL_STUCK_SECONDS."""
+    if protocol.history_migration_status != MigrationStatus.IN_PROGRESS:
+        return ""
+    now = now or clock.now()
+    moved = cursor_moved_at or protocol.history_started_at
+    if moved is None:
+        return ""
+    idle = (now - moved).total_seconds()
+    limit = settings.FLEETOPS_PROTOCOL_STUCK_SECONDS
+    if idle <= limit:
+        return ""
+    return f"no cursor progress for {idle / 60:.0f} min (expected within {limit / 60:.0f} min)"
+
+
+def history_cursor_moved_at(*, protocol: Protocol) -> datetime | None:
+    return (
+        Cursor.objects.filter(name=protocol.history_cursor_name).values_list("updated_at", flat=True).first()
+    )

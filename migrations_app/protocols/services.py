@@ -53,8 +53,6 @@ REGISTER_ADMIN_ONLY = "registering a protocol needs the admin role in the chain'
 CHAIN_REQUIRED = "several chains exist ({chains}); say which with --chain"
 NO_CHAIN = "no chain is configured; create one (e.g. `manage.py indexer_demo_seed`) first"
 CHAIN_UNKNOWN = "no chain {slug}"
-# Generic on purpose: the chain it is registered on may belong to another organization.
-CHAIN_CHANGED = "protocol {id} is already registered on another chain"
 CLASSIFICATION_RUNNING = "protocol {id} is being classified by another process"
 CLASSIFICATION_MOVED = "the classification of {id} was settled by another process meanwhile"
 # Events looked at per contract when classifying it (all must classify).
@@ -120,8 +118,8 @@ def chain_for_setup(*, slug: str | None) -> Chain:
 
 
 def protocol_register(*, protocol_id: str, chain: Chain, actor: Actor) -> Protocol:
-    """Create the protocol row from its registered classifier, once (like the seed's
-    `INSERT … ON CONFLICT DO NOTHING`)."""
+    """Create the protocol's row on `chain` from its registered classifier, once per chain (like the
+    seed's `INSERT … ON CONFLICT DO NOTHING`): a protocol is identified by (chain, protocol id)."""
     spec = registry.get(protocol_id)
     if spec is None:
         known = ", ".join(s.id for s in registry.all_specs())
@@ -138,10 +136,8 @@ def protocol_register(*, protocol_id: str, chain: Chain, actor: Actor) -> Protoc
     )
     with transaction.atomic():
         protocol, created = Protocol.objects.select_related("chain__org").get_or_create(
-            id=spec.id, defaults={"chain": chain, "name": spec.name}
+            chain=chain, protocol_id=spec.id, defaults={"name": spec.name}
         )
-        if protocol.chain_id != chain.pk:
-            raise ValidationFailed(CHAIN_CHANGED.format(id=spec.id))
         if created:
             record(
                 action="protocol.registered",
@@ -176,13 +172,13 @@ def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
     success (contracts recorded) | failed (error recorded). The start edge is an admin's (checked
     and, when refused, audited by the kernel before anything is written); a second classification
     while one runs is a Conflict (CLASSIFICATION_RUNNING)."""
-    spec = registry.get(protocol.id)
+    spec = registry.get(protocol.protocol_id)
     assert spec is not None
     chain = protocol.chain
     try:
         status.classification_start(protocol=protocol, actor=actor)
     except RaceLost as exc:
-        raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.id)) from exc
+        raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.protocol_id)) from exc
     try:
         accepted, rejected = _classify_contracts(spec, chain)
         now = clock.now()
@@ -199,16 +195,20 @@ def protocol_classify(*, protocol: Protocol, actor: Actor) -> Classification:
                 protocol=protocol, actor=actor, accepted=len(accepted), rejected=rejected
             )
     except RaceLost as exc:
-        raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.id)) from exc
+        raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.protocol_id)) from exc
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
-        log.exception("protocol classification failed", extra={"protocol": protocol.id})
+        log.exception(
+            "protocol classification failed", extra={"protocol": protocol.protocol_id, "chain": chain.slug}
+        )
         try:
             status.classification_fail(protocol=protocol, actor=actor, error=message)
         except RaceLost as lost:
-            raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.id)) from lost
-        return Classification(protocol.id, MigrationStatus.FAILED, error=message)
-    return Classification(protocol.id, MigrationStatus.SUCCESS, accepted=sorted(accepted), rejected=rejected)
+            raise RaceLost(CLASSIFICATION_MOVED.format(id=protocol.protocol_id)) from lost
+        return Classification(protocol.protocol_id, MigrationStatus.FAILED, error=message)
+    return Classification(
+        protocol.protocol_id, MigrationStatus.SUCCESS, accepted=sorted(accepted), rejected=rejected
+    )
 
 
 def protocol_classify_request(*, protocol: Protocol, actor: Actor, reason: str) -> None:
@@ -219,7 +219,7 @@ def protocol_classify_request(*, protocol: Protocol, actor: Actor, reason: str) 
     text = clean_reason(reason)
     _require_start(machine=CLASSIFICATION_MACHINE, protocol=protocol, actor=actor, asked={"reason": text})
     if not Protocol.objects.filter(status.classification_startable_q(), pk=protocol.pk).exists():
-        raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.id))
+        raise Conflict(CLASSIFICATION_RUNNING.format(id=protocol.protocol_id))
     with transaction.atomic():
         record(
             action="protocol.classification_requested",
@@ -228,7 +228,12 @@ def protocol_classify_request(*, protocol: Protocol, actor: Actor, reason: str) 
             target=protocol,
             reason=text,
         )
-        _kick(CLASSIFY_TASK, protocol_id=protocol.id, actor=actor.to_payload())
+        _kick(
+            CLASSIFY_TASK,
+            protocol_id=protocol.protocol_id,
+            chain=protocol.chain.slug,
+            actor=actor.to_payload(),
+        )
 
 
 def protocol_history_request(
@@ -245,7 +250,8 @@ def protocol_history_request(
         asked={"reason": text, "window_size": window_size},
     )
     check_window_size(window_size)
-    _, todo, _ = history_validate(protocol_ids=[protocol.id], window_size=window_size)
+    chain = protocol.chain.slug
+    _, todo, _ = history_validate(protocol_ids=[protocol.protocol_id], window_size=window_size, chain=chain)
     if not todo:
         return False
     with transaction.atomic():
@@ -257,7 +263,13 @@ def protocol_history_request(
             reason=text,
             metadata={"window_size": window_size},
         )
-        _kick(HISTORY_TASK, protocol_ids=[protocol.id], window_size=window_size, actor=actor.to_payload())
+        _kick(
+            HISTORY_TASK,
+            protocol_ids=[protocol.protocol_id],
+            chain=chain,
+            window_size=window_size,
+            actor=actor.to_payload(),
+        )
     return True
 
 
@@ -279,8 +291,9 @@ def protocol_current_state_request(
         actor=actor,
         asked={"reason": text, "start_height": start_height, "window_size": window_size},
     )
+    chain = protocol.chain.slug
     _, todo, _ = current_state_validate(
-        protocol_id=protocol.id, start_height=start_height, window_size=window_size
+        protocol_id=protocol.protocol_id, start_height=start_height, window_size=window_size, chain=chain
     )
     if todo is None:
         return False
@@ -295,7 +308,8 @@ def protocol_current_state_request(
         )
         _kick(
             CURRENT_STATE_TASK,
-            protocol_id=protocol.id,
+            protocol_id=protocol.protocol_id,
+            chain=chain,
             start_height=start_height,
             window_size=window_size,
             actor=actor.to_payload(),

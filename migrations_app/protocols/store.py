@@ -1,13 +1,15 @@
-"""Row writes shared by the live producer and the backfills: classify events into state-change rows,
-COPY them, extend the writer spans, note new contracts, and apply (or, on rollback, undo) the
-current state. Each function runs inside the caller's transaction, after the caller's cursor CAS
-swapped, and costs a fixed number of round trips whatever the number of rows.
+"""Row writes shared by the live producer and the backfills: read events, COPY state-change rows
+(classified by `migrations_app.protocols.classify`), extend the writer spans, note new contracts,
+and apply (or, on rollback, undo) the current state. Each function runs inside the caller's
+transaction, after the caller's cursor CAS swapped, and costs a fixed number of round trips
+whatever the number of rows.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from django.db import connection, transaction
 
@@ -20,24 +22,13 @@ from migrations_app.models import (
     ProtocolStateChange,
     ProtocolWriteSpan,
 )
-from migrations_app.protocols.registry import ProtocolSpec, attribute_map
 
-# (height, phase, tx_index, event_index, type, attributes) as the indexer stores an event.
-EventTuple = tuple[int, str, int | None, int, str, Any]
-
-
-class Row(NamedTuple):
-    height: int
-    phase: str
-    tx_index: int | None
-    event_index: int
-    kind: str
-    account: str
-    counterparty: str
-    asset: str
-    amount: int | None
-    token_id: str
-
+# Classification is pure and lives in its own module (the parallel backfill's worker processes
+# import it without Django); re-exported here for the writers.
+from migrations_app.protocols.classify import EventTuple as EventTuple
+from migrations_app.protocols.classify import Row as Row
+from migrations_app.protocols.classify import classify_events as classify_events
+from migrations_app.protocols.registry import ProtocolSpec
 
 STATE_CHANGE_COLUMNS = [
     "protocol_id",
@@ -55,13 +46,6 @@ STATE_CHANGE_COLUMNS = [
 ]
 
 
-PHASE_RANK = {"begin_block": 0, "tx": 1, "end_block": 2, "finalize_block": 3}
-
-
-def _order(r: Row) -> tuple[int, int, int, int]:
-    return (r.height, PHASE_RANK.get(r.phase, 9), -1 if r.tx_index is None else r.tx_index, r.event_index)
-
-
 def read_events(*, chain_id: int, types: Iterable[str], low: int, high: int) -> list[EventTuple]:
     """Stored events of the given types in [low, high] (one indexed read through the indexer's
     selectors; the (chain, type, height) index answers it)."""
@@ -72,36 +56,7 @@ def block_hash(*, chain_id: int, height: int) -> str | None:
     return indexer_selectors.block_hash(chain_id=chain_id, height=height)
 
 
-def classify_events(spec: ProtocolSpec, events: Iterable[EventTuple]) -> list[Row]:
-    """The protocol's state changes among `events`, in chain order (height, phase, tx, event) whatever
-    order the events came in: live ingestion and the backfill see them ordered differently."""
-    rows: list[Row] = []
-    types = spec.event_types
-    for height, phase, tx_index, event_index, event_type, attributes in events:
-        if event_type not in types:
-            continue
-        change = spec.classify(event_type, attribute_map(attributes))
-        if change is None:
-            continue
-        rows.append(
-            Row(
-                height,
-                phase,
-                tx_index,
-                event_index,
-                change.kind,
-                change.account[:200],
-                change.counterparty[:200],
-                change.asset[:200],
-                change.amount,
-                change.token_id[:200],
-            )
-        )
-    rows.sort(key=_order)
-    return rows
-
-
-def copy_state_changes(*, protocol_id: str, chain_id: int, rows: Sequence[Row]) -> int:
+def copy_state_changes(*, protocol_pk: int, chain_id: int, rows: Sequence[Row]) -> int:
     if not rows:
         return 0
     table = ProtocolStateChange._meta.db_table
@@ -109,7 +64,7 @@ def copy_state_changes(*, protocol_id: str, chain_id: int, rows: Sequence[Row]) 
         raw = cursor.cursor  # psycopg's cursor: COPY is not part of the DB-API
         with raw.copy(f"COPY {table} ({', '.join(STATE_CHANGE_COLUMNS)}) FROM STDIN") as copy:
             for r in rows:
-                copy.write_row((protocol_id, chain_id, *r))
+                copy.write_row((protocol_pk, chain_id, *r))
     return len(rows)
 
 
@@ -126,11 +81,11 @@ WHERE NOT EXISTS (SELECT 1 FROM extended)
 """  # noqa: S608 - table name from the model
 
 
-def span_extend(*, protocol_id: str, writer: str, from_height: int, to_height: int) -> None:
+def span_extend(*, protocol_pk: int, writer: str, from_height: int, to_height: int) -> None:
     """Record that `writer` wrote [from_height, to_height]: extend its span ending just below, or open
     a new one (at the handoff, or after a rollback trimmed the other writer's span)."""
     params: dict[str, Any] = {
-        "protocol": protocol_id,
+        "protocol": protocol_pk,
         "writer": writer,
         "from": from_height,
         "to": to_height,
@@ -140,39 +95,46 @@ def span_extend(*, protocol_id: str, writer: str, from_height: int, to_height: i
         cursor.execute(_SPAN_EXTEND, params)
 
 
-def spans_trim(*, protocol_ids: list[str], to_height: int) -> None:
-    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_ids, from_height__gt=to_height).delete()
-    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_ids, to_height__gt=to_height).update(
+def spans_trim(*, protocol_pks: list[int], to_height: int) -> None:
+    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_pks, from_height__gt=to_height).delete()
+    ProtocolWriteSpan.objects.filter(protocol_id__in=protocol_pks, to_height__gt=to_height).update(
         to_height=to_height, updated_at=clock.now()
     )
 
 
 # Contracts already recorded, per process: noting them again is skipped without a round trip. Added
 # only once the transaction that wrote them commits (a rollback must not make them "known").
-_known_contracts: set[tuple[str, str]] = set()
+_known_contracts: set[tuple[int, str]] = set()
+_known_lock = threading.Lock()  # the parallel history workers of one run share it
 
 
-def note_contracts(*, protocol_id: str, rows: Sequence[Row]) -> None:
+def note_contracts(*, protocol_pk: int, rows: Sequence[Row]) -> None:
     first: dict[str, int] = {}
     for r in rows:
-        if (protocol_id, r.asset) not in _known_contracts and r.asset not in first:
+        if (protocol_pk, r.asset) not in _known_contracts and r.asset not in first:
             first[r.asset] = r.height
     if not first:
         return
     now = clock.now()
     ProtocolContract.objects.bulk_create(
         [
-            ProtocolContract(protocol_id=protocol_id, contract=c, first_seen_height=h, classified_at=now)
+            ProtocolContract(protocol_id=protocol_pk, contract=c, first_seen_height=h, classified_at=now)
             for c, h in first.items()
         ],
         ignore_conflicts=True,
     )
-    noted = [(protocol_id, c) for c in first]
-    transaction.on_commit(lambda: _known_contracts.update(noted))
+    noted = [(protocol_pk, c) for c in first]
+
+    def remember() -> None:
+        with _known_lock:
+            _known_contracts.update(noted)
+
+    transaction.on_commit(remember)
 
 
 def forget_known_contracts() -> None:
-    _known_contracts.clear()
+    with _known_lock:
+        _known_contracts.clear()
 
 
 # --- current state -------------------------------------------------------------------------------------
@@ -214,7 +176,7 @@ def _balance_deltas(rows: Iterable[Row], sign: int) -> dict[tuple[str, str], tup
     return deltas
 
 
-def _upsert_balances(protocol_id: str, deltas: dict[tuple[str, str], tuple[int, int]]) -> None:
+def _upsert_balances(protocol_pk: int, deltas: dict[tuple[str, str], tuple[int, int]]) -> None:
     if not deltas:
         return
     keys = sorted(deltas)  # a fixed order: two writers of one protocol never lock rows crosswise
@@ -222,7 +184,7 @@ def _upsert_balances(protocol_id: str, deltas: dict[tuple[str, str], tuple[int, 
         cursor.execute(
             _BAL_UPSERT,
             {
-                "protocol": protocol_id,
+                "protocol": protocol_pk,
                 "assets": [k[0] for k in keys],
                 "accounts": [k[1] for k in keys],
                 "amounts": [deltas[k][0] for k in keys],
@@ -231,7 +193,7 @@ def _upsert_balances(protocol_id: str, deltas: dict[tuple[str, str], tuple[int, 
         )
 
 
-def _upsert_owners(protocol_id: str, owners: dict[tuple[str, str], tuple[str, int]]) -> None:
+def _upsert_owners(protocol_pk: int, owners: dict[tuple[str, str], tuple[str, int]]) -> None:
     if not owners:
         return
     keys = sorted(owners)
@@ -239,7 +201,7 @@ def _upsert_owners(protocol_id: str, owners: dict[tuple[str, str], tuple[str, in
         cursor.execute(
             _OWN_UPSERT,
             {
-                "protocol": protocol_id,
+                "protocol": protocol_pk,
                 "assets": [k[0] for k in keys],
                 "tokens": [k[1] for k in keys],
                 "owners": [owners[k][0] for k in keys],
@@ -248,35 +210,35 @@ def _upsert_owners(protocol_id: str, owners: dict[tuple[str, str], tuple[str, in
         )
 
 
-def apply_current_state(*, spec: ProtocolSpec, protocol_id: str, rows: Sequence[Row]) -> None:
+def apply_current_state(*, spec: ProtocolSpec, protocol_pk: int, rows: Sequence[Row]) -> None:
     """Fold the rows (in height order) into balances or owners. Order matters for owners: the last
     change of a token wins, so callers commit windows strictly in height order."""
     if spec.current_state == "balances":
-        _upsert_balances(protocol_id, _balance_deltas(rows, +1))
+        _upsert_balances(protocol_pk, _balance_deltas(rows, +1))
         return
     owners: dict[tuple[str, str], tuple[str, int]] = {}
     for r in rows:
         owners[(r.asset, r.token_id)] = (r.counterparty if r.kind == "transfer" else r.account, r.height)
-    _upsert_owners(protocol_id, owners)
+    _upsert_owners(protocol_pk, owners)
 
 
-def undo_current_state(*, spec: ProtocolSpec, protocol_id: str, rows: Sequence[Row], to_height: int) -> None:
+def undo_current_state(*, spec: ProtocolSpec, protocol_pk: int, rows: Sequence[Row], to_height: int) -> None:
     """Undo the rows (heights above `to_height`) from the current state: balances subtract them; a
     token goes back to the sender of its first transfer above the fork point, or away if minted there."""
     if spec.current_state == "balances":
         deltas = {k: (v[0], to_height) for k, v in _balance_deltas(rows, -1).items()}
-        _upsert_balances(protocol_id, deltas)
+        _upsert_balances(protocol_pk, deltas)
         return
     first: dict[tuple[str, str], Row] = {}
     for r in rows:
         first.setdefault((r.asset, r.token_id), r)
     restore = {k: (r.account, to_height) for k, r in first.items() if r.kind == "transfer"}
-    _upsert_owners(protocol_id, restore)
+    _upsert_owners(protocol_pk, restore)
     minted = [k for k, r in first.items() if r.kind == "mint"]
     if minted:
         with connection.cursor() as cursor:
             cursor.execute(
                 f"DELETE FROM {_OWN} WHERE protocol_id = %s AND (asset, token_id) IN "  # noqa: S608
                 "(SELECT * FROM unnest(%s::text[], %s::text[]))",
-                [protocol_id, [k[0] for k in minted], [k[1] for k in minted]],
+                [protocol_pk, [k[0] for k in minted], [k[1] for k in minted]],
             )

@@ -7,7 +7,9 @@ The services queue these by name (`services.CLASSIFY_TASK`, …) through the out
 request's transaction, so the two modules do not import each other; a broker outage delays a run,
 never loses it, and a duplicate delivery is harmless (see `services._kick`). The actor travels as
 `Actor.to_payload()` and is rebuilt with every field (`Actor.from_payload`): a superuser's or a
-session's request runs with the same rights on the worker as in the web request.
+session's request runs with the same rights on the worker as in the web request. The chain travels
+as its slug (a protocol is identified by (chain, protocol id)); a message queued without one names a
+protocol registered on a single chain.
 """
 
 from __future__ import annotations
@@ -34,22 +36,35 @@ log = logging.getLogger(__name__)
 
 
 @shared_task(name=HISTORY_TASK, ignore_result=True)
-def history_migrate(*, protocol_ids: list[str], window_size: int, actor: dict[str, Any]) -> None:
-    with bound(actor=f"task:protocol_history:{','.join(protocol_ids)}"):
+def history_migrate(
+    *, protocol_ids: list[str], window_size: int, actor: dict[str, Any], chain: str | None = None
+) -> None:
+    with bound(actor=f"task:protocol_history:{chain or ''}:{','.join(protocol_ids)}"):
         try:
-            run_history(protocol_ids=protocol_ids, window_size=window_size, actor=Actor.from_payload(actor))
+            run_history(
+                protocol_ids=protocol_ids,
+                chain=chain,
+                window_size=window_size,
+                actor=Actor.from_payload(actor),
+            )
         except DomainError as exc:  # recorded on the protocol and in the audit log already
             log.warning("history migration stopped: %s", exc.message)
 
 
 @shared_task(name=CURRENT_STATE_TASK, ignore_result=True)
 def current_state_migrate(
-    *, protocol_id: str, start_height: int, window_size: int, actor: dict[str, Any]
+    *,
+    protocol_id: str,
+    start_height: int,
+    window_size: int,
+    actor: dict[str, Any],
+    chain: str | None = None,
 ) -> None:
-    with bound(actor=f"task:protocol_current_state:{protocol_id}"):
+    with bound(actor=f"task:protocol_current_state:{chain or ''}:{protocol_id}"):
         try:
             run_current_state(
                 protocol_id=protocol_id,
+                chain=chain,
                 start_height=start_height,
                 window_size=window_size,
                 actor=Actor.from_payload(actor),
@@ -59,12 +74,18 @@ def current_state_migrate(
 
 
 @shared_task(name=CLASSIFY_TASK, ignore_result=True)
-def classify(*, protocol_id: str, actor: dict[str, Any]) -> None:
-    with bound(actor=f"task:protocol_classify:{protocol_id}"):
-        protocol = Protocol.objects.select_related("chain__org").filter(pk=protocol_id).first()
-        if protocol is None:
-            log.warning("classification skipped: protocol %s is gone", protocol_id)
+def classify(*, protocol_id: str, actor: dict[str, Any], chain: str | None = None) -> None:
+    with bound(actor=f"task:protocol_classify:{chain or ''}:{protocol_id}"):
+        found = Protocol.objects.select_related("chain__org").filter(protocol_id=protocol_id)
+        if chain is not None:
+            found = found.filter(chain__slug=chain)
+        candidates = list(found[:2])
+        if len(candidates) != 1:
+            log.warning(
+                "classification skipped: protocol %s on %s is gone or ambiguous", protocol_id, chain or "?"
+            )
             return
+        protocol = candidates[0]
         try:
             result = protocol_classify(protocol=protocol, actor=Actor.from_payload(actor))
         except DomainError as exc:  # another classification running, or the role was revoked
@@ -72,5 +93,10 @@ def classify(*, protocol_id: str, actor: dict[str, Any]) -> None:
             return
         log.info(
             "protocol classified",
-            extra={"protocol": protocol_id, "status": result.status, "accepted": len(result.accepted)},
+            extra={
+                "protocol": protocol_id,
+                "chain": protocol.chain.slug,
+                "status": result.status,
+                "accepted": len(result.accepted),
+            },
         )

@@ -11,7 +11,9 @@ RPC (GET, query parameters; answers `{"jsonrpc":"2.0","id":-1,"result":{...}}` l
   /tx?hash=0xHEX               hash, height, index, tx (base64), tx_result
   /broadcast_tx_sync?tx=0xHEX  {code: 0, codespace: "", data: "", hash, log: ""}; the tx lands 1-3
                                (seeded) blocks later; JSON {"type": "transfer", ...} gets a transfer
-                               event, anything else an `app` event; bytes with `"reject": true` get code 4
+                               event, anything else an `app` event; bytes with `"reject": true` get code 4;
+                               the same bytes again while pending or on chain: error "tx already
+                               exists in cache" (the node's mempool cache), never a second landing
   /decode?data=HEX             {"decoded": {...}}; 503 while decoder_outage; 400 {"error": "undecodable"}
   GET /websocket               subscribe {"method": "subscribe", "id": 1,
                                "params": {"query": "tm.event='NewBlockHeader'"}}
@@ -19,17 +21,25 @@ RPC (GET, query parameters; answers `{"jsonrpc":"2.0","id":-1,"result":{...}}` l
 Errors are JSON-RPC errors with HTTP 500 (code -32603 "Internal error", or -32602 for bad params).
 
 Control (never delayed, never failed on purpose, answered while halted; JSON in and out):
-  GET|POST /control/state     head, earliest, pruned floor, knobs, shape, halted, counters
+  GET|POST /control/state     head, earliest, pruned floor, knobs, shape, halted, counters, open
+                               WebSocket subscribers
   POST /control/produce {"blocks": n}      -> 409 {"error": "halted"} while halted
   POST /control/reorg {"depth": d}         replace the last d blocks by another branch (same heights)
   POST /control/halt {"halted": bool}
   POST /control/knobs  any of latency_ms, error_rate, rate_limit, pruned_below, drop_websocket,
-                       decoder_outage -> the knobs; drop_websocket=true closes every current socket
+                       decoder_outage, catching_up (/status says the node is still syncing) -> the
+                       knobs; drop_websocket=true closes every current socket
                        Broadcast faults (all 0 by default; drawn from their own seeded stream only
                        when set): broadcast_reject_rate (CheckTx refuses: code 13, no hash, never
                        lands), broadcast_drop_rate (accepted with a hash, never lands),
                        broadcast_fail_rate (lands with code 11 "out of gas"), broadcast_delay_blocks
-                       (0 = the seeded 1-3; n = every broadcast lands exactly n blocks later)
+                       (0 = the seeded 1-3; n = every broadcast lands exactly n blocks later).
+                       Transport faults of broadcast_tx_sync (the client sees a connection closed
+                       without an answer): broadcast_lost_rate (the connection drops before the node
+                       takes the tx: it never lands), broadcast_hangup_rate (the node takes the tx,
+                       which lands as usual, then drops the connection before answering),
+                       broadcast_reply_delay_ms (the node takes the tx, then waits this long before
+                       answering: a client with a shorter timeout sees a timeout)
   POST /control/shape {"shape": "0.34"|"0.38"}
 
 Determinism: block content is drawn from random.Random(f"{seed}|{height}|{fork salt}") plus the ledger
@@ -134,10 +144,14 @@ class Knobs:
     pruned_below: int = 0
     drop_websocket: bool = False
     decoder_outage: bool = False
+    catching_up: bool = False
     broadcast_reject_rate: float = 0.0
     broadcast_drop_rate: float = 0.0
     broadcast_fail_rate: float = 0.0
     broadcast_delay_blocks: int = 0
+    broadcast_lost_rate: float = 0.0
+    broadcast_hangup_rate: float = 0.0
+    broadcast_reply_delay_ms: float = 0.0
 
 
 def validate_knobs(values: Any) -> dict[str, Any]:
@@ -148,7 +162,7 @@ def validate_knobs(values: Any) -> dict[str, Any]:
     for key, value in values.items():
         if key not in Knobs.__dataclass_fields__:
             raise ValueError(f"unknown knob {key!r}")
-        if key in ("drop_websocket", "decoder_outage"):
+        if key in ("drop_websocket", "decoder_outage", "catching_up"):
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be a boolean")
             checked[key] = value
@@ -174,6 +188,13 @@ class RpcError(Exception):
     def __init__(self, data: str, *, code: int = -32603, message: str = "Internal error") -> None:
         super().__init__(data)
         self.data, self.code, self.message = data, code, message
+
+
+class HangUp(Exception):
+    """Close the connection without an answer (a broadcast transport fault)."""
+
+
+TX_IN_CACHE = "tx already exists in cache"
 
 
 def render_events(events: list[EventData], shape: str) -> list[dict[str, Any]]:
@@ -529,7 +550,7 @@ class ChainSimulator:
                     "earliest_app_hash": first.app_hash,
                     "earliest_block_height": str(first.height),
                     "earliest_block_time": first.time,
-                    "catching_up": False,
+                    "catching_up": self.knobs.catching_up,
                 },
                 "validator_info": {
                     "address": self.validators[0],
@@ -640,6 +661,12 @@ class ChainSimulator:
             self.broadcast_counts[sha256_hex(tx)] += 1
             self.broadcast_log.append(tx)
             knobs = self.knobs
+            if knobs.broadcast_lost_rate and self.broadcast_fault_rng.random() < knobs.broadcast_lost_rate:
+                self.broadcast_outcomes["lost"] += 1
+                raise HangUp("lost before the node took it")
+            if sha256_hex(tx) in self.tx_index or tx in {raw for _, raw in self.pending}:
+                self.broadcast_outcomes["duplicate"] += 1
+                raise RpcError(TX_IN_CACHE)
             if (
                 knobs.broadcast_reject_rate
                 and self.broadcast_fault_rng.random() < knobs.broadcast_reject_rate
@@ -654,6 +681,12 @@ class ChainSimulator:
                 self.failing_broadcasts.add(tx)
             delay = int(knobs.broadcast_delay_blocks) or self.broadcast_rng.randint(1, 3)
             self.pending.append((self.head + delay, tx))
+            if (
+                knobs.broadcast_hangup_rate
+                and self.broadcast_fault_rng.random() < knobs.broadcast_hangup_rate
+            ):
+                self.broadcast_outcomes["hung_up"] += 1
+                raise HangUp("the node took the tx, then dropped the connection")
         return {"code": 0, "codespace": "", "data": "", "hash": sha256_hex(tx), "log": ""}
 
     def decode(self, data: str) -> tuple[int, dict[str, Any]]:
@@ -823,7 +856,20 @@ class ChainRequestHandler(BaseHTTPRequestHandler):
         except RpcError as exc:
             self._rpc_error(exc)
             return
+        except HangUp:
+            self._hang_up()
+            return
+        if method == "broadcast_tx_sync" and self.sim.knobs.broadcast_reply_delay_ms:
+            time.sleep(self.sim.knobs.broadcast_reply_delay_ms / 1000)
         self._send(200, {"jsonrpc": "2.0", "id": -1, "result": result})
+
+    def _hang_up(self) -> None:
+        # No status line, no body: the client sees the connection closed under its request.
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path.rstrip("/")
@@ -879,7 +925,9 @@ class ChainRequestHandler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._send(400, {"error": str(exc)})
             return
-        self._send(200, sim.state())
+        with self.server.subscribers_lock:
+            subscribers = len(self.server.subscribers)
+        self._send(200, {**sim.state(), "subscribers": subscribers})
 
     def _websocket(self) -> None:
         lines = [self.requestline.encode() + b"\r\n"]

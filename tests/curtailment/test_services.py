@@ -32,6 +32,7 @@ from curtailment.services import (
     curtailment_terminate,
     curtailment_update,
 )
+from curtailment.targets import SWEPT_ERROR
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
@@ -170,8 +171,9 @@ def test_admins_may_go_past_the_caps_and_each_override_is_audited(admin_member, 
     actions = set(AuditEvent.objects.values_list("action", flat=True))
     assert {
         "curtailment.started",
-        "curtailment.unbounded_start",
-        "curtailment.force_include_maintenance",
+        "curtailment.override.unbounded",
+        "curtailment.override.force_include_maintenance",
+        "curtailment.override.interval_above_cap",
     } <= actions
     with pytest.raises(ValidationFailed, match=UNBOUNDED_WITH_MAX):
         start(admin_member, allow_unbounded=True, max_duration_seconds=60)
@@ -379,7 +381,14 @@ def test_terminate_sweeps_targets_and_echoes_the_same_state(admin_member, fleet)
     )
     assert (done.state, transitioned) == ("cancelled", True)
     assert done.ended_at is not None
-    assert set(event.targets.values_list("state", "last_error")) == {("restore_failed", "gateway down")}
+    # Nothing was ever sent to these devices: cancelled, and the reason is on the audit row only.
+    assert set(event.targets.values_list("state", "last_error")) == {("cancelled", "")}
+    row = AuditEvent.objects.get(action="curtailment.admin_terminated")
+    assert row.reason == "gateway down"
+    assert (row.metadata["targets_cancelled"], row.metadata["targets_restore_failed"]) == (
+        event.targets.count(),
+        0,
+    )
     echo, transitioned = curtailment_terminate(
         event=event, actor=actor, target_state="cancelled", reason="again"
     )
@@ -389,6 +398,21 @@ def test_terminate_sweeps_targets_and_echoes_the_same_state(admin_member, fleet)
     with pytest.raises(Conflict) as caught:
         curtailment_terminate(event=event, actor=actor, target_state="failed", reason="x")
     assert caught.value.code == "state_conflict"
+
+
+def test_terminate_writes_off_targets_that_were_sent_a_command_without_the_reason(admin_member, fleet):
+    event = start(admin_member).event
+    tried = event.targets.order_by("id").first()
+    # A curtail was sent and failed back to pending: the device may have acted on it.
+    CurtailmentTarget.objects.filter(pk=tried.pk).update(dispatch_attempt=1, last_command_id="cmd-1")
+    curtailment_terminate(
+        event=event, actor=Actor.for_user(admin_member.user), target_state="failed", reason="gateway down"
+    )
+    tried.refresh_from_db()
+    assert (tried.state, tried.last_error) == ("restore_failed", SWEPT_ERROR)
+    assert "gateway down" not in tried.last_error
+    others = set(event.targets.exclude(pk=tried.pk).values_list("state", flat=True))
+    assert others == {"cancelled"}
 
 
 def test_a_restoring_event_can_be_terminated_with_uncurtails_in_flight(admin_member, fleet):

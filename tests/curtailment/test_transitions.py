@@ -161,11 +161,15 @@ def _stop_targets(c: Ctx) -> set[int]:
     return set(restore.values_list("pk", flat=True))
 
 
-def _sweep(c: Ctx) -> set[int]:
-    """The terminate's sweep: the targets written off with its reason."""
-    curtailment_terminate(event=c.event, actor=c.admin, target_state=E.CANCELLED, reason="gateway gone")
-    swept = CurtailmentTarget.objects.filter(event=c.event, last_error="gateway gone")
-    return set(swept.values_list("pk", flat=True))
+def _sweep(state: str) -> Callable[[Ctx], set[int]]:
+    """The terminate's sweep: the targets it moved to `state`."""
+
+    def sweep(c: Ctx) -> set[int]:
+        curtailment_terminate(event=c.event, actor=c.admin, target_state=E.CANCELLED, reason="gateway gone")
+        swept = CurtailmentTarget.objects.filter(event=c.event, state=state)
+        return set(swept.values_list("pk", flat=True))
+
+    return sweep
 
 
 CURT, REST = DesiredState.CURTAILED, DesiredState.ACTIVE
@@ -178,7 +182,8 @@ TARGET_SERVICES: dict[tuple[str, str], tuple[str, str, dict[str, Any], Callable[
         {},
         lambda c: target_mark_dispatching(c.phase, [(c.target, "cmd-1")]),
     ),
-    (T.PENDING, T.RESTORE_FAILED): (E.PENDING, CURT, {}, _sweep),
+    (T.PENDING, T.RESTORE_FAILED): (E.PENDING, CURT, {"dispatch_attempt": 1}, _sweep(T.RESTORE_FAILED)),
+    (T.PENDING, T.CANCELLED): (E.PENDING, CURT, {}, _sweep(T.CANCELLED)),
     (T.DISPATCHING, T.DISPATCHING): (
         E.PENDING,
         CURT,

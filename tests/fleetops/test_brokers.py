@@ -1,8 +1,9 @@
 """The real brokers work end to end: a Celery worker and beat (DatabaseScheduler) run as processes on
 Redis, on RabbitMQ and on the demo's embedded filesystem broker, and the platform's worker heartbeat
 makes the whole trip (beat -> broker -> worker -> a row in PostgreSQL), as does a `.delay()` from
-another process (what a web request does). Each broker is the test's own: Redis database 13 (or a
-redis-server the test starts), a fresh RabbitMQ virtual host, a filesystem queue under tmp_path.
+another process (what a web request does). Each broker is the test's own: Redis database 13 (another one
+per xdist worker; or a redis-server the test starts), a fresh RabbitMQ virtual host, a filesystem
+queue under tmp_path.
 Nothing here waits on log text: only on database rows."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from fleetops.settings.env import (
     env_database,
     env_int,
     env_list,
+    env_rate,
     env_str,
 )
 
@@ -43,6 +44,13 @@ def test_booleans_integers_and_lists_parse():
         env_int("N", environ={"N": "4x"})
     with pytest.raises(ImproperlyConfigured, match="below the minimum"):
         env_int("N", min_value=5, environ={"N": "1"})
+
+
+@pytest.mark.parametrize("value", ["20", "20/fortnight", "0/min", "x/min", "20 per min"])
+def test_a_malformed_throttle_rate_fails_loudly(value):
+    assert env_rate("RATE", environ={"RATE": " 20/min "}) == "20/min"
+    with pytest.raises(ImproperlyConfigured, match="RATE"):
+        env_rate("RATE", environ={"RATE": value})
 
 
 def test_only_postgresql_urls_are_accepted():

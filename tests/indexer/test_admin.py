@@ -371,3 +371,56 @@ def test_the_enrichment_page_draws_its_machine_at_the_rows_status(client, chain,
     page = _page(client, f"{ADMIN}/enrichment/{row.pk}/change/")
     assert 'aria-label="indexer.enrichment state diagram"' in page
     assert '<g class="state current" data-state="undecodable">' in page
+
+
+# --- live settings and refused sources ------------------------------------------------------------------
+
+
+def test_an_operator_tunes_limits_from_the_chain_page_and_a_viewer_may_not(client, chain, viewer, operator):
+    url = f"{ADMIN}/chain/{chain.pk}/action/limits/"
+    client.force_login(viewer.user)
+    assert client.post(url, {"reason": "x", "max_in_flight": 2}).status_code == 403
+    client.force_login(operator.user)
+    assert "action/limits/" in _page(client, f"{ADMIN}/chain/{chain.pk}/change/")
+    assert client.post(url, {"reason": "x", "max_in_flight": 0}).status_code == 200  # the form's error
+    response = client.post(url, {"reason": "rpc latency spike", "max_in_flight": 2, "catchup_batch_size": 5})
+    assert response.status_code == 302
+    chain.refresh_from_db()
+    assert (chain.max_in_flight, chain.catchup_batch_size) == (2, 5)
+    assert AuditEvent.objects.get(action="indexer.settings_changed").changes == {
+        "max_in_flight": [8, 2],
+        "catchup_batch_size": [50, 5],
+    }
+
+
+def test_a_refused_source_shows_its_reason_and_an_operator_re_enables_it(client, chain, operator):
+    source = _source(
+        chain,
+        name="typo",
+        connection_status=ConnectionStatus.REFUSED,
+        degraded_reasons=[],
+        refused_reason="DNS error: ConnectError: [Errno -2] Name or service not known",
+    )
+    client.force_login(operator.user)
+    page = _page(client, f"{ADMIN}/syncsource/")
+    assert "refused" in page and "Name or service not known" in page
+    detail = _page(client, f"{ADMIN}/syncsource/{source.pk}/change/")
+    assert "action/reenable/" in detail and "action/settings/" in detail
+    response = client.post(f"{ADMIN}/syncsource/{source.pk}/action/reenable/", {"reason": "DNS fixed"})
+    assert response.status_code == 302
+    source.refresh_from_db()
+    assert (source.connection_status, source.refused_reason) == (ConnectionStatus.DISCONNECTED, "")
+    assert AuditEvent.objects.get(action="indexer.source.reenabled").reason == "DNS fixed"
+    assert "action/reenable/" not in _page(client, f"{ADMIN}/syncsource/{source.pk}/change/")
+
+
+def test_an_operator_disables_a_source_from_its_page(client, chain, operator):
+    source = _source(chain, connection_status=ConnectionStatus.CONNECTED, degraded_reasons=[])
+    client.force_login(operator.user)
+    url = f"{ADMIN}/syncsource/{source.pk}/action/settings/"
+    assert client.post(url, {"reason": "maintenance", "enabled": "false"}).status_code == 302
+    source.refresh_from_db()
+    assert source.enabled is False
+    assert AuditEvent.objects.get(action="indexer.source.settings_changed").changes == {
+        "enabled": [True, False]
+    }

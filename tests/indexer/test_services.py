@@ -14,7 +14,7 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib.errors import Conflict, Forbidden, RaceLost, ValidationFailed
 from fleetops.lib.reason import REASON_MAX_LENGTH, REASON_REQUIRED, REASON_TOO_LONG
 from indexer import services
-from indexer.models import Enrichment, EnrichmentStatus, IndexerState, Mode
+from indexer.models import Enrichment, EnrichmentStatus, IndexerState, Mode, SyncSource
 from tests.factories import make_indexed_chain
 
 pytestmark = pytest.mark.django_db
@@ -266,3 +266,71 @@ def test_requeue_needs_an_operator_and_valid_ids(chain, viewer, operator):
         with pytest.raises(ValidationFailed, match="ids must be"):
             services.enrichment_requeue(chain=chain, ids=ids, actor=_actor(operator), reason="r")
     assert Enrichment.objects.get().status == "failed"
+
+
+# --- live settings ----------------------------------------------------------------------------------
+
+
+def test_an_operator_tunes_the_chains_limits_with_one_audit_row(chain, operator):
+    changes = services.chain_update_settings(
+        chain=chain, actor=_actor(operator), reason="rpc latency spike", max_in_flight=2, decode_concurrency=1
+    )
+    assert changes == {"max_in_flight": [8, 2], "decode_concurrency": [4, 1]}
+    chain.refresh_from_db()
+    assert (chain.max_in_flight, chain.decode_concurrency, chain.catchup_batch_size) == (2, 1, 50)
+    audit = AuditEvent.objects.get(action="indexer.settings_changed")
+    assert audit.reason == "rpc latency spike" and audit.changes == changes
+    # The same values again: nothing to write, no second audit row.
+    assert (
+        services.chain_update_settings(chain=chain, actor=_actor(operator), reason="again", max_in_flight=2)
+        == {}
+    )
+    assert AuditEvent.objects.filter(action="indexer.settings_changed").count() == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"max_in_flight": 0},
+        {"catchup_batch_size": 5001},
+        {"decode_concurrency": True},
+        {"max_in_flight": "4"},
+    ],
+)
+def test_limits_out_of_bounds_are_refused_and_change_nothing(chain, operator, fields):
+    with pytest.raises(ValidationFailed):
+        services.chain_update_settings(chain=chain, actor=_actor(operator), reason="tune", **fields)
+    chain.refresh_from_db()
+    assert (chain.max_in_flight, chain.catchup_batch_size, chain.decode_concurrency) == (8, 50, 4)
+    assert not AuditEvent.objects.filter(action="indexer.settings_changed").exists()
+
+
+def _source(chain):
+    return SyncSource.objects.create(chain=chain, name="primary", rpc_url="http://127.0.0.1:1", priority=3)
+
+
+def test_a_viewer_may_not_tune_limits_nor_sources_and_the_refusal_is_audited(chain, viewer):
+    source = _source(chain)
+    with pytest.raises(Forbidden):
+        services.chain_update_settings(chain=chain, actor=_actor(viewer), reason="tune", max_in_flight=1)
+    with pytest.raises(Forbidden):
+        services.source_update_settings(source=source, actor=_actor(viewer), reason="off", enabled=False)
+    assert AuditEvent.objects.filter(action="access.denied").count() == 2
+    chain.refresh_from_db()
+    source.refresh_from_db()
+    assert chain.max_in_flight == 8 and source.enabled is True
+
+
+def test_an_operator_reprioritizes_and_disables_a_source_with_one_audit_row(chain, operator):
+    source = _source(chain)
+    changes = services.source_update_settings(
+        source=source, actor=_actor(operator), reason="node maintenance", priority=7, enabled=False
+    )
+    assert changes == {"priority": [3, 7], "enabled": [True, False]}
+    source.refresh_from_db()
+    assert (source.priority, source.enabled) == (7, False)
+    audit = AuditEvent.objects.get(action="indexer.source.settings_changed")
+    assert audit.reason == "node maintenance" and audit.metadata["source"] == source.name
+    with pytest.raises(ValidationFailed):
+        services.source_update_settings(source=source, actor=_actor(operator), reason="x", priority=-1)

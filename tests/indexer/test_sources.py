@@ -28,6 +28,7 @@ from indexer.models import (
     SyncSource,
 )
 from indexer.rpc.client import CometRpc, HeightUnavailable, SourceConfig
+from indexer.runner import trusted_sources
 from indexer.source_status import NOTHING_TO_CLEAR, source_clear_degraded, source_transition, transition_path
 from indexer.sources import (
     WS_DOWN_NOTE,
@@ -81,13 +82,21 @@ def now():
         yield
 
 
+def _forget() -> None:
+    for memory in (
+        sources_module._losses,
+        sources_module._await_status,
+        sources_module._settling,
+        sources_module._sync_settling,
+    ):
+        memory.clear()
+
+
 @pytest.fixture(autouse=True)
 def _forget_losses():
-    sources_module._losses.clear()
-    sources_module._await_status.clear()
+    _forget()
     yield
-    sources_module._losses.clear()
-    sources_module._await_status.clear()
+    _forget()
 
 
 @pytest.fixture
@@ -136,6 +145,21 @@ def transitions(to: str, source: str = "primary", result: str = "changed") -> fl
     return value or 0.0
 
 
+def attempts(result: str, source: str = "primary") -> float:
+    value = REGISTRY.get_sample_value(
+        "fleetops_indexer_source_connection_attempts_total",
+        {"chain": "sim", "source": source, "result": result},
+    )
+    return value or 0.0
+
+
+def connect(chain, rpc, mono, ws_connected: bool | None = True) -> None:
+    """Two observations with a fresh /status each: the settle re-check before connected."""
+    for _ in range(2):
+        sources_observe(chain=chain, rpc=rpc, ws_connected=ws_connected)
+        mono.now += 6  # past the probe interval
+
+
 def fail_until_disconnected(chain, rpc, mono, node: Node) -> None:
     node.knobs(error_rate=1.0)
     for _ in range(10):
@@ -148,8 +172,9 @@ def fail_until_disconnected(chain, rpc, mono, node: Node) -> None:
 
 def recover(chain, rpc, mono, node: Node) -> None:
     node.knobs(error_rate=0.0)
-    mono.now += 3700
-    sources_observe(chain=chain, rpc=rpc, ws_connected=None)
+    for _ in range(2):  # the settle re-check: caught up on two /status answers in a row
+        mono.now += 3700
+        sources_observe(chain=chain, rpc=rpc, ws_connected=None)
 
 
 # --- the machine ----------------------------------------------------------------------------------
@@ -162,18 +187,31 @@ def test_jumps_walk_the_shortest_legal_path_and_never_pass_syncing_unless_asked(
         S.CONNECTED,
         S.CONNECTED_DEGRADED,
     ]
-    assert transition_path(S.CONNECTED, S.DISCONNECTED) == [S.DISCONNECTING, S.DISCONNECTED]
-    assert transition_path(S.SYNCING, S.DISCONNECTED) == [S.DISCONNECTING, S.DISCONNECTED]
+    # A lost connection drops straight to disconnected; disconnecting is for intentional disconnects.
+    assert transition_path(S.CONNECTED, S.DISCONNECTED) == [S.DISCONNECTED]
+    assert transition_path(S.SYNCING, S.DISCONNECTED) == [S.DISCONNECTED]
+    assert transition_path(S.DISCONNECTED, S.REFUSED) == [S.REFUSED]
+    assert transition_path(S.REFUSED, S.CONNECTED) == [S.DISCONNECTED, S.CONNECTING, S.CONNECTED]
     assert transition_path(S.DISCONNECTED, S.SYNCING) == [S.CONNECTING, S.SYNCING]
     assert transition_path(S.CONNECTED, S.CONNECTED) == []
 
 
-def test_a_source_that_answers_goes_connecting_then_connected(chain, rows, rpc, now):
-    before = transitions("connecting"), transitions("connected")
+def test_a_source_that_answers_goes_connecting_then_connected_after_a_settle_recheck(
+    chain, rows, rpc, mono, now
+):
+    before = transitions("connecting"), transitions("connected"), attempts("success")
+    sources_observe(chain=chain, rpc=rpc, ws_connected=True)
+    # Caught up once is not yet caught up: it stays connecting until a second /status agrees.
+    assert row("primary").connection_status == row("backup").connection_status == S.CONNECTING
+    assert attempts("success") == before[2] + 1
+    sources_observe(chain=chain, rpc=rpc, ws_connected=True)  # no new /status: still one check
+    assert row("primary").connection_status == S.CONNECTING
+    mono.now += 6
     sources_observe(chain=chain, rpc=rpc, ws_connected=True)
     primary, backup = row("primary"), row("backup")
     assert primary.connection_status == backup.connection_status == S.CONNECTED
     assert (transitions("connecting") - before[0], transitions("connected") - before[1]) == (1, 1)
+    assert attempts("success") == before[2] + 1  # one attempt, counted once
     assert primary.status_changed_at == T0 and primary.last_success_at == T0
     assert primary.head_height == 1 and primary.latency_ms is not None
     assert primary.health == SourceHealth.HEALTHY
@@ -238,7 +276,7 @@ def test_a_pruned_source_serves_live_blocks_but_is_degraded_with_the_range_it_la
     for node in nodes:
         node.produce(249)
     nodes[0].knobs(pruned_below=200)
-    sources_observe(chain=chain, rpc=rpc, ws_connected=True)
+    connect(chain, rpc, mono)
     assert rpc.block(5).height == 5  # the backup served it
     assert rpc.block(6).height == 6
     assert rpc.block(240).height == 240  # the primary serves what it has
@@ -321,20 +359,29 @@ def test_an_operator_clears_a_historic_failure_with_a_reason_and_an_audit_row(ch
         source_clear_degraded(source=stored, actor=Actor.for_user(admin_member.user), reason="again")
 
 
-def test_a_source_whose_head_lags_is_degraded_until_it_catches_up(chain, rows, rpc, nodes, mono, now):
-    nodes[0].produce(25)
-    sources_observe(chain=chain, rpc=rpc, ws_connected=True)
-    backup = row("backup")
-    assert backup.connection_status == S.CONNECTED_DEGRADED
-    assert backup.degraded_reasons == [H.LAGGING_HEAD]
-    assert backup.degraded_detail == "head 1 is 25 blocks behind 26"
-    assert row("primary").connection_status == S.CONNECTED
-
-    nodes[1].produce(20)  # 5 behind: within the allowed lag
-    mono.now += 6
-    sources_observe(chain=chain, rpc=rpc, ws_connected=True)
+def test_a_source_whose_head_lags_is_not_caught_up_and_ranked_last_until_it_catches_up(
+    chain, rows, rpc, nodes, mono, now
+):
+    nodes[1].produce(25)  # the preferred source is the one behind
+    connect(chain, rpc, mono)
+    primary = row("primary")
+    # Lagging is a health reason, not partial data: never connected_degraded; and a lagging source is
+    # not caught up, so it does not settle to connected.
+    assert primary.connection_status == S.CONNECTING
+    assert primary.degraded_reasons == [H.LAGGING_HEAD]
+    assert primary.degraded_detail == "head 1 is 25 blocks behind 26"
+    assert primary.health == SourceHealth.DEGRADED
     assert row("backup").connection_status == S.CONNECTED
-    assert row("backup").head_height == 21
+    assert [s.config.name for s in rpc.ranked_sources()] == ["backup", "primary"]
+    assert trusted_sources(rpc) == ["backup"]
+    assert rpc.status().latest_height == 26  # ingest fails over from the lagging source
+
+    nodes[0].produce(20)  # 5 behind: within the allowed lag
+    connect(chain, rpc, mono)
+    primary = row("primary")
+    assert (primary.connection_status, primary.degraded_reasons) == (S.CONNECTED, [])
+    assert primary.head_height == 21 and primary.health == SourceHealth.HEALTHY
+    assert [s.config.name for s in rpc.ranked_sources()] == ["primary", "backup"]
 
 
 def test_a_slow_source_is_degraded_for_latency(chain, rows, nodes, now):
@@ -342,10 +389,10 @@ def test_a_slow_source_is_degraded_for_latency(chain, rows, nodes, now):
     with CometRpc([SourceConfig(r.name, r.rpc_url, r.priority) for r in rows]) as rpc:  # real latency
         sources_observe(chain=chain, rpc=rpc, ws_connected=True, latency_threshold=0.03)
     backup = row("backup")
-    assert backup.connection_status == S.CONNECTED_DEGRADED
-    assert backup.degraded_reasons == [H.LATENCY]
+    assert backup.connection_status != S.CONNECTED_DEGRADED  # slow is a health reason, not partial data
+    assert backup.degraded_reasons == [H.LATENCY] and backup.health == SourceHealth.DEGRADED
     assert backup.degraded_detail.startswith("latency ") and (backup.latency_ms or 0) >= 60
-    assert row("primary").connection_status == S.CONNECTED
+    assert row("primary").degraded_reasons == [] and row("primary").health == SourceHealth.HEALTHY
 
 
 def test_a_source_with_many_failed_requests_is_degraded_for_its_error_rate(
@@ -360,13 +407,13 @@ def test_a_source_with_many_failed_requests_is_degraded_for_its_error_rate(
     mono.now += 3700
     sources_observe(chain=chain, rpc=rpc, ws_connected=None)
     backup = row("backup")
-    assert backup.connection_status == S.CONNECTED_DEGRADED
-    assert backup.degraded_reasons == [H.ERROR_RATE]
+    assert backup.connection_status == S.CONNECTED  # a health reason: status 4 is partial data only
+    assert backup.degraded_reasons == [H.ERROR_RATE] and backup.health == SourceHealth.DEGRADED
     assert "of the last" in backup.degraded_detail
 
 
-def test_a_rate_limited_source_shows_rate_limited_health(chain, rows, rpc, nodes, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=True)
+def test_a_rate_limited_source_shows_rate_limited_health(chain, rows, rpc, nodes, mono, now):
+    connect(chain, rpc, mono)
     nodes[0].knobs(rate_limit=1.0)
     assert rpc.block(1).height == 1  # the backup answered
     sources_observe(chain=chain, rpc=rpc, ws_connected=True, probe=False)
@@ -381,14 +428,14 @@ def test_a_rate_limited_source_shows_rate_limited_health(chain, rows, rpc, nodes
 
 
 def test_a_failing_source_degrades_disconnects_and_is_dead_after_a_day(chain, rows, rpc, nodes, mono, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=None)
+    connect(chain, rpc, mono)
     nodes[0].knobs(error_rate=1.0)
     clock.advance(timedelta(seconds=1))
     first_failure = clock.now()
     assert rpc.status().latest_height == 1  # failed over to the backup
     sources_observe(chain=chain, rpc=rpc, ws_connected=None, probe=False)
     primary = row("primary")
-    assert primary.connection_status == S.CONNECTED_DEGRADED
+    assert primary.connection_status == S.CONNECTED  # failing is a health reason until it is lost
     assert primary.degraded_reasons == [H.ERROR_RATE]
     assert primary.health == SourceHealth.DEGRADED
     assert primary.consecutive_failures == 1 and primary.first_failure_at == first_failure
@@ -398,7 +445,8 @@ def test_a_failing_source_degrades_disconnects_and_is_dead_after_a_day(chain, ro
     fail_until_disconnected(chain, rpc, mono, nodes[0])
     primary = row("primary")
     assert primary.connection_status == S.DISCONNECTED
-    assert transitions("disconnecting") == disconnecting_before + 1  # walked, not skipped
+    # A lost connection is no intentional disconnect: it never passes disconnecting (seed 002).
+    assert transitions("disconnecting") == disconnecting_before
     assert primary.consecutive_failures >= 3 and primary.first_failure_at == first_failure
     assert primary.health == SourceHealth.DEGRADED
 
@@ -411,16 +459,18 @@ def test_a_failing_source_degrades_disconnects_and_is_dead_after_a_day(chain, ro
 
 
 def test_a_recovered_source_is_degraded_for_five_minutes_then_healthy(chain, rows, rpc, nodes, mono, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=None)
+    connect(chain, rpc, mono)
     fail_until_disconnected(chain, rpc, mono, nodes[0])
     clock.advance(timedelta(minutes=1))
     recovered = clock.now()
+    failures_before = attempts("failure")
     recover(chain, rpc, mono, nodes[0])
     primary = row("primary")
     assert primary.connection_status == S.CONNECTED
     assert primary.consecutive_failures == 0 and primary.first_failure_at is None
     assert primary.recovered_at == recovered and primary.last_success_at == recovered
     assert primary.health == SourceHealth.DEGRADED
+    assert attempts("failure") == failures_before  # the reconnect attempt succeeded
     clock.advance(timedelta(minutes=4, seconds=59))
     assert row("primary").health == SourceHealth.DEGRADED
     clock.advance(timedelta(seconds=1))
@@ -428,7 +478,7 @@ def test_a_recovered_source_is_degraded_for_five_minutes_then_healthy(chain, row
 
 
 def test_a_source_that_keeps_dropping_is_flapping(chain, rows, rpc, nodes, mono, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=None)
+    connect(chain, rpc, mono)
     for _ in range(2):
         fail_until_disconnected(chain, rpc, mono, nodes[0])
         recover(chain, rpc, mono, nodes[0])
@@ -436,7 +486,7 @@ def test_a_source_that_keeps_dropping_is_flapping(chain, rows, rpc, nodes, mono,
     fail_until_disconnected(chain, rpc, mono, nodes[0])
     recover(chain, rpc, mono, nodes[0])
     primary = row("primary")
-    assert primary.connection_status == S.CONNECTED_DEGRADED
+    assert primary.connection_status == S.CONNECTED and primary.health == SourceHealth.DEGRADED
     # Its recent requests failed a lot too; the error rate fades as it keeps answering.
     assert primary.degraded_reasons == [H.ERROR_RATE, H.FLAPPING]
     assert "dropped 3 times in 10 min" in primary.degraded_detail
@@ -448,8 +498,8 @@ def test_a_source_that_keeps_dropping_is_flapping(chain, rows, rpc, nodes, mono,
     assert row("primary").connection_status == S.CONNECTED
 
 
-def test_a_down_websocket_is_noted_on_its_source_without_degrading_it(chain, rows, rpc, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=False)
+def test_a_down_websocket_is_noted_on_its_source_without_degrading_it(chain, rows, rpc, mono, now):
+    connect(chain, rpc, mono, ws_connected=False)
     primary = row("primary")
     assert primary.connection_status == S.CONNECTED and primary.degraded_detail == WS_DOWN_NOTE
     assert row("backup").degraded_detail == ""
@@ -477,12 +527,15 @@ def test_the_source_the_indexer_catches_up_from_is_syncing_until_caught_up(chain
     # The runner fails over: the backup syncs, the primary shows its partial data.
     assert sources_mark_syncing(chain=chain, catching_up=True, source_name="backup").name == "backup"
     assert row("primary").connection_status == S.CONNECTED_DEGRADED
+    # The settle re-check: caught up on one step, it is still syncing; on the second, connected.
+    assert sources_mark_syncing(chain=chain, catching_up=False).name == "backup"
+    assert row("backup").connection_status == S.SYNCING
     assert sources_mark_syncing(chain=chain, catching_up=False) is None
     assert row("backup").connection_status == S.CONNECTED
 
 
-def test_a_disabled_source_goes_disconnecting_then_disconnected(chain, rows, rpc, now):
-    sources_observe(chain=chain, rpc=rpc, ws_connected=None)
+def test_a_disabled_source_goes_disconnecting_then_disconnected(chain, rows, rpc, mono, now):
+    connect(chain, rpc, mono, ws_connected=None)
     SyncSource.objects.filter(name="backup").update(enabled=False)
     before = transitions("disconnecting", source="backup")
     sources_observe(chain=chain, rpc=rpc, ws_connected=None)

@@ -35,7 +35,13 @@ from indexer.models import (
 )
 from indexer.modes import ModeAction, indexer_degrade, indexer_halt, indexer_mode_follow, mode_move
 from indexer.services import IndexerAction
-from indexer.source_status import CLEAR_ACTION, source_clear_degraded, source_transition
+from indexer.source_status import (
+    CLEAR_ACTION,
+    REENABLE_ACTION,
+    source_clear_degraded,
+    source_reenable,
+    source_transition,
+)
 from tests.transitions import assert_refused_without_write, edge_keys, pair_params, set_state
 
 pytestmark = pytest.mark.django_db
@@ -214,21 +220,32 @@ def _operator_clear(source: SyncSource, to: int, admin: Actor) -> None:
     assert source_clear_degraded(source=source, actor=admin, reason="pruned by design")
 
 
+def _operator_reenable(source: SyncSource, to: int, admin: Actor) -> None:
+    assert source_reenable(source=source, actor=admin, reason="DNS name fixed")
+
+
 CONNECTION_SERVICES: dict[tuple[int, int], Callable[[SyncSource, int, Actor], None]] = {
     (S.DISCONNECTED, S.CONNECTING): _source_step,
     (S.CONNECTING, S.SYNCING): _source_step,
     (S.CONNECTING, S.CONNECTED): _source_step,
     (S.CONNECTING, S.DISCONNECTED): _source_step,
+    (S.CONNECTING, S.DISCONNECTING): _source_step,
+    (S.CONNECTING, S.REFUSED): _source_step,
+    (S.DISCONNECTED, S.REFUSED): _source_step,
     (S.SYNCING, S.CONNECTED): _source_step,
     (S.SYNCING, S.CONNECTED_DEGRADED): _source_step,
     (S.SYNCING, S.DISCONNECTING): _source_step,
+    (S.SYNCING, S.DISCONNECTED): _source_step,
     (S.CONNECTED, S.CONNECTED_DEGRADED): _source_step,
     (S.CONNECTED, S.SYNCING): _source_step,
     (S.CONNECTED, S.DISCONNECTING): _source_step,
+    (S.CONNECTED, S.DISCONNECTED): _source_step,
     (S.CONNECTED_DEGRADED, S.CONNECTED): _operator_clear,
     (S.CONNECTED_DEGRADED, S.SYNCING): _source_step,
     (S.CONNECTED_DEGRADED, S.DISCONNECTING): _source_step,
+    (S.CONNECTED_DEGRADED, S.DISCONNECTED): _source_step,
     (S.DISCONNECTING, S.DISCONNECTED): _source_step,
+    (S.REFUSED, S.DISCONNECTED): _operator_reenable,
 }
 
 
@@ -250,6 +267,10 @@ def test_connection_pair(chain, admin_member, source, target):
     if service is _operator_clear:
         assert [(e.action, e.changes["connection_status"]) for e in trail] == [
             (CLEAR_ACTION, [source, target])
+        ]
+    elif service is _operator_reenable:
+        assert [(e.action, e.changes["connection_status"]) for e in trail] == [
+            (REENABLE_ACTION, [source, target])
         ]
     else:
         assert trail == []  # the writer follows the sources' health after every step: counted, not audited

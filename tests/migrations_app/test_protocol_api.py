@@ -48,7 +48,7 @@ def chain(org):
 def protocol(chain) -> Protocol:
     now = clock.now()
     p = Protocol.objects.create(
-        id="SEP41",
+        protocol_id="SEP41",
         chain=chain,
         name="SEP-41",
         classification_status=MigrationStatus.SUCCESS,
@@ -87,7 +87,7 @@ def protocol(chain) -> Protocol:
 @pytest.fixture
 def foreign(other_org) -> Protocol:
     chain = make_indexed_chain(other_org, slug="globex-chain", blocks=2)
-    return Protocol.objects.create(id="SEP50", chain=chain, name="SEP-50")
+    return Protocol.objects.create(protocol_id="SEP50", chain=chain, name="SEP-50")
 
 
 def _error(response: Any) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task
     client, chain, operator, admin_member, queued, django_capture_on_commit_callbacks
 ):
     protocol = Protocol.objects.create(
-        id="SEP41", chain=chain, name="x", classification_status=MigrationStatus.SUCCESS
+        protocol_id="SEP41", chain=chain, name="x", classification_status=MigrationStatus.SUCCESS
     )
     url = f"{ADMIN}/protocol/{protocol.pk}/action/start_history/"
     client.force_login(operator.user)
@@ -194,7 +194,7 @@ def test_start_history_migration_is_admin_only_asks_a_reason_and_queues_the_task
     assert queued == [
         (
             services.HISTORY_TASK,
-            {"protocol_ids": ["SEP41"], "window_size": 250, "actor": queued[0][1]["actor"]},
+            {"protocol_ids": ["SEP41"], "chain": "sim", "window_size": 250, "actor": queued[0][1]["actor"]},
         )
     ]
     assert queued[0][1]["actor"]["label"] == admin_member.user.username
@@ -208,7 +208,7 @@ def test_start_history_migration_of_an_unclassified_protocol_is_refused_on_the_f
     client, chain, admin_member, queued
 ):
     protocol = Protocol.objects.create(
-        id="SEP41", chain=chain, name="x", classification_status=MigrationStatus.FAILED
+        protocol_id="SEP41", chain=chain, name="x", classification_status=MigrationStatus.FAILED
     )
     client.force_login(admin_member.user)
     # Not offered on the page, and refused with the service's message when posted anyway.
@@ -227,11 +227,11 @@ def test_the_protocol_list_shows_cursor_and_lag_in_a_fixed_number_of_queries(
     client, protocol, chain, superuser
 ):
     client.force_login(superuser)
-    assert protocol.history_cursor_name == "protocol_SEP41_history_cursor"  # the admin's annotation
+    assert protocol.history_cursor_name == "protocol_sim_SEP41_history_cursor"  # the admin's annotation
     with CaptureQueriesContext(connection) as one:
         page = client.get(f"{ADMIN}/protocol/").content.decode()
     assert 'class="field-history_cursor">40<' in page and 'class="field-lag">0<' in page
-    Protocol.objects.create(id="SEP50", chain=chain, name="SEP-50")
+    Protocol.objects.create(protocol_id="SEP50", chain=chain, name="SEP-50")
     with CaptureQueriesContext(connection) as two:
         client.get(f"{ADMIN}/protocol/")
     assert len(two) == len(one)
@@ -259,6 +259,7 @@ def test_metrics_report_cursor_status_and_lag(protocol):
 
     registry.register(Wrap())
     text = generate_latest(registry).decode()
-    assert 'fleetops_protocol_migration_cursor{migration="history",protocol="SEP41"} 40.0' in text
-    assert 'fleetops_protocol_migration_status{migration="history",protocol="SEP41"} 1.0' in text
-    assert 'fleetops_protocol_migration_lag_blocks{migration="history",protocol="SEP41"} 0.0' in text
+    labels = 'chain="sim",migration="history",protocol="SEP41"'
+    assert f"fleetops_protocol_migration_cursor{{{labels}}} 40.0" in text
+    assert f"fleetops_protocol_migration_status{{{labels}}} 1.0" in text
+    assert f"fleetops_protocol_migration_lag_blocks{{{labels}}} 0.0" in text

@@ -45,14 +45,14 @@ def chain(org):
 @pytest.fixture
 def protocol(chain) -> Protocol:
     return Protocol.objects.create(
-        id="SEP41", chain=chain, name="SEP-41", classification_status=MigrationStatus.SUCCESS
+        protocol_id="SEP41", chain=chain, name="SEP-41", classification_status=MigrationStatus.SUCCESS
     )
 
 
 @pytest.fixture
 def foreign(other_org) -> Protocol:
     chain = make_indexed_chain(other_org, slug="globex-chain", blocks=2)
-    return Protocol.objects.create(id="SEP50", chain=chain, name="SEP-50")
+    return Protocol.objects.create(protocol_id="SEP50", chain=chain, name="SEP-50")
 
 
 @pytest.fixture
@@ -180,12 +180,12 @@ def test_a_lost_current_state_start_raises_and_rolls_the_cursor_back(protocol, a
 def test_a_rolled_back_transaction_leaves_the_contract_unknown(protocol, django_capture_on_commit_callbacks):
     rows = [Row(3, "tx", 0, 0, "mint", "alice", "", "tok9", 5, "")]
     with pytest.raises(RuntimeError), transaction.atomic():
-        store.note_contracts(protocol_id="SEP41", rows=rows)
+        store.note_contracts(protocol_pk=protocol.pk, rows=rows)
         raise RuntimeError("rolled back")
-    assert ("SEP41", "tok9") not in store._known_contracts
+    assert (protocol.pk, "tok9") not in store._known_contracts
     with django_capture_on_commit_callbacks(execute=True):
-        store.note_contracts(protocol_id="SEP41", rows=rows)
-    assert ("SEP41", "tok9") in store._known_contracts
+        store.note_contracts(protocol_pk=protocol.pk, rows=rows)
+    assert (protocol.pk, "tok9") in store._known_contracts
     assert ProtocolContract.objects.filter(protocol=protocol, contract="tok9").exists()
 
 
@@ -198,8 +198,8 @@ def test_the_protocol_filter_offers_only_the_users_protocols(client, protocol, f
         response = client.get(f"{ADMIN}/{page}/")
         assert response.status_code == 200
         body = response.content.decode()
-        assert "protocol__id__exact=SEP41" in body
-        assert "protocol__id__exact=SEP50" not in body
+        assert f"protocol__id__exact={protocol.pk}" in body
+        assert f"protocol__id__exact={foreign.pk}" not in body
 
 
 def test_classify_again_is_queued_on_a_worker(
@@ -222,8 +222,11 @@ def test_classify_again_is_queued_on_a_worker(
     assert message.status == OutboxStatus.SENT and message.kwargs == calls[0]
     monkeypatch.undo()
     tasks.classify(**calls[0])  # the worker's side
-    assert Protocol.objects.get(pk="SEP41").classification_status == MigrationStatus.SUCCESS
-    assert AuditEvent.objects.filter(action="protocol.classified", target_id="SEP41").count() == 1
+    assert Protocol.objects.get(protocol_id="SEP41").classification_status == MigrationStatus.SUCCESS
+    assert (
+        AuditEvent.objects.filter(action="protocol.classified", target_label__startswith="SEP41 on ").count()
+        == 1
+    )
 
 
 def test_classify_again_while_one_runs_is_refused_on_the_form(client, protocol, admin_member, sent_tasks):
@@ -236,11 +239,13 @@ def test_classify_again_while_one_runs_is_refused_on_the_form(client, protocol, 
     assert sent_tasks == [] and sent_tasks.messages() == []
 
 
-# 6. no other tenant's chain in the message ------------------------------------------------------------------
+# 6. one protocol per chain: another tenant's protocol of the same id is a separate row ---------------------
 
 
-def test_registering_a_protocol_held_on_another_chain_does_not_name_that_chain(chain, foreign, actor):
-    with pytest.raises(ValidationFailed) as error:
-        services.protocol_register(protocol_id="SEP50", chain=chain, actor=actor)
-    assert "globex" not in error.value.message
-    assert error.value.message == services.CHAIN_CHANGED.format(id="SEP50")
+def test_registering_a_protocol_held_on_another_chain_registers_it_on_this_chain_too(chain, foreign, actor):
+    mine = services.protocol_register(protocol_id="SEP50", chain=chain, actor=actor)
+    assert mine.pk != foreign.pk and mine.chain_id == chain.pk
+    assert Protocol.objects.filter(protocol_id="SEP50").count() == 2
+    assert services.protocol_register(protocol_id="SEP50", chain=chain, actor=actor).pk == mine.pk
+    registered = AuditEvent.objects.get(action="protocol.registered")
+    assert registered.target_id == str(mine.pk) and "globex" not in str(registered.metadata)

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +21,8 @@ from django.db import connection
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
+from fleetops.observability.heartbeats import heartbeat_verdict
+from fleetops.observability.models import Heartbeat
 from indexer.models import Chain, Event, IndexerState, Mode, SyncSource
 from indexer.rpc.client import CometRpc, SourceConfig
 from indexer.runner import IndexerRunner
@@ -80,7 +83,7 @@ def expected_rows(chain: Chain, protocol_id: str) -> set[tuple[Any, ...]]:
 
 def stored_rows(protocol_id: str) -> list[tuple[Any, ...]]:
     return list(
-        ProtocolStateChange.objects.filter(protocol_id=protocol_id).values_list(
+        ProtocolStateChange.objects.filter(protocol__protocol_id=protocol_id).values_list(
             "height",
             "phase",
             "tx_index",
@@ -98,7 +101,7 @@ def stored_rows(protocol_id: str) -> list[tuple[Any, ...]]:
 def assert_spans_tile(protocol_id: str, *, oldest: int, top: int) -> list[tuple[str, int, int]]:
     """Every height in [oldest, top] written by exactly one writer; returns the spans."""
     spans = list(
-        ProtocolWriteSpan.objects.filter(protocol_id=protocol_id)
+        ProtocolWriteSpan.objects.filter(protocol__protocol_id=protocol_id)
         .order_by("from_height")
         .values_list("writer", "from_height", "to_height")
     )
@@ -250,7 +253,7 @@ def test_an_unknown_protocol_is_refused_with_the_known_ones_named_and_nothing_ch
 def test_a_protocol_not_set_up_or_not_classified_is_refused_and_nothing_changes(chain, sim):
     with pytest.raises(CommandError, match=r"protocol SEP41 is not set up: run `manage.py protocol_setup"):
         call_command("protocol_migrate", "history", "--protocol-id", "SEP41")
-    Protocol.objects.create(id="SEP41", chain=chain, name="x")
+    Protocol.objects.create(protocol_id="SEP41", chain=chain, name="x")
     before = _snapshot()
     with pytest.raises(
         CommandError, match=r"protocol SEP41 is not classified \(classification status: not_started\)"
@@ -266,7 +269,7 @@ def test_a_chain_the_indexer_has_not_started_is_refused_and_nothing_changes(chai
     with pytest.raises(CommandError, match=r"the indexer has not started on chain sim"):
         call_command("protocol_migrate", "history", "--protocol-id", "SEP41")
     assert _snapshot() == before
-    assert Protocol.objects.get(id="SEP41").history_migration_status == MigrationStatus.NOT_STARTED
+    assert Protocol.objects.get(protocol_id="SEP41").history_migration_status == MigrationStatus.NOT_STARTED
 
 
 def test_a_bad_window_size_is_refused(chain, sim):
@@ -282,13 +285,16 @@ def test_setup_registers_and_classifies_the_contracts_seen_so_far(chain, sim):
     simulator.produce(40)
     catch_up(runner_for(chain, url))
     set_up("SEP41", "SEP50")
-    sep41, sep50 = Protocol.objects.get(id="SEP41"), Protocol.objects.get(id="SEP50")
+    sep41, sep50 = Protocol.objects.get(protocol_id="SEP41"), Protocol.objects.get(protocol_id="SEP50")
     assert sep41.classification_status == sep50.classification_status == MigrationStatus.SUCCESS
     assert set(ProtocolContract.objects.filter(protocol=sep41).values_list("contract", flat=True)) <= {
         r[7] for r in expected_rows(chain, "SEP41")
     }
     assert ProtocolContract.objects.filter(protocol=sep50).values_list("contract", flat=True).count() >= 1
-    assert AuditEvent.objects.filter(action="protocol.classified", target_id="SEP41").count() == 1
+    assert (
+        AuditEvent.objects.filter(action="protocol.classified", target_label__startswith="SEP41 on ").count()
+        == 1
+    )
 
 
 def test_a_classification_that_fails_is_recorded_as_failed(chain, sim, monkeypatch):
@@ -298,7 +304,7 @@ def test_a_classification_that_fails_is_recorded_as_failed(chain, sim, monkeypat
     monkeypatch.setattr(services, "_classify_contracts", broken)
     with pytest.raises(CommandError, match="classification failed for SEP41"):
         set_up("SEP41")
-    protocol = Protocol.objects.get(id="SEP41")
+    protocol = Protocol.objects.get(protocol_id="SEP41")
     assert protocol.classification_status == MigrationStatus.FAILED
     assert "classifier exploded" in protocol.classification_error
 
@@ -306,14 +312,20 @@ def test_a_classification_that_fails_is_recorded_as_failed(chain, sim, monkeypat
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def test_history_backfills_to_the_tip_and_hands_off_to_live_ingestion_by_itself(chain, sim):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_history_backfills_to_the_tip_and_hands_off_to_live_ingestion_by_itself(chain, sim, workers):
     simulator, url = sim
     simulator.produce(120)
     runner = runner_for(chain, url)
     catch_up(runner)
     set_up("SEP41", "SEP50")
     thread, out = in_thread(
-        history_migrate, protocol_ids=["SEP50", "SEP41"], actor=ACTOR, window_size=7, poll_seconds=0.02
+        history_migrate,
+        protocol_ids=["SEP50", "SEP41"],
+        actor=ACTOR,
+        window_size=7,
+        workers=workers,
+        poll_seconds=0.02,
     )
     run_live_until(runner, simulator, thread)
     assert "error" not in out, out
@@ -324,7 +336,7 @@ def test_history_backfills_to_the_tip_and_hands_off_to_live_ingestion_by_itself(
         catch_up(runner)
     top = indexed(chain)
     for pid in ("SEP41", "SEP50"):
-        protocol = Protocol.objects.get(id=pid)
+        protocol = Protocol.objects.get(protocol_id=pid)
         assert protocol.history_migration_status == MigrationStatus.SUCCESS
         assert protocol.history_handed_off_at is not None
         spans = assert_spans_tile(pid, oldest=1, top=top)
@@ -333,6 +345,10 @@ def test_history_backfills_to_the_tip_and_hands_off_to_live_ingestion_by_itself(
         assert Cursor.objects.get(name=protocol.history_cursor_name).height == top
         assert_rows_match(chain, pid)
     assert AuditEvent.objects.filter(action="protocol.history_completed").count() == 2
+    # The run's heartbeat reads "finished" from now on, however long ago it beat: never stale.
+    beat = Heartbeat.objects.get(name=f"protocols.history.{chain.slug}")
+    later = beat.last_beat_at + timedelta(days=30)
+    assert heartbeat_verdict(beat, now=later).status == "finished"
 
 
 def test_a_rerun_after_success_has_nothing_to_do(chain, sim):
@@ -367,13 +383,18 @@ def test_a_failed_run_is_marked_failed_and_a_rerun_resumes_at_cursor_plus_one(ch
     monkeypatch.setattr(store, "copy_state_changes", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         history_migrate(protocol_ids=["SEP41"], actor=ACTOR, window_size=10, poll_seconds=0.02)
-    protocol = Protocol.objects.get(id="SEP41")
+    protocol = Protocol.objects.get(protocol_id="SEP41")
     assert protocol.history_migration_status == MigrationStatus.FAILED
     assert "disk on fire" in protocol.history_error
     cursor = Cursor.objects.get(name=protocol.history_cursor_name).height
     assert cursor == 20  # two windows of 10 committed, the third rolled back with its CAS
     assert ProtocolStateChange.objects.filter(protocol=protocol, height__gt=cursor).count() == 0
-    assert AuditEvent.objects.filter(action="protocol.history_failed", target_id="SEP41").count() == 1
+    assert (
+        AuditEvent.objects.filter(
+            action="protocol.history_failed", target_label__startswith="SEP41 on "
+        ).count()
+        == 1
+    )
     monkeypatch.setattr(store, "copy_state_changes", real)
     thread, out = in_thread(
         history_migrate, protocol_ids=["SEP41"], actor=ACTOR, window_size=10, poll_seconds=0.02
@@ -391,17 +412,19 @@ def test_a_second_run_of_the_same_protocol_is_refused_while_one_holds_the_lock(c
     simulator.produce(5)
     catch_up(runner_for(chain, url))
     set_up("SEP41")
-    assert history.try_lock("history", "SEP41")
+    protocol = Protocol.objects.select_related("chain").get(protocol_id="SEP41")
+    assert history.try_lock("history", protocol)
     try:
         thread, out = in_thread(history_migrate, protocol_ids=["SEP41"], actor=ACTOR)
         thread.join(10)
         assert "already running" in str(out["error"])
     finally:
-        history.unlock("history", "SEP41")
+        history.unlock("history", protocol)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_a_rollback_between_reading_a_window_and_committing_it_throws_the_window_away(
-    chain, sim, monkeypatch
+    chain, sim, monkeypatch, workers
 ):
     simulator, url = sim
     simulator.produce(30)
@@ -424,7 +447,12 @@ def test_a_rollback_between_reading_a_window_and_committing_it_throws_the_window
     monkeypatch.setattr(store, "read_events", read_then_reorg)
     retries = WINDOW_RETRIES._value.get()
     thread, out = in_thread(
-        history_migrate, protocol_ids=["SEP41", "SEP50"], actor=ACTOR, window_size=10, poll_seconds=0.02
+        history_migrate,
+        protocol_ids=["SEP41", "SEP50"],
+        actor=ACTOR,
+        window_size=10,
+        workers=workers,
+        poll_seconds=0.02,
     )
     thread.join(30)  # the runner is driven from the reading thread above; then it waits at the tip
     monkeypatch.setattr(store, "read_events", real)
@@ -456,11 +484,107 @@ def test_a_live_rollback_rewinds_the_cursors_and_deletes_the_rows_above_the_fork
     top += 1
     assert IndexerState.objects.get(chain=chain).last_indexed_height == top
     for pid in ("SEP41", "SEP50"):
-        protocol = Protocol.objects.get(id=pid)
+        protocol = Protocol.objects.get(protocol_id=pid)
         assert Cursor.objects.get(name=protocol.history_cursor_name).height == top
         spans = assert_spans_tile(pid, oldest=1, top=top)
         assert spans[-1][0] == "live"
         assert_rows_match(chain, pid)
+
+
+# --- parallel windows -----------------------------------------------------------------------------------
+
+
+def test_parallel_windows_ready_early_wait_and_commit_in_order(chain, sim, monkeypatch):
+    """Window 1 is read last (held until windows 2 and 3 are read and waiting): they still commit
+    after it, and every history CAS expects the end of the window before."""
+    simulator, url = sim
+    simulator.produce(60)
+    runner = runner_for(chain, url)
+    catch_up(runner)
+    set_up("SEP41")
+    real_read, real_cas = store.read_events, history.cursor_cas
+    lock = threading.Lock()
+    read_early: list[int] = []
+    later_read = threading.Event()
+    cursor_when_read: dict[int, int | None] = {}
+    swaps: list[tuple[int, int]] = []
+
+    def gated_read(**kwargs: Any) -> Any:
+        events = real_read(**kwargs)
+        low = kwargs["low"]
+        if low == 1 and not later_read.is_set():
+            assert later_read.wait(20), "windows 2 and 3 were not read while window 1 was held"
+        elif low in (11, 21):
+            with lock:
+                read_early.append(low)
+                cursor_when_read[low] = Cursor.objects.values_list("height", flat=True).get(
+                    name="protocol_sim_SEP41_history_cursor"
+                )
+                if len(read_early) == 2:
+                    later_read.set()
+        return events
+
+    def recording_cas(**kwargs: Any) -> Any:
+        result = real_cas(**kwargs)
+        if result is history.CasResult.SWAPPED:
+            with lock:
+                swaps.append((kwargs["expected"], kwargs["new"]))
+        return result
+
+    monkeypatch.setattr(store, "read_events", gated_read)
+    monkeypatch.setattr(history, "cursor_cas", recording_cas)
+    thread, out = in_thread(
+        history_migrate, protocol_ids=["SEP41"], actor=ACTOR, window_size=10, workers=3, poll_seconds=0.02
+    )
+    run_live_until(runner, simulator, thread)
+    assert "error" not in out, out
+    assert sorted(read_early) == [11, 21]
+    assert cursor_when_read == {11: 0, 21: 0}  # ready before window 1 was committed
+    assert swaps[:3] == [(0, 10), (10, 20), (20, 30)]
+    for (_, end), (expected, _) in itertools.pairwise(swaps):
+        assert expected == end, f"the cursor moved out of order: {swaps}"
+    top = indexed(chain)
+    assert [s[0] for s in assert_spans_tile("SEP41", oldest=1, top=top)] == ["history", "live"]
+    assert_rows_match(chain, "SEP41")
+
+
+def test_a_failing_parallel_window_commits_nothing_after_it_and_a_rerun_resumes(chain, sim, monkeypatch):
+    simulator, url = sim
+    simulator.produce(80)
+    runner = runner_for(chain, url)
+    catch_up(runner)
+    set_up("SEP41")
+    real = store.copy_state_changes
+    calls = {"n": 0}
+
+    def flaky(**kwargs: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return real(**kwargs)
+
+    monkeypatch.setattr(store, "copy_state_changes", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        history_migrate(protocol_ids=["SEP41"], actor=ACTOR, window_size=10, workers=4, poll_seconds=0.02)
+    protocol = Protocol.objects.select_related("chain").get(protocol_id="SEP41")
+    assert protocol.history_migration_status == MigrationStatus.FAILED
+    # Windows 1 and 2 committed; 3 failed and rolled back; 4 and later were read but never committed.
+    assert Cursor.objects.get(name=protocol.history_cursor_name).height == 20
+    assert not ProtocolStateChange.objects.filter(protocol=protocol, height__gt=20).exists()
+    monkeypatch.setattr(store, "copy_state_changes", real)
+    thread, out = in_thread(
+        history_migrate, protocol_ids=["SEP41"], actor=ACTOR, window_size=10, workers=4, poll_seconds=0.02
+    )
+    run_live_until(runner, simulator, thread)
+    assert "error" not in out, out
+    spans = assert_spans_tile("SEP41", oldest=1, top=indexed(chain))
+    assert [s[0] for s in spans] == ["history", "live"]
+    assert_rows_match(chain, "SEP41")
+
+
+def test_workers_out_of_range_are_refused(chain, sim):
+    with pytest.raises(CommandError, match="workers must be between 1 and 16"):
+        call_command("protocol_migrate", "history", "--protocol-id", "SEP41", "--workers", "0")
 
 
 # --- current state ---------------------------------------------------------------------------------------
@@ -483,15 +607,19 @@ def test_current_state_builds_balances_and_owners_in_order_and_follows_live_and_
         )
         run_live_until(runner, simulator, thread)
         assert "error" not in out, out
-        assert Protocol.objects.get(id=pid).current_state_migration_status == MigrationStatus.SUCCESS
+        assert Protocol.objects.get(protocol_id=pid).current_state_migration_status == MigrationStatus.SUCCESS
     simulator.reorg(5)
     for _ in range(3):
         simulator.produce(1)
         catch_up(runner)
-    balances = {(b.asset, b.account): b.amount for b in ProtocolBalance.objects.filter(protocol_id="SEP41")}
+    balances = {
+        (b.asset, b.account): b.amount for b in ProtocolBalance.objects.filter(protocol__protocol_id="SEP41")
+    }
     expected = expected_balances(chain)
     assert {k: v for k, v in balances.items() if v} == {k: v for k, v in expected.items() if v}
-    owners = {(o.asset, o.token_id): o.owner for o in ProtocolNftOwner.objects.filter(protocol_id="SEP50")}
+    owners = {
+        (o.asset, o.token_id): o.owner for o in ProtocolNftOwner.objects.filter(protocol__protocol_id="SEP50")
+    }
     assert owners == expected_owners(chain)
     assert all(v >= 0 for v in balances.values())  # from height 1 the balances are real balances
 

@@ -53,7 +53,7 @@ REQUESTS = [
 def protocol(org) -> Protocol:
     chain = make_indexed_chain(org, blocks=6)
     return Protocol.objects.create(
-        id="SEP41", chain=chain, name="SEP-41", classification_status=MigrationStatus.SUCCESS
+        protocol_id="SEP41", chain=chain, name="SEP-41", classification_status=MigrationStatus.SUCCESS
     )
 
 

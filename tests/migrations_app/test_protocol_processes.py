@@ -73,6 +73,32 @@ def indexed(chain: Chain) -> int:
     return IndexerState.objects.get(chain=chain).last_indexed_height or 0
 
 
+def backfill_connections() -> int:
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleetops-backfill'")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from Linux /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has exited
+
+
+def children_of(pid: int) -> list[int]:
+    entries = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    return [c for c in entries if alive(c) and (_proc_stat(c) or ("", -1))[1] == pid]
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -106,7 +132,7 @@ class CursorWatch(threading.Thread):
 
     def run(self) -> None:
         last: dict[str, int] = {}
-        names = {f"protocol_{p}_history_cursor": p for p in IDS}
+        names = {f"protocol_sim_{p}_history_cursor": p for p in IDS}
         try:
             while not self.halt.is_set():
                 with connection.cursor() as cur:
@@ -116,14 +142,15 @@ class CursorWatch(threading.Thread):
                         [list(names)],
                     )
                     cursors = dict(cur.fetchall())
+                    protocols = Protocol._meta.db_table
                     cur.execute(
-                        f"SELECT protocol_id, max(to_height) FROM {ProtocolWriteSpan._meta.db_table} "
-                        "GROUP BY protocol_id"
+                        f"SELECT p.protocol_id, max(s.to_height) FROM {ProtocolWriteSpan._meta.db_table} s "
+                        f"JOIN {protocols} p ON p.id = s.protocol_id GROUP BY p.protocol_id"
                     )
                     ends = dict(cur.fetchall())
                     cur.execute(
-                        f"SELECT protocol_id, max(height) FROM {ProtocolStateChange._meta.db_table} "
-                        "GROUP BY protocol_id"
+                        f"SELECT p.protocol_id, max(s.height) FROM {ProtocolStateChange._meta.db_table} s "
+                        f"JOIN {protocols} p ON p.id = s.protocol_id GROUP BY p.protocol_id"
                     )
                     top_rows = dict(cur.fetchall())
                     cur.execute("COMMIT")
@@ -195,7 +222,7 @@ def finish(chain: Chain, indexer: subprocess.Popen[bytes], producer: Producer, s
 
 def assert_converged(chain: Chain, top: int) -> None:
     for pid in IDS:
-        protocol = Protocol.objects.get(id=pid)
+        protocol = Protocol.objects.get(protocol_id=pid)
         assert protocol.history_migration_status == MigrationStatus.SUCCESS
         spans = assert_spans_tile(pid, oldest=1, top=top)
         writers = [s[0] for s in spans]
@@ -204,14 +231,15 @@ def assert_converged(chain: Chain, top: int) -> None:
         assert_rows_match(chain, pid)
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
 def test_backfill_and_live_ingestion_in_separate_processes_write_every_height_exactly_once(
-    org, sim, tmp_path
+    org, sim, tmp_path, workers
 ):
     chain, indexer, producer = start_history(org, sim, tmp_path, blocks=400)
     watch = CursorWatch()
     watch.start()
     try:
-        proc = backfill(tmp_path / "backfill.log", "--window-size", "15")
+        proc = backfill(tmp_path / "backfill.log", "--window-size", "15", "--workers", workers)
         assert proc.wait(120) == 0, (tmp_path / "backfill.log").read_text()
         output = (tmp_path / "backfill.log").read_text()
         assert "handed off to live ingestion at height" in output
@@ -227,7 +255,8 @@ def test_backfill_and_live_ingestion_in_separate_processes_write_every_height_ex
         assert [s[0] for s in assert_spans_tile(pid, oldest=1, top=top)] == ["history", "live"]
 
 
-def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim, tmp_path, workers):
     chain, indexer, producer = start_history(org, sim, tmp_path, blocks=300)
     span_table = ProtocolWriteSpan._meta.db_table
     try:
@@ -237,7 +266,7 @@ def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim,
         blocker.set_autocommit(False)
         with blocker.cursor() as cur:
             cur.execute(f"LOCK TABLE {span_table} IN EXCLUSIVE MODE")
-        proc = backfill(tmp_path / "backfill.log", "--window-size", "40")
+        proc = backfill(tmp_path / "backfill.log", "--window-size", "40", "--workers", workers)
 
         def mid_window() -> bool:
             with connection.cursor() as cur:
@@ -249,20 +278,34 @@ def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim,
             return bool(row and row[0])
 
         wait_for(mid_window, what="the backfill to block inside its window transaction")
+        if workers != "1":  # the other workers have read their windows and wait for their turn
+            wait_for(
+                lambda: backfill_connections() >= int(workers) + 1, what="every worker on its connection"
+            )
+        # One worker classifies in process; N workers classify in N worker processes.
+        children = children_of(proc.pid)
+        if workers == "1":
+            assert children == []
+        else:
+            assert len(children) >= int(workers), children
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        # The classification processes of a backfill killed with SIGKILL do not outlive it.
+        wait_for(lambda: not any(alive(c) for c in children), timeout=30, what="the pool workers to exit")
         blocker.rollback()
         blocker.close()
         for pid in IDS:  # the killed window left nothing behind
-            assert Cursor.objects.get(name=f"protocol_{pid}_history_cursor").height == 0
-            assert not ProtocolStateChange.objects.filter(protocol_id=pid).exists()
-        assert Protocol.objects.get(id="SEP41").history_migration_status == MigrationStatus.IN_PROGRESS
+            assert Cursor.objects.get(name=f"protocol_sim_{pid}_history_cursor").height == 0
+            assert not ProtocolStateChange.objects.filter(protocol__protocol_id=pid).exists()
+        assert (
+            Protocol.objects.get(protocol_id="SEP41").history_migration_status == MigrationStatus.IN_PROGRESS
+        )
         # Let one re-run commit a few windows, kill it between windows, then run to the end.
-        proc = backfill(tmp_path / "backfill.log", "--window-size", "40")
+        proc = backfill(tmp_path / "backfill.log", "--window-size", "40", "--workers", workers)
         wait_for(
             lambda: (
                 (
-                    Cursor.objects.filter(name="protocol_SEP41_history_cursor")
+                    Cursor.objects.filter(name="protocol_sim_SEP41_history_cursor")
                     .values_list("height", flat=True)
                     .first()
                     or 0
@@ -273,7 +316,7 @@ def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim,
         )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        proc = backfill(tmp_path / "backfill.log", "--window-size", "40")
+        proc = backfill(tmp_path / "backfill.log", "--window-size", "40", "--workers", workers)
         assert proc.wait(120) == 0, (tmp_path / "backfill.log").read_text()
         top = finish(chain, indexer, producer, sim[0])
     finally:
@@ -282,11 +325,14 @@ def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim,
     assert_converged(chain, top)
 
 
-def test_reorgs_during_the_backfill_leave_rows_equal_to_a_from_scratch_computation(org, sim, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_reorgs_during_the_backfill_leave_rows_equal_to_a_from_scratch_computation(
+    org, sim, tmp_path, workers
+):
     simulator, _ = sim
     chain, indexer, producer = start_history(org, sim, tmp_path, blocks=300)
     try:
-        proc = backfill(tmp_path / "backfill.log", "--window-size", "10")
+        proc = backfill(tmp_path / "backfill.log", "--window-size", "10", "--workers", workers)
         deadline = time.monotonic() + 120
         reorgs = 0
         while proc.poll() is None and time.monotonic() < deadline:

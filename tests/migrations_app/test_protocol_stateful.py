@@ -82,7 +82,7 @@ def _run_current_state(protocol_id: str) -> None:
 
 
 def _classify(protocol_id: str) -> None:
-    protocol = Protocol.objects.select_related("chain__org").get(pk=protocol_id)
+    protocol = Protocol.objects.select_related("chain__org").get(protocol_id=protocol_id)
     services.protocol_classify(protocol=protocol, actor=SYSTEM)
 
 
@@ -147,7 +147,7 @@ class ProtocolStatuses(RuleBasedStateMachine):
             assert spec is not None
             copy = registry.register(dataclasses.replace(spec, id=f"{base}T{n}"))
             self.ids.append(
-                services.protocol_register(protocol_id=copy.id, chain=self.chain, actor=SYSTEM).pk
+                services.protocol_register(protocol_id=copy.id, chain=self.chain, actor=SYSTEM).protocol_id
             )
         # Classified through the service, so the migrations are reachable from the first step.
         _classify(self.ids[0])
@@ -180,7 +180,7 @@ class ProtocolStatuses(RuleBasedStateMachine):
 
     @rule(i=protocol)
     def a_viewer_asks_to_classify(self, i: int) -> None:
-        protocol = Protocol.objects.select_related("chain__org").get(pk=self._id(i))
+        protocol = Protocol.objects.select_related("chain__org").get(protocol_id=self._id(i))
         with pytest.raises(Forbidden):
             services.protocol_classify(protocol=protocol, actor=Actor.for_user(self.viewer.user))
 
@@ -203,24 +203,25 @@ class ProtocolStatuses(RuleBasedStateMachine):
     @rule(i=protocol, kind=st.sampled_from([HISTORY_KIND, CURRENT_STATE_KIND]))
     def hand_off(self, i: int, kind: MigrationKind) -> None:
         # The run's last step once live ingestion took over (only from in_progress: a lost race else).
-        protocol = Protocol.objects.select_related("chain__org").get(pk=self._id(i))
+        protocol = Protocol.objects.select_related("chain__org").get(protocol_id=self._id(i))
         _tolerating_refusals(
-            lambda _: status.migration_complete(protocol=protocol, kind=kind, actor=SYSTEM), protocol.pk
+            lambda _: status.migration_complete(protocol=protocol, kind=kind, actor=SYSTEM),
+            protocol.protocol_id,
         )
 
     @precondition(lambda self: bool(self.running))
     @rule(data=st.data())
     def hand_off_a_running_migration(self, data: st.DataObject) -> None:
         pid, kind = data.draw(st.sampled_from(self.running))
-        protocol = Protocol.objects.select_related("chain__org").get(pk=pid)
+        protocol = Protocol.objects.select_related("chain__org").get(protocol_id=pid)
         status.migration_complete(protocol=protocol, kind=kind, actor=SYSTEM)  # nobody else runs it
-        assert getattr(Protocol.objects.get(pk=pid), kind.status_field) == MigrationStatus.SUCCESS
+        assert getattr(Protocol.objects.get(protocol_id=pid), kind.status_field) == MigrationStatus.SUCCESS
 
     @invariant()
     def every_status_is_a_state_and_every_trail_replays(self) -> None:
         self.running = []
         for pid in self.ids:
-            protocol = Protocol.objects.get(pk=pid)
+            protocol = Protocol.objects.get(protocol_id=pid)
             for kind in (HISTORY_KIND, CURRENT_STATE_KIND):
                 if getattr(protocol, kind.status_field) == MigrationStatus.IN_PROGRESS:
                     self.running.append((pid, kind))

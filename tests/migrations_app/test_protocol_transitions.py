@@ -54,7 +54,7 @@ def chain(org):
 @pytest.fixture
 def protocol(chain) -> Protocol:
     return Protocol.objects.select_related("chain__org").get(
-        pk=Protocol.objects.create(id="SEP41", chain=chain, name="SEP-41").pk
+        pk=Protocol.objects.create(protocol_id="SEP41", chain=chain, name="SEP-41").pk
     )
 
 
@@ -209,7 +209,7 @@ def test_an_operators_request_is_refused_with_a_denial_row_and_nothing_queued(
     with django_capture_on_commit_callbacks(execute=True), pytest.raises(Forbidden, match="admin role"):
         request_service(protocol=classified, actor=actor, reason="please", **kwargs)
     [denied] = denials(f"{machine.name}: start")
-    assert denied.actor_label == operator.user.username and denied.target_id == classified.pk
+    assert denied.actor_label == operator.user.username and denied.target_id == str(classified.pk)
     assert denied.metadata["required_role"] == Role.ADMIN and denied.metadata["role"] == Role.OPERATOR
     assert denied.metadata["asked"]["reason"] == "please"
     assert sent_tasks == [] and sent_tasks.messages() == []
@@ -220,7 +220,7 @@ def test_a_viewers_classification_is_refused_by_the_kernel_with_a_denial_row(cla
     with pytest.raises(Forbidden):
         services.protocol_classify(protocol=classified, actor=Actor.for_user(viewer.user))
     [denied] = denials(f"{CLASSIFICATION_MACHINE.name}: {S.SUCCESS} -> {S.IN_PROGRESS}")
-    assert denied.target_id == classified.pk and denied.metadata["required_role"] == Role.ADMIN
+    assert denied.target_id == str(classified.pk) and denied.metadata["required_role"] == Role.ADMIN
     assert Protocol.objects.get(pk=classified.pk).classification_status == S.SUCCESS
 
 
@@ -232,9 +232,9 @@ def test_a_run_by_someone_no_longer_admin_is_refused_before_anything_is_written(
     actor = Actor.for_user(operator.user)
     with pytest.raises(Forbidden):
         if strategy is HISTORY:
-            history.history_migrate(protocol_ids=[classified.pk], actor=actor)
+            history.history_migrate(protocol_ids=[classified.protocol_id], actor=actor)
         else:
-            current_state_migrate(protocol_id=classified.pk, start_height=1, actor=actor)
+            current_state_migrate(protocol_id=classified.protocol_id, start_height=1, actor=actor)
     assert len(denials(f"{strategy.kind.machine.name}: {S.NOT_STARTED} -> {S.IN_PROGRESS}")) == 1
     assert (
         Protocol.objects.values_list(strategy.status_field, flat=True).get(pk=classified.pk) == S.NOT_STARTED

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from curtailment.fleet import fleet_sync, orgs_with_gateway, telemetry_poll
 from curtailment.gateway import FleetGateway, GatewayError
+from fleetops.lib.commands import OperatorCommand
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Sync devices (and one round of telemetry) from the fleet gateway of each organization."
 
     def add_arguments(self, parser: CommandParser) -> None:

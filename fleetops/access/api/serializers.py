@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from fleetops.access.models import ApiToken, Role
 from fleetops.api.fields import ReasonField
+from fleetops.api.serializers import InputSerializer
 
 
 class MembershipOutput(serializers.Serializer):
@@ -53,7 +54,7 @@ class ApiTokenOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ApiTokenCreateInput(serializers.Serializer):
+class ApiTokenCreateInput(InputSerializer):
     name = serializers.CharField(max_length=100)
     role = serializers.ChoiceField(choices=Role.choices)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
@@ -69,5 +70,5 @@ class ApiTokenCreated(ApiTokenOutput):
         read_only_fields = fields
 
 
-class ReasonInput(serializers.Serializer):
+class ReasonInput(InputSerializer):
     reason = ReasonField()

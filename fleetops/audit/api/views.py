@@ -4,6 +4,7 @@ import django_filters
 from django.db.models import QuerySet
 
 from fleetops.access.context import OrgAccess
+from fleetops.api.filters import UtcIsoDateTimeFilter
 from fleetops.api.views import OrgScopedListView, OrgScopedRetrieveView
 from fleetops.audit.api.serializers import AuditEventOutput
 from fleetops.audit.models import ActorType, AuditEvent
@@ -17,8 +18,8 @@ class AuditEventFilter(django_filters.FilterSet):
     target_type = django_filters.CharFilter()
     target_id = django_filters.CharFilter()
     request_id = django_filters.CharFilter()
-    since = django_filters.IsoDateTimeFilter(field_name="at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="at", lookup_expr="lt")
+    since = UtcIsoDateTimeFilter(field_name="at", lookup_expr="gte")
+    until = UtcIsoDateTimeFilter(field_name="at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent

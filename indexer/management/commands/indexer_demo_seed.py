@@ -15,12 +15,20 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import changes_between, record, snapshot
+from fleetops.lib.commands import (
+    OperatorCommand,
+    http_url,
+    http_url_or_blank,
+    positive_float,
+    positive_int,
+    websocket_url_or_blank,
+)
 from fleetops.lib.transition import transition
 from fleetops.observability.leases import LeaseGrant, lease_acquire, lease_assert_held, lease_release
 from indexer.blocks import lease_name
@@ -50,7 +58,7 @@ SOURCE_FIELDS = ("rpc_url", "websocket_url", "priority", "enabled")
 LEASE_WAIT_SECONDS = 40.0  # a killed indexer_run's lease expires after its 30 s TTL
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Create the demo chain (chain id from the simulator's /status) and its sync sources for the "
         "demo organization. Idempotent."
@@ -59,13 +67,30 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--org", default="demo")
         parser.add_argument("--chain", default="sim", help="chain slug")
-        parser.add_argument("--rpc-url", required=True, help="the simulator's HTTP RPC, http://host:port")
-        parser.add_argument("--ws-url", default="", help="its WebSocket, ws://host:port/websocket")
-        parser.add_argument("--backup-rpc-url", default="", help="a second, lower-priority source (optional)")
         parser.add_argument(
-            "--block-time", type=float, default=1.0, help="the simulator's --block-interval (seconds)"
+            "--rpc-url", type=http_url, required=True, help="the simulator's HTTP RPC, http://host:port"
         )
-        parser.add_argument("--batch-size", type=int, default=50, help="catch-up blocks per transaction")
+        parser.add_argument(
+            "--ws-url",
+            type=websocket_url_or_blank,
+            default="",
+            help="its WebSocket, ws://host:port/websocket",
+        )
+        parser.add_argument(
+            "--backup-rpc-url",
+            type=http_url_or_blank,
+            default="",
+            help="a second, lower-priority source (optional)",
+        )
+        parser.add_argument(
+            "--block-time",
+            type=positive_float,
+            default=1.0,
+            help="the simulator's --block-interval (seconds)",
+        )
+        parser.add_argument(
+            "--batch-size", type=positive_int, default=50, help="catch-up blocks per transaction"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.DEBUG:

@@ -8,9 +8,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing.util import Finalize
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import connection, connections
 
+from fleetops.lib.commands import OperatorCommand, height, positive_int
 from fleetops.observability.leases import LeaseGrant, lease_release, lease_renew
 from indexer.commands_common import (
     COMMAND_LEASE_TTL,
@@ -83,7 +84,7 @@ def _check(rpc: CometRpc, chain: Chain, heights: range) -> Checked:
     return heights, source, stored
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Re-index already indexed heights from the source: heights whose stored rows differ are "
         "rewritten atomically, identical heights are left alone (idempotent; rows end identical)."
@@ -91,12 +92,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--chain", required=True)
-        parser.add_argument("--from", dest="first", type=int, default=None, help="default: oldest indexed")
-        parser.add_argument("--to", dest="last", type=int, default=None, help="default: last indexed")
-        parser.add_argument("--batch", type=int, default=None, help="heights per transaction")
+        parser.add_argument("--from", dest="first", type=height, default=None, help="default: oldest indexed")
+        parser.add_argument("--to", dest="last", type=height, default=None, help="default: last indexed")
+        parser.add_argument("--batch", type=positive_int, default=None, help="heights per transaction")
         parser.add_argument(
             "--workers",
-            type=int,
+            type=positive_int,
             default=None,
             help=f"processes checking batches side by side (default: CPUs, at most {MAX_DEFAULT_WORKERS}; "
             "1 checks in this process)",

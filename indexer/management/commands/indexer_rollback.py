@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from fleetops.lib.commands import YES_HELP, OperatorCommand, height
 from fleetops.lib.errors import ValidationFailed
 from fleetops.lib.reason import clean_reason
 from fleetops.observability.leases import lease_release
@@ -13,7 +14,7 @@ from indexer.metrics import ROLLED_BACK
 from indexer.models import IndexerState
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Delete every indexed row above --to (blocks, txs, events, enrichment, producers' rows and "
         "cursors) in one transaction, audited; the indexer re-ingests from there. Takes the writer "
@@ -22,9 +23,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--chain", required=True)
-        parser.add_argument("--to", dest="to", type=int, required=True, help="keep heights up to this")
+        parser.add_argument("--to", dest="to", type=height, required=True, help="keep heights up to this")
         parser.add_argument("--reason", required=True, help="why (goes into the audit log)")
-        parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        parser.add_argument("--yes", action="store_true", help=YES_HELP)
 
     def handle(self, *args: Any, **options: Any) -> None:
         chain = chain_or_error(options["chain"])
@@ -39,12 +40,9 @@ class Command(BaseCommand):
             raise CommandError(f"chain {chain.slug} has nothing indexed yet")
         if to >= last or to < oldest - 1:
             raise CommandError(f"--to must be between {oldest - 1} and {last - 1} (indexed: {oldest}-{last})")
-        if not options["yes"]:
-            if not options.get("interactive", True):
-                raise CommandError("pass --yes to roll back without a prompt")
-            answer = input(f"Delete heights {to + 1}-{last} of {chain.slug} ({last - to} blocks)? [y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
-                raise CommandError("nothing done")
+        self.confirm(
+            f"delete heights {to + 1}-{last} of {chain.slug} ({last - to} blocks)", yes=options["yes"]
+        )
         grant = take_writer_lease(chain, "indexer_rollback")
         try:
             removed = blocks_rollback(

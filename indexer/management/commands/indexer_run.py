@@ -8,11 +8,12 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import close_old_connections, connection
 from django.db.backends.signals import connection_created
 
 from fleetops.lib import clock
+from fleetops.lib.commands import OperatorCommand, port, positive_float, positive_int
 from fleetops.observability.context import bound
 from fleetops.observability.models import Lease
 from indexer.blocks import lease_name
@@ -24,6 +25,10 @@ READY_STALE_SECONDS = 60
 # long is a frozen process (SIGSTOP, a VM pause, a swap storm) holding row locks a standby's takeover
 # would wait on. PostgreSQL ends such a session; the fencing token already refuses its late commit.
 STATEMENT_TIMEOUT_SECONDS = 120
+
+
+# Seconds between the writer's progress lines (the demo indexes a block a second).
+REPORT_EVERY_SECONDS = 30.0
 
 
 class SessionGuard:
@@ -53,7 +58,7 @@ class SessionGuard:
                 cursor.execute("RESET statement_timeout")
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Index a chain forever (or up to --stop-at): one writer per chain, elected by a lease; "
         "standbys wait and take over. Also runs the enrichment workers unless --ingest-only."
@@ -64,11 +69,15 @@ class Command(BaseCommand):
         only = parser.add_mutually_exclusive_group()
         only.add_argument("--ingest-only", action="store_true", help="no enrichment workers here")
         only.add_argument("--enrich-only", action="store_true", help="only the enrichment workers")
-        parser.add_argument("--stop-at", type=int, default=None, help="stop once this height is indexed")
-        parser.add_argument("--once", action="store_true", help="run one ingest step and exit")
-        parser.add_argument("--poll", type=float, default=1.0, help="seconds between steps at the tip")
         parser.add_argument(
-            "--health-port", type=int, default=None, help="serve /health/live, /health/ready, /metrics here"
+            "--stop-at", type=positive_int, default=None, help="stop once this height is indexed"
+        )
+        parser.add_argument("--once", action="store_true", help="run one ingest step and exit")
+        parser.add_argument(
+            "--poll", type=positive_float, default=1.0, help="seconds between steps at the tip"
+        )
+        parser.add_argument(
+            "--health-port", type=port, default=None, help="serve /health/live, /health/ready, /metrics here"
         )
         parser.add_argument(
             "--health-host", default="127.0.0.1", help="address for --health-port (0.0.0.0: every interface)"
@@ -76,12 +85,28 @@ class Command(BaseCommand):
         parser.add_argument("--no-websocket", action="store_true", help="poll /status only")
         parser.add_argument(
             "--lease-ttl",
-            type=float,
+            type=positive_float,
             default=LEASE_TTL.total_seconds(),
             help="writer lease TTL in seconds: a standby takes over this long after the writer dies",
         )
 
+        parser.add_argument(
+            "--report-every",
+            type=positive_float,
+            default=REPORT_EVERY_SECONDS,
+            help="seconds between progress lines (-v 2: one per step); a new note or mode prints at once",
+        )
+
+    # What `_report` printed last: progress is summarized per interval so the terminal stays readable.
+    report_every: float = REPORT_EVERY_SECONDS
+    per_step = False
+    _last_report_at = float("-inf")
+    _last_said: tuple[str, str] = ("", "")
+    _unreported = 0
+
     def handle(self, *args: Any, **options: Any) -> None:
+        self.report_every = options.get("report_every", REPORT_EVERY_SECONDS)
+        self.per_step = options.get("verbosity", 1) >= 2
         chain = Chain.objects.filter(slug=options["chain"]).first()
         if chain is None:
             known = ", ".join(Chain.objects.values_list("slug", flat=True)) or "none"
@@ -183,12 +208,20 @@ class Command(BaseCommand):
         if not result.leader:
             self.stdout.write(f"standby: {result.note}")
             return
-        if result.committed or result.note:
-            lag = (result.head or 0) - (result.indexed or 0)
-            elapsed = max(time.monotonic() - started, 1e-6)
-            rate = total[0] / elapsed
-            eta = f", ETA {lag / rate:,.0f}s" if rate > 0 and lag > 0 else ""
-            self.stdout.write(
-                f"indexed {result.indexed} / head {result.head} (lag {lag}{eta}) mode={result.mode} "
-                f"+{result.committed} blocks, {rate:,.1f} blocks/s {result.note}".rstrip()
-            )
+        self._unreported += result.committed
+        if not (result.committed or result.note):
+            return
+        # A new note or mode prints at once; plain progress once per `report_every` (every step at -v 2).
+        said = (str(result.mode), result.note)
+        now = time.monotonic()
+        if not self.per_step and said == self._last_said and now - self._last_report_at < self.report_every:
+            return
+        self._last_said, self._last_report_at = said, now
+        lag = (result.head or 0) - (result.indexed or 0)
+        rate = total[0] / max(now - started, 1e-6)
+        eta = f", ETA {lag / rate:,.0f}s" if rate > 0 and lag > 0 else ""
+        self.stdout.write(
+            f"indexed {result.indexed} / head {result.head} (lag {lag}{eta}) mode={result.mode} "
+            f"+{self._unreported} blocks, {rate:,.1f} blocks/s {result.note}".rstrip()
+        )
+        self._unreported = 0

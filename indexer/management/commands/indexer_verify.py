@@ -3,14 +3,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from fleetops.lib.commands import OperatorCommand, height, non_negative_int, positive_int
 from indexer.commands_common import batches, chain_or_error, indexed_range
 from indexer.runner import fetch_blocks, rpc_for
 from indexer.verify import digests_from_source, digests_stored, range_checksum
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Compare stored heights with the source: counts of blocks, transactions and events and a "
         "checksum per height. Read-only; exits non-zero when anything differs."
@@ -18,10 +19,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--chain", required=True)
-        parser.add_argument("--from", dest="first", type=int, default=None, help="default: oldest indexed")
-        parser.add_argument("--to", dest="last", type=int, default=None, help="default: last indexed")
-        parser.add_argument("--batch", type=int, default=100)
-        parser.add_argument("--show", type=int, default=20, help="how many differing heights to list")
+        parser.add_argument("--from", dest="first", type=height, default=None, help="default: oldest indexed")
+        parser.add_argument("--to", dest="last", type=height, default=None, help="default: last indexed")
+        parser.add_argument("--batch", type=positive_int, default=100)
+        parser.add_argument(
+            "--show", type=non_negative_int, default=20, help="how many differing heights to list"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         chain = chain_or_error(options["chain"])

@@ -6,12 +6,13 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fleetops.api.fields import ReasonField
+from fleetops.api.serializers import InputSerializer
 from fleetops.lib import clock
 from migrations_app.keys.selectors import migration_label
 from migrations_app.models.keys import AddressGroup, Key, KeyState, RemediationEntry, StakeTransaction
 
 
-class KeyFilterInput(serializers.Serializer):
+class KeyFilterInput(InputSerializer):
     address_group = serializers.IntegerField(required=False, allow_null=True, default=None)
     states = serializers.ListField(
         child=serializers.ChoiceField(choices=KeyState.choices), required=False, default=list
@@ -19,7 +20,7 @@ class KeyFilterInput(serializers.Serializer):
     owner_address = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
 
 
-class MigrateInput(serializers.Serializer):
+class MigrateInput(InputSerializer):
     target_group = serializers.IntegerField()
     key_ids = serializers.ListField(
         child=serializers.IntegerField(min_value=1),
@@ -34,9 +35,11 @@ class MigrateInput(serializers.Serializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs.get("key_ids") is not None and attrs.get("filter"):
-            raise serializers.ValidationError("give key_ids or filter, not both")
+            both = "give key_ids or filter, not both"
+            raise serializers.ValidationError({"key_ids": [both], "filter": [both]})
         if attrs.get("key_ids") is None and not attrs.get("filter"):
-            raise serializers.ValidationError("give key_ids or filter")
+            neither = "give key_ids or filter"
+            raise serializers.ValidationError({"key_ids": [neither], "filter": [neither]})
         return attrs
 
 
@@ -49,7 +52,7 @@ class MigrateOutput(serializers.Serializer):
     excluded_retired = serializers.IntegerField()
 
 
-class RetryInput(serializers.Serializer):
+class RetryInput(InputSerializer):
     reason = ReasonField()
 
 

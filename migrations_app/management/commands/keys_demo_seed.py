@@ -4,11 +4,12 @@ import hashlib
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
+from fleetops.lib.commands import OperatorCommand, http_url, non_negative_int, positive_int
 from fleetops.notifications.models import ChannelKind, NotificationChannel
 from fleetops.notifications.services import notification_channel_save
 from migrations_app.keys.services import FAILED_EVENT, address_group_save, key_config_update
@@ -29,7 +30,7 @@ def demo_address(org_slug: str, index: int) -> str:
     return "pokt1" + hashlib.sha256(f"{org_slug}|key|{index}".encode()).hexdigest()[:38]
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Seed address groups and staked keys for the demo organization, point its re-stakes at the "
         "chain simulator and subscribe an email channel to failed re-stakes (idempotent)."
@@ -37,9 +38,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--org", default="demo")
-        parser.add_argument("--rpc-url", required=True)
-        parser.add_argument("--keys", type=int, default=60)
-        parser.add_argument("--max-attempts", type=int, default=3)
+        parser.add_argument("--rpc-url", type=http_url, required=True)
+        parser.add_argument("--keys", type=non_negative_int, default=60)
+        parser.add_argument("--max-attempts", type=positive_int, default=3)
         parser.add_argument("--email", default="provider-ops@example.com")
 
     def handle(self, *args: Any, **options: Any) -> None:

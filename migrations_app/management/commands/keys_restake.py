@@ -4,6 +4,7 @@ from typing import Any
 
 from django.core.management.base import CommandParser
 
+from fleetops.lib.commands import positive_int
 from fleetops.observability.commands import TickCommand
 from migrations_app.keys.schedule import restake_tick
 from migrations_app.keys.verification import verify_tick
@@ -17,7 +18,7 @@ class Command(TickCommand):
     actor = "command:keys_restake"
 
     def add_tick_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--batch-size", type=int, default=None)
+        parser.add_argument("--batch-size", type=positive_int, default=None, help="keys per claim (> 0)")
         parser.add_argument("--with-verify", action="store_true")
 
     def tick(self, options: dict[str, Any]) -> str:

@@ -3,10 +3,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from fleetops.access.models import Organization
 from fleetops.audit.actors import Actor
+from fleetops.lib.commands import OperatorCommand, id_list
 from fleetops.lib.errors import DomainError
 from fleetops.lib.reason import clean_reason
 from migrations_app.keys.services import keys_migration_retry
@@ -15,7 +16,7 @@ from migrations_app.models.keys import KEY_MIGRATION_GIVEN_UP, Key
 COMMAND = "keys_retry"
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Manual retry of failed or retrying key migrations: --org SLUG --reason TEXT "
         "(--ids 1,2,3 | --all-failed), as the named operator (--user USERNAME, their role in the "
@@ -27,7 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("--user", help="act as this user (the audit log names them); default: system")
         parser.add_argument("--reason", required=True)
         which = parser.add_mutually_exclusive_group(required=True)
-        which.add_argument("--ids", help="comma-separated key ids")
+        which.add_argument("--ids", type=id_list, help="comma-separated key ids")
         which.add_argument("--all-failed", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -51,10 +52,7 @@ class Command(BaseCommand):
                 )
             )
         else:
-            try:
-                ids = [int(x) for x in options["ids"].split(",") if x.strip()]
-            except ValueError as exc:
-                raise CommandError("--ids takes comma-separated integers") from exc
+            ids = options["ids"]
         try:
             result = keys_migration_retry(org=org, actor=actor, key_ids=ids, reason=reason)
         except DomainError as exc:

@@ -5,14 +5,16 @@ import sys
 import threading
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from fleetops.audit.actors import Actor
+from fleetops.lib.commands import OperatorCommand, height, positive_float
 from fleetops.lib.errors import DomainError
 from fleetops.observability.context import bound
 from migrations_app.protocols.current_state import current_state_migrate
 from migrations_app.protocols.history import (
     DEFAULT_WINDOW_SIZE,
+    MAX_WORKERS,
     NOTHING_TO_DO,
     Progress,
     RunResult,
@@ -20,11 +22,12 @@ from migrations_app.protocols.history import (
 )
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
-        "Backfill protocol data and hand off to live ingestion. `history`: state changes from the "
-        "oldest indexed height; `current-state`: balances / owners from --start-height. Each runs to "
-        "the tip, waits there until live ingestion takes over, and exits; a re-run resumes at cursor + 1."
+        "Backfill protocol data on one chain and hand off to live ingestion. `history`: state changes "
+        "from the oldest indexed height; `current-state`: balances / owners from --start-height. Each "
+        "runs to the tip, waits there until live ingestion takes over, and exits; a re-run resumes at "
+        "cursor + 1."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -38,17 +41,33 @@ class Command(BaseCommand):
             dest="protocol_ids",
             help="one or more protocol ids",
         )
+        history.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help=(
+                f"windows read and classified in parallel (worker processes), committed in order "
+                f"(1-{MAX_WORKERS}, default 1)"
+            ),
+        )
         current = sub.add_parser("current-state", help="build balances / owners from a start height")
         current.add_argument("--protocol-id", required=True, dest="protocol_id")
-        current.add_argument("--start-height", type=int, required=True)
+        current.add_argument("--start-height", type=height, required=True)
         for p in (history, current):
+            p.add_argument(
+                "--chain",
+                default=None,
+                help="chain slug (needed when the protocols are registered on several chains)",
+            )
             p.add_argument(
                 "--window-size",
                 type=int,
                 default=DEFAULT_WINDOW_SIZE,
                 help=f"heights per commit (default {DEFAULT_WINDOW_SIZE})",
             )
-            p.add_argument("--poll", type=float, default=1.0, help="seconds between checks at the tip")
+            p.add_argument(
+                "--poll", type=positive_float, default=1.0, help="seconds between checks at the tip"
+            )
             p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -65,12 +84,18 @@ class Command(BaseCommand):
             "progress": progress,
             "stop": stop,
             "poll_seconds": options["poll"],
+            "chain": options["chain"],
         }
         try:
             if options["migration"] == "history":
                 actor = Actor.system("command:protocol_migrate history")
                 with bound(actor=actor.id):
-                    result = history_migrate(protocol_ids=options["protocol_ids"], actor=actor, **common)
+                    result = history_migrate(
+                        protocol_ids=options["protocol_ids"],
+                        actor=actor,
+                        workers=options["workers"],
+                        **common,
+                    )
             else:
                 actor = Actor.system("command:protocol_migrate current-state")
                 with bound(actor=actor.id):
@@ -89,7 +114,8 @@ class Command(BaseCommand):
             self.stdout.write(NOTHING_TO_DO.format(ids=", ".join(result.skipped)))
         for pid in result.handed_off:
             self.stdout.write(
-                f"{pid}: {result.migration} migration complete: {result.heights.get(pid, 0)} heights, "
+                f"{pid} on {result.chain}: {result.migration} migration complete: "
+                f"{result.heights.get(pid, 0)} heights, "
                 f"{result.rows.get(pid, 0)} rows; handed off to live ingestion at height "
                 f"{result.handoff_heights.get(pid)}"
             )

@@ -29,9 +29,9 @@ class MigrationOutput(serializers.Serializer):
 
 
 class ProtocolOutput(serializers.Serializer):
-    id = serializers.CharField()
+    id = serializers.CharField(help_text="Protocol id (SEP41, …); with `chain` it names the protocol.")
     name = serializers.CharField()
-    chain = serializers.CharField()
+    chain = serializers.CharField(help_text="Slug of the chain the protocol runs on.")
     indexed_height = serializers.IntegerField(allow_null=True)
     oldest_indexed_height = serializers.IntegerField(allow_null=True)
     classification_status = serializers.CharField()
@@ -47,7 +47,7 @@ class ProtocolOutput(serializers.Serializer):
     @staticmethod
     def of(s: ProtocolStatus) -> dict[str, Any]:
         return {
-            "id": s.protocol.id,
+            "id": s.protocol.protocol_id,
             "name": s.protocol.name,
             "chain": s.chain_slug,
             "indexed_height": s.indexed_height,

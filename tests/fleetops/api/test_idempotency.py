@@ -3,11 +3,13 @@ release on failure, takeover of a crashed holder, 24 h pruning."""
 
 from __future__ import annotations
 
+import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
 from fleetops.access.models import ApiToken
 from fleetops.api.idempotency import KEY_IN_FLIGHT, KEY_REUSED, idempotency_prune
@@ -188,7 +190,12 @@ def test_token_creation_replay_never_reveals_the_secret_again(operator):
     assert again.json()["token"] is None
     assert again.json()["id"] == first.json()["id"]
     assert ApiToken.objects.count() == 1
-    assert first.json()["token"] not in str(IdempotencyKey.objects.get(key="t").response_body)
+    content = IdempotencyKey.objects.get(key="t").response_content
+    assert content is not None
+    stored = bytes(content)
+    assert first.json()["token"].encode() not in stored
+    # Apart from the secret, the replay is the first answer byte for byte.
+    assert again.content == first.content.replace(f'"{first.json()["token"]}"'.encode(), b"null")
 
 
 def _fingerprint(body):
@@ -210,3 +217,75 @@ def test_a_refusal_inside_an_idempotent_request_keeps_its_audit_row_though_the_r
     assert denied.metadata["asked"]["role"] == "admin"
     assert not ApiToken.objects.exists()
     assert not IdempotencyKey.objects.filter(key="too-high").exists()  # released: the key may be reused
+
+
+@pytest.mark.django_db
+def test_a_replay_is_the_first_response_byte_for_byte(operator):
+    """Microsecond timestamps and the serializer's key order survive: the stored copy is the bytes
+    sent, not a re-encoded jsonb value (which drops microseconds and sorts keys)."""
+    token = operator.token_client()  # the token being revoked
+    token_row = ApiToken.objects.get(user=operator.user)
+    client = operator.session()
+    url = f"/api/v1/tokens/{token_row.pk}/revoke/"
+    with clock.frozen(datetime(2026, 3, 1, 12, 34, 56, 789012, tzinfo=UTC)):
+        first = client.post(url, {"reason": "rotated"}, format="json", HTTP_IDEMPOTENCY_KEY="bytes")
+    replay = client.post(url, {"reason": "rotated"}, format="json", HTTP_IDEMPOTENCY_KEY="bytes")
+
+    assert first.status_code == replay.status_code == 200
+    assert "Idempotent-Replayed" not in first and replay["Idempotent-Replayed"] == "true"
+    body = first.json()
+    assert body["revoked_at"] == "2026-03-01T12:34:56.789012Z"
+    assert len(body) > 5 and list(body) != sorted(body)  # an order jsonb would not keep
+    assert replay.content == first.content
+    assert replay["Content-Type"] == first["Content-Type"] == "application/json"
+    assert token.get("/api/v1/me/").status_code == 401  # revoked once, not twice
+
+
+@pytest.mark.django_db
+def test_a_replay_repeats_the_status_and_location_header(operator):
+    client = operator.token_client()
+    first = client.post(
+        URL, {"location": "/api/v1/test/command/7"}, format="json", HTTP_IDEMPOTENCY_KEY="loc"
+    )
+    replay = client.post(
+        URL, {"location": "/api/v1/test/command/7"}, format="json", HTTP_IDEMPOTENCY_KEY="loc"
+    )
+
+    assert first.status_code == replay.status_code == 201
+    assert first["Location"] == replay["Location"] == "/api/v1/test/command/7"
+    assert replay.content == first.content
+    assert len(test_urls.calls) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_responses_stored_before_the_byte_store_still_replay(operator):
+    """A row written by the previous schema (a jsonb body only) is carried over by the migration
+    and replays its body."""
+    before, after = [("api", "0002_cache_table")], [("api", "0003_idempotency_response_bytes")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    old_model = executor.loader.project_state(before).apps.get_model("api", "IdempotencyKey")
+    now = clock.now()
+    old_model.objects.create(
+        org_id=operator.org.pk,
+        key="legacy",
+        fingerprint=_fingerprint({"a": 1}),
+        method="POST",
+        path=URL,
+        state="completed",
+        response_status=201,
+        response_body={"n": 1, "echo": {"a": "é"}},
+        created_at=now,
+        locked_at=now,
+        completed_at=now,
+    )
+    executor = MigrationExecutor(connection)
+    executor.migrate(after)
+
+    replay = operator.token_client().post(URL, {"a": 1}, format="json", HTTP_IDEMPOTENCY_KEY="legacy")
+
+    assert replay.status_code == 201
+    assert replay["Content-Type"] == "application/json"
+    assert replay["Idempotent-Replayed"] == "true"
+    assert json.loads(replay.content) == {"n": 1, "echo": {"a": "é"}}
+    assert test_urls.calls == []

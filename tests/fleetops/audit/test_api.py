@@ -97,3 +97,21 @@ def test_the_list_runs_a_fixed_number_of_queries_and_no_count(viewer):
     assert len(small) == len(large)
     counts = [q["sql"] for q in large.captured_queries if "COUNT(" in q["sql"].upper()]
     assert not any("audit_auditevent" in sql for sql in counts)
+
+
+def test_time_filters_read_any_offset_python_reads_and_refuse_instants_outside_the_years(viewer):
+    """PostgreSQL takes offsets up to ±15:59 and Python up to ±23:59: the filter converts to UTC
+    before the query (an offset of +21:38 was a 500), and an instant that leaves year 1 in UTC is a
+    400 naming the parameter."""
+    _seed(viewer.org, 2)
+    client = viewer.token_client()
+
+    far = client.get("/api/v1/audit/", {"action": "test.seed", "since": "0634-03-05T20:17:32.86+21:38"})
+    assert far.status_code == 200, far.content
+    assert len(far.json()["results"]) == 2
+    old = client.get("/api/v1/audit/", {"until": "2000-01-01T00:00:00-23:59"})
+    assert old.status_code == 200 and old.json()["results"] == []
+
+    before_year_one = client.get("/api/v1/audit/", {"since": "0001-01-01T00:00:00+23:59"})
+    assert before_year_one.status_code == 400
+    assert set(before_year_one.json()["error"]["fields"]) == {"since"}

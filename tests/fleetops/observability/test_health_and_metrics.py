@@ -55,7 +55,8 @@ def test_ops_status_is_staff_only_and_reports_every_check(client, viewer, django
     assert {"database", "broker", "beat schedules", "heartbeats", "leases"} <= set(names)
     assert names["database"]["status"] == "ok"
     assert names["heartbeats"]["status"] == "warn"
-    assert names["heartbeats"]["rows"][0]["last error"] == "boom"
+    assert names["heartbeats"]["rows"][0]["why"] == "last iteration failed: boom"
+    assert "not ok: test.loop" in names["heartbeats"]["summary"]
     html = client.get("/ops/status")
     assert b"System status" in html.content
 

@@ -6,10 +6,11 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 
 from fleetops.access.models import Membership, Organization, Role
+from fleetops.lib.commands import OperatorCommand
 
 DEMO_USERS = {
     "demo-viewer": Role.VIEWER,
@@ -19,7 +20,7 @@ DEMO_USERS = {
 SUPERUSER = "demo-superuser"
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Create the demo organization and one user per role (idempotent; prints the passwords)."
 
     def add_arguments(self, parser: CommandParser) -> None:

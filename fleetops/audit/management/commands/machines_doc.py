@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from fleetops.lib.commands import OperatorCommand
 from fleetops.lib.machines_doc import render
 
 DOC = Path(settings.BASE_DIR) / "docs" / "state-machines.md"
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Regenerate docs/state-machines.md from the state machines declared in code."
 
     def add_arguments(self, parser: CommandParser) -> None:

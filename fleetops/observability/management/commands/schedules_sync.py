@@ -2,13 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
-
 from fleetops.audit.actors import Actor
+from fleetops.lib.commands import OperatorCommand
 from fleetops.observability.sync import schedules_sync
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Upsert the schedules declared in code into Celery beat's tables (keeps operator pauses)."
 
     def handle(self, *args: Any, **options: Any) -> None:

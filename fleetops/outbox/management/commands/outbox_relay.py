@@ -2,19 +2,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from fleetops.lib.commands import OperatorCommand, positive_int
 from fleetops.outbox.services import RELAY_BATCH, outbox_relay
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Send the due pending outbox messages now (what the `outbox.relay` beat task does every 10 s), "
         "pass after pass until none is due. Safe alongside the beat: relays claim with SKIP LOCKED."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--limit", type=int, default=RELAY_BATCH, help="messages per pass")
+        parser.add_argument("--limit", type=positive_int, default=RELAY_BATCH, help="messages per pass")
 
     def handle(self, *args: Any, **options: Any) -> None:
         sent = 0
