@@ -194,13 +194,12 @@ def source_transition(
     return True
 
 
-def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> bool:
-    """An operator accepts a source's historic range failure (say, it is a pruned node by design):
-    the sticky reason goes, the other reasons are recomputed by the next observation. The role is
-    that of the machine's edge connected_degraded -> connected (operator), checked here. One
-    transaction, one AuditEvent (with the status change when the source leaves connected_degraded)."""
-    reason = clean_reason(reason)
-    edge = CONNECTION_MACHINE.edge(S.CONNECTED_DEGRADED, S.CONNECTED)
+def _gate_edge(
+    source: SyncSource, *, actor: Actor, frm: ConnectionStatus, to: ConnectionStatus, what: str, message: str
+) -> Chain:
+    """The role of the operator edge `frm -> to` of `CONNECTION_MACHINE`, required of `actor` in the
+    source's organization (a refusal is audited there); returns the source's chain with its org."""
+    edge = CONNECTION_MACHINE.edge(frm, to)
     assert edge is not None
     role = Role(edge.role or Role.ADMIN)
     chain = Chain.objects.select_related("org").get(pk=source.chain_id)
@@ -208,9 +207,26 @@ def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> b
         actor=actor,
         org=chain.org,
         role=role,
-        what=f"clear the historic range failure of {chain.slug}/{source.name}",
-        message=CLEAR_ROLE.format(role=role.label),
+        what=what.format(source=f"{chain.slug}/{source.name}"),
+        message=message.format(role=role.label),
         target=source,
+    )
+    return chain
+
+
+def source_clear_degraded(*, source: SyncSource, actor: Actor, reason: str) -> bool:
+    """An operator accepts a source's historic range failure (say, it is a pruned node by design):
+    the sticky reason goes, the other reasons are recomputed by the next observation. The role is
+    that of the machine's edge connected_degraded -> connected (operator), checked here. One
+    transaction, one AuditEvent (with the status change when the source leaves connected_degraded)."""
+    reason = clean_reason(reason)
+    chain = _gate_edge(
+        source,
+        actor=actor,
+        frm=S.CONNECTED_DEGRADED,
+        to=S.CONNECTED,
+        what="clear the historic range failure of {source}",
+        message=CLEAR_ROLE,
     )
     with transaction.atomic():
         row = SyncSource.objects.select_for_update().get(pk=source.pk)
@@ -266,17 +282,13 @@ def source_reenable(*, source: SyncSource, actor: Actor, reason: str) -> bool:
     refusal reason and failure streak cleared; a running `indexer_run` takes the source back after
     its next step (it reads the source rows every step). One transaction, one AuditEvent."""
     reason = clean_reason(reason)
-    edge = CONNECTION_MACHINE.edge(S.REFUSED, S.DISCONNECTED)
-    assert edge is not None
-    role = Role(edge.role or Role.ADMIN)
-    chain = Chain.objects.select_related("org").get(pk=source.chain_id)
-    require_role(
+    chain = _gate_edge(
+        source,
         actor=actor,
-        org=chain.org,
-        role=role,
-        what=f"re-enable the refused source {chain.slug}/{source.name}",
-        message=REENABLE_ROLE.format(role=role.label),
-        target=source,
+        frm=S.REFUSED,
+        to=S.DISCONNECTED,
+        what="re-enable the refused source {source}",
+        message=REENABLE_ROLE,
     )
     with transaction.atomic():
         row = SyncSource.objects.select_for_update().get(pk=source.pk)
