@@ -12,3 +12,5 @@ bench:
 	.venv/bin/python -m bench.b3_indexer
 	.venv/bin/python -m bench.b5_reads
 	.venv/bin/python -m bench.b5_console
+	.venv/bin/python -m bench.b5_scale
+	.venv/bin/python -m bench.b6_load

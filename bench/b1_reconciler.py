@@ -1,14 +1,17 @@
-"""B1: one curtailment event with 10,000 targets against the fleet simulator.
+"""B1: one curtailment event over a whole simulated fleet (every device a target).
 
 Portal path: the real reconciler ticks (start -> every target confirmed; stop -> every target
 resolved) over loopback HTTP to the simulator, running as its own process, with 0 ms and 20 ms
 device latency. Raw baseline, same run, same rows and schema: psycopg set-based UPDATEs doing the
-same state writes (DISPATCHING, DISPATCHED, CONFIRMED). Also the row-by-row ORM path.
+same state writes (DISPATCHING, DISPATCHED, CONFIRMED). Also the row-by-row ORM path (on at most
+`--orm-rows` targets: it is measured as a rate, and 300,000 single-row saves take minutes).
 
 The ratio is state-write throughput: raw time / the time the reconciler spends in its target-state
-writes. End-to-end phase times (HTTP, telemetry, event transitions, audit) are printed beside it.
+writes. End-to-end phase times (HTTP, telemetry, event transitions, audit) are printed beside it,
+with the goals at 20 ms device latency: curtail (start -> all confirmed) <= 30 s and restore
+(stop -> all resolved, default restore batch size, interval 0) <= 60 s.
 
-    python -m bench.b1_reconciler [--targets 10000] [--runs 5]
+    python -m bench.b1_reconciler [--devices 10000] [--runs 5] [--orm-rows 10000]
 """
 
 from __future__ import annotations
@@ -52,17 +55,19 @@ def control(base: str, path: str, body: dict[str, object]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--targets", type=int, default=10_000)
+    parser.add_argument(
+        "--devices", "--targets", dest="devices", type=int, default=10_000, help="fleet size = targets"
+    )
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--orm-rows", type=int, default=10_000, help="targets of the row-by-row ORM run")
     args = parser.parse_args()
     server = setup_django("fleetops_bench_b1")  # noqa: F841 - keeps an embedded server alive
 
     from django.contrib.auth import get_user_model
-    from django.db import connection, reset_queries
-    from django.test.utils import CaptureQueriesContext
+    from django.db import connection
 
     from curtailment import reconciler
-    from curtailment.fleet import fleet_sync, telemetry_poll
+    from curtailment.fleet import fleet_sync, telemetry_store
     from curtailment.gateway import FleetGateway
     from curtailment.models import CurtailmentEvent, CurtailmentTarget, OrgCurtailmentConfig
     from curtailment.planning import StartRequest
@@ -71,7 +76,7 @@ def main() -> int:
     from fleetops.audit.actors import Actor
     from fleetops.lib import clock
 
-    n = args.targets
+    n = args.devices
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     simulator = subprocess.Popen(
@@ -113,10 +118,13 @@ def main() -> int:
 
         reconciler.EventRun.write = timed_write  # type: ignore[method-assign]
 
+        identifiers = [f"m-{i:05d}" for i in range(1, n + 1)]
+
         def new_event() -> CurtailmentEvent:
             control(url, "/control/reset", {})
             with FleetGateway(url) as gateway:
-                telemetry_poll(org=org, gateway=gateway)
+                # Every device's latest reading (mining again); the sample history is not needed here.
+                telemetry_store(org=org, samples=gateway.telemetry(identifiers), keep_history=False)
             CurtailmentEvent.objects.filter(org=org, state__in=["pending", "active", "restoring"]).update(
                 state="cancelled"
             )
@@ -132,23 +140,32 @@ def main() -> int:
             # Restore batches back to back: interval 0 is reachable only through update.
             return curtailment_update(event=event, actor=actor, patch={"restore_batch_interval_sec": 0})
 
-        state: dict[str, Any] = {"round_trips": set(), "phase": []}
+        state: dict[str, Any] = {"round_trips": set(), "phase": [], "ticks": set()}
 
         def curtail_writes() -> float:
             event = new_event()
             write_time[0] = 0.0
-            reset_queries()
-            with Timer() as t, CaptureQueriesContext(connection) as q:
+            ticks = 0
+            # Counted by an execute wrapper, not CaptureQueriesContext, whose debug cursor would
+            # render every statement's parameters into the log inside the timed writes.
+            trips = [0]
+
+            def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+                trips[0] += 1
+                return execute(sql, params, many, context)
+
+            with Timer() as t, connection.execute_wrapper(count):
                 while CurtailmentEvent.objects.get(pk=event.pk).state == "pending":
                     reconciler.reconcile_tick()
-            state["round_trips"].add(len(q))
+                    ticks += 1
+            state["round_trips"].add(trips[0])
+            state["ticks"].add(ticks)
             state["phase"].append(t.elapsed)
             assert not CurtailmentTarget.objects.filter(event=event).exclude(state="confirmed").exists()
             state["event"] = event
             return write_time[0]
 
         def restore_phase() -> float:
-            curtail_writes()
             event = state["event"]
             curtailment_stop(event=event, actor=actor)
             ticks = 0
@@ -157,7 +174,9 @@ def main() -> int:
                     reconciler.reconcile_tick()
                     ticks += 1
             assert CurtailmentEvent.objects.get(pk=event.pk).state == "completed"
-            state["ticks"] = ticks
+            assert not CurtailmentTarget.objects.filter(event=event).exclude(state="resolved").exists()
+            state["restore_ticks"] = ticks
+            state["batch"] = event.effective_batch_size
             return t.elapsed
 
         def raw_writes() -> float:
@@ -183,7 +202,7 @@ def main() -> int:
 
         def orm_row_by_row() -> float:
             event = new_event()
-            targets = list(CurtailmentTarget.objects.filter(event=event))
+            targets = list(CurtailmentTarget.objects.filter(event=event)[: args.orm_rows])
             now = clock.now()
             with Timer() as t:
                 for target in targets:
@@ -199,13 +218,19 @@ def main() -> int:
 
         portal_writes, write_runs = median_of(args.runs, curtail_writes)
         phase_0ms = sorted(state["phase"])[len(state["phase"]) // 2]
+        restore_0ms = restore_phase()
         raw, raw_runs = median_of(args.runs, raw_writes)
+        orm_rows = min(n, args.orm_rows)
         orm, _ = median_of(1, orm_row_by_row, warmup=0)
-        restore, _ = median_of(1, restore_phase, warmup=0)
         control(url, "/control/knobs", {"latency_ms": 20})
         state["phase"] = []
-        median_of(3, curtail_writes, warmup=0)
-        phase_20ms = sorted(state["phase"])[1]
+        runs_20ms = max(1, min(3, args.runs))
+        restores = []
+        for _ in range(runs_20ms):
+            curtail_writes()
+            restores.append(restore_phase())
+        phase_20ms = sorted(state["phase"])[len(state["phase"]) // 2]
+        restore_20ms = sorted(restores)[len(restores) // 2]
     finally:
         simulator.terminate()
         simulator.wait(10)
@@ -220,17 +245,33 @@ def main() -> int:
         f"raw set-based SQL, same writes: median {raw:.3f}s {[round(x, 3) for x in raw_runs]}"
         f" -> {writes / raw:,.0f} writes/s"
     )
+    orm_rate = 3 * orm_rows / orm
     print(
-        f"ORM row by row, same writes (1 run): {orm:.2f}s -> {writes / orm:,.0f} writes/s;"
-        f" portal writes are {orm / portal_writes:.0f}x faster"
+        f"ORM row by row, same writes ({orm_rows} targets, 1 run): {orm:.2f}s -> {orm_rate:,.0f} writes/s;"
+        f" portal writes are {writes / portal_writes / orm_rate:.0f}x faster"
     )
     print(f"whole curtail phase (ticks until active, incl. HTTP + telemetry), 0 ms latency: {phase_0ms:.2f}s")
-    print(f"whole curtail phase with 20 ms device latency: {phase_20ms:.2f}s (goal <= 30 s)")
-    print(f"DB round trips per curtail phase: {sorted(state['round_trips'])} for {n} targets")
-    print(f"restore phase (stop -> all resolved, {state['ticks']} ticks): {restore:.2f}s")
+    print(f"restore phase, 0 ms latency: {restore_0ms:.2f}s")
+    print(
+        f"whole curtail phase with 20 ms device latency: {phase_20ms:.2f}s"
+        f" {[round(x, 2) for x in sorted(state['phase'])]} (goal <= 30 s)"
+    )
+    print(
+        f"restore phase with 20 ms device latency (stop -> all resolved, batch {state['batch']},"
+        f" {state['restore_ticks']} ticks): {restore_20ms:.2f}s {[round(x, 2) for x in restores]}"
+        " (goal <= 60 s)"
+    )
+    print(
+        f"DB round trips per curtail phase: {sorted(state['round_trips'])}"
+        f" in {sorted(state['ticks'])} tick(s) for {n} targets"
+    )
     ratio = raw / portal_writes
-    ok = ratio >= 0.4 and orm / portal_writes >= 10 and phase_20ms <= 30
-    print(result_line("b1_reconciler", ratio, "0.40 (and >=10x ORM, 20ms curtail <=30s)", ok))
+    ok = ratio >= 0.8 and writes / portal_writes >= 10 * orm_rate and phase_20ms <= 30 and restore_20ms <= 60
+    print(
+        result_line(
+            "b1_reconciler", ratio, "0.80 (and >=10x ORM, 20ms curtail <=30s, 20ms restore <=60s)", ok
+        )
+    )
     return 0
 
 

@@ -11,6 +11,9 @@ from typing import Any
 
 def setup_django(db_name: str) -> Any:
     """Point Django at a fresh `db_name` and migrate it. Returns the embedded-server handle (keep it)."""
+    # Before any fleetops import: `fleetops.devtools` loads the Celery app, which would otherwise
+    # default the process to the development settings (DEBUG on, every query kept in memory).
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fleetops.settings.test")
     from fleetops.devtools.services import (
         drop_database,
         ensure_database,
@@ -26,7 +29,6 @@ def setup_django(db_name: str) -> Any:
     drop_database(url)
     ensure_database(url)
     os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fleetops.settings.test")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     import django
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
 from curtailment.gateway import FleetGateway, Sample
 from curtailment.models import Device, DeviceSample, OrgCurtailmentConfig
 from fleetops.access.models import Organization
 from fleetops.lib import clock
+from fleetops.lib.transition import bound_cursor
 
 log = logging.getLogger(__name__)
 SYNCED_FIELDS = ["name", "model", "site", "driver", "pairing_status", "status", "rated_power_w", "synced_at"]
@@ -66,11 +66,16 @@ def telemetry_store(*, org: Organization, samples: list[Sample], keep_history: b
     onto the device row, never backwards in time."""
     if not samples:
         return 0
-    ids = dict(
-        Device.objects.filter(
-            org=org, deleted_at__isnull=True, identifier__in=[s.identifier for s in samples]
-        ).values_list("identifier", "id")
-    )
+    # Array parameters (one per column, binary where large), not a placeholder per value: the
+    # statements keep a constant size whatever the number of samples (100,000 devices).
+    table = Device._meta.db_table
+    with bound_cursor() as cursor:
+        cursor.execute(
+            f"SELECT identifier, id FROM {table} WHERE org_id = %s AND deleted_at IS NULL"  # noqa: S608
+            " AND identifier = ANY(%b::text[])",
+            [org.pk, [s.identifier for s in samples]],
+        )
+        ids = dict(cursor.fetchall())
     rows = [(ids[s.identifier], s) for s in samples if s.identifier in ids]
     if keep_history:
         DeviceSample.objects.bulk_create(
@@ -86,22 +91,28 @@ def telemetry_store(*, org: Organization, samples: list[Sample], keep_history: b
             ],
             batch_size=5000,
         )
-    # 5,000 rows x 5 parameters per statement stays well under PostgreSQL's 65,535-parameter cap.
-    for start in range(0, len(rows), 5000):
-        chunk = rows[start : start + 5000]
-        values = ", ".join(["(%s, %s::timestamptz, %s::float8, %s::float8, %s::float8)"] * len(chunk))
-        params: list[Any] = []
-        for device_id, s in chunk:
-            params += [device_id, s.taken_at, s.power_w, s.hash_rate_hs, s.efficiency_j_th]
-        with connection.cursor() as cursor:
+    for start in range(0, len(rows), 20_000):
+        chunk = rows[start : start + 20_000]
+        with bound_cursor() as cursor:
             cursor.execute(
                 f"""
-                UPDATE {Device._meta.db_table} AS d SET last_sample_at = v.taken_at, last_power_w = v.power_w,
+                UPDATE {table} AS d SET last_sample_at = v.taken_at, last_power_w = v.power_w,
                        last_hash_rate_hs = v.hash_rate_hs, last_efficiency_j_th = v.efficiency_j_th
-                FROM (VALUES {values}) AS v(id, taken_at, power_w, hash_rate_hs, efficiency_j_th)
-                WHERE d.id = v.id AND (d.last_sample_at IS NULL OR d.last_sample_at <= v.taken_at)
+                FROM unnest(%b::bigint[], %b::timestamptz[], %b::float8[], %b::float8[], %b::float8[])
+                     AS v(id, taken_at, power_w, hash_rate_hs, efficiency_j_th)
+                WHERE d.id = v.id AND d.id = ANY(%b::bigint[])
+                      AND (d.last_sample_at IS NULL OR d.last_sample_at <= v.taken_at)
                 """,  # noqa: S608 - table name from the model, values are parameters
-                params,
+                [
+                    [device_id for device_id, _ in chunk],
+                    [s.taken_at for _, s in chunk],
+                    [s.power_w for _, s in chunk],
+                    [s.hash_rate_hs for _, s in chunk],
+                    [s.efficiency_j_th for _, s in chunk],
+                    # The ids again as a plain condition: the planner fetches these rows by the
+                    # primary key instead of hashing the whole fleet for a batch of 1,000.
+                    [device_id for device_id, _ in chunk],
+                ],
             )
     return len(rows)
 

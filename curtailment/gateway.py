@@ -10,7 +10,9 @@ Commands carry a command id; the gateway answers a repeated id with its first an
 
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from django.conf import settings
 from django.utils.dateparse import parse_datetime
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 TELEMETRY_CHUNK = 2000
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
 class GatewayError(Exception):
@@ -74,6 +78,7 @@ class FleetGateway:
             base_url=self.base_url,
             timeout=timeout or settings.FLEETOPS_GATEWAY_TIMEOUT_SECONDS,
             limits=httpx.Limits(max_connections=self.max_concurrency * 2),
+            verify=_tls_context(),
         )
 
     def close(self) -> None:
@@ -86,8 +91,10 @@ class FleetGateway:
         self.close()
 
     def _call(self, method: str, path: str, operation: str, body: Any = None) -> Any:
+        # orjson both ways: a 100,000-device telemetry answer is ~15 MB of JSON.
+        content = None if body is None else orjson.dumps(body)
         try:
-            response = self._client.request(method, path, json=body)
+            response = self._client.request(method, path, content=content, headers=JSON_HEADERS)
         except httpx.HTTPError as exc:
             GATEWAY_REQUESTS.labels(operation=operation, result="unreachable").inc()
             raise GatewayError(f"{operation}: {exc.__class__.__name__}: {exc}") from exc
@@ -96,7 +103,7 @@ class FleetGateway:
             raise GatewayError(f"{operation}: HTTP {response.status_code}: {response.text[:200]}")
         GATEWAY_REQUESTS.labels(operation=operation, result="ok").inc()
         try:
-            return response.json()
+            return orjson.loads(response.content)
         except ValueError as exc:
             raise GatewayError(f"{operation}: invalid JSON") from exc
 
@@ -120,8 +127,14 @@ class FleetGateway:
         def fetch(chunk: Sequence[str]) -> list[Sample]:
             data = self._call("POST", "/v1/telemetry", "telemetry", {"identifiers": list(chunk)})
             samples = []
+            # A gateway stamps a whole answer with a handful of distinct times: parse each once.
+            parsed: dict[str, datetime | None] = {}
             for s in data.get("samples", []):
-                taken_at = parse_datetime(str(s.get("taken_at") or ""))
+                stamp = str(s.get("taken_at") or "")
+                if stamp in parsed:
+                    taken_at = parsed[stamp]
+                else:
+                    taken_at = parsed[stamp] = parse_datetime(stamp)
                 if taken_at is None:
                     continue
                 samples.append(
@@ -160,6 +173,13 @@ class FleetGateway:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
             return list(pool.map(fn, items))
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process: loading the CA bundle costs ~0.2 s under load, and the
+    reconciler opens a client every tick (a 100-batch restore is 100 ticks)."""
+    return httpx.create_ssl_context()
 
 
 def _float(value: Any) -> float | None:

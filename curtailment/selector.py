@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from django.conf import settings
+
 STALE_AFTER = timedelta(minutes=15)
 
 # The order of the counters in the insufficient-load message (fixed; only non-zero ones appear).
@@ -230,6 +232,8 @@ def select_fixed_kw(
     )
 
 
-def effective_batch_size(requested: int, selected_count: int) -> int:
-    """clamp(max(requested, ceil(1% of targets)), 10, 100), frozen at start."""
-    return max(10, min(100, max(max(requested, 0), math.ceil(selected_count / 100))))
+def effective_batch_size(requested: int, selected_count: int, *, cap: int | None = None) -> int:
+    """clamp(max(requested, ceil(1% of targets)), 10, cap), frozen at start. The cap is
+    `FLEETOPS_CURTAIL_RESTORE_BATCH_MAX` (1,000): a 100,000-target event restores in 100 batches."""
+    top = max(10, settings.FLEETOPS_CURTAIL_RESTORE_BATCH_MAX if cap is None else cap)
+    return max(10, min(top, max(max(requested, 0), math.ceil(selected_count / 100))))

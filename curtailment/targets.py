@@ -80,10 +80,12 @@ def _move(
         moved = transition_rows(
             model=CurtailmentTarget,
             machine=TARGET_MACHINE,
-            rows=[{**row, "desired_state": phase.desired} for row in rows],
+            rows=rows,
             to=to,
             set_fields=set_fields,
-            match=("desired_state", *match),
+            match=match,
+            # The phase is the same for every row: one condition, not a column per row.
+            where={"desired_state": phase.desired},
             updates=updates,
             increments=increments,
             operation=operation,

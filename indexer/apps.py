@@ -27,3 +27,12 @@ class IndexerConfig(AppConfig):
             expires_seconds=8,
             description="Decode due enrichment rows of every chain with enrichment on (claims, SKIP LOCKED).",
         )
+        schedules.declare(
+            name="indexer.partitions",
+            task="indexer.tasks.partitions",
+            every_seconds=3600,
+            expires_seconds=3000,
+            description=(
+                "Height-range partitions ahead of every chain's tip; drop ranges past retention (audited)."
+            ),
+        )

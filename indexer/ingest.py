@@ -5,8 +5,8 @@
 2. lock the chain's IndexerState and check the batch starts right after `last_indexed_height`;
 3. linkage: the first block's parent hash must equal the stored hash below it, and each block's
    parent the previous block's hash, else ReorgDetected and nothing is written;
-4. COPY blocks, transactions, events and pending enrichment rows (set-based; one round trip per
-   table);
+4. binary COPY of blocks, transactions, events and pending enrichment rows into the (partitioned)
+   parent tables (set-based; one round trip per table);
 5. registered producers write their derived rows in the same transaction;
 6. advance `last_indexed_height` by compare-and-set (and store the chain's fingerprint, the hash of
    the first block ever indexed, on the first commit).
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 from django.db import connection, transaction
 
 from fleetops.audit.actors import Actor
@@ -30,7 +31,7 @@ from indexer.blocks import event_rows as event_rows  # the event rows, shared wi
 from indexer.blocks import lease_name as lease_name  # the writer lease every write here is fenced by
 from indexer.enrichment import ENRICHMENT_COPY_COLUMNS, enrichment_rows_for
 from indexer.metrics import ROWS
-from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Transaction
+from indexer.models import Block, Chain, Enrichment, Event, IndexerState, Phase, Transaction
 from indexer.producers import producers
 
 REWRITE_NOT_INDEXED = "only indexed heights can be re-indexed (last indexed height: {last})"
@@ -69,13 +70,70 @@ def tx_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
         yield (chain_id, item.height, tx.index, tx_hash, tx.code, tx.gas_wanted, tx.gas_used)
 
 
+# jsonb's binary input is a version byte (1) and the JSON text. A jsonb column is COPYed as these
+# bytes, passed through as they are (`_copy`): no JSON dumper call and no text per value.
+_JSONB_VERSION = b"\x01"
+_JSONB_OID = 3802
+_BYTEA_OID = 17
+
+
+def _jsonb(value: Any) -> bytes:
+    # orjson writes the frozen attribute dataclasses as {"key", "value", "index"} objects itself (no
+    # dict per attribute); a canonical text never holds what it refuses (lone surrogates, see parse).
+    return _JSONB_VERSION + orjson.dumps(value)
+
+
+_BLOCK_PHASES = (Phase.BEGIN_BLOCK.value, Phase.END_BLOCK.value, Phase.FINALIZE_BLOCK.value)
+
+
+def copy_event_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ...]]:
+    """`event_rows` for the binary COPY: the same identities in the same order, the attributes as
+    jsonb's binary input (`_jsonb`), encoded by orjson straight from the parsed dataclasses."""
+    height, results = item.height, item.results
+    for phase, events in zip(
+        _BLOCK_PHASES,
+        (results.begin_block_events, results.end_block_events, results.finalize_block_events),
+        strict=True,
+    ):
+        for i, event in enumerate(events):
+            yield (chain_id, height, phase, None, i, event.type[:200], _jsonb(event.attributes))
+    tx_phase = Phase.TX.value
+    for tx in results.txs:
+        tx_index = tx.index
+        for i, event in enumerate(tx.events):
+            yield (chain_id, height, tx_phase, tx_index, i, event.type[:200], _jsonb(event.attributes))
+
+
+# Column types of the tables COPYed into, read once per process: a binary COPY applies no casts, so
+# every value is encoded as its column's own type.
+_COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+
+def _column_types(cursor: Any, table: str, columns: Sequence[str]) -> list[int]:
+    key = (table, tuple(columns))
+    if key not in _COLUMN_TYPES:
+        cursor.execute(
+            "SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0",
+            [table],
+        )
+        types = dict(cursor.fetchall())
+        # A jsonb value arrives as its binary input (`_jsonb`), which bytea's dumper passes through.
+        _COLUMN_TYPES[key] = [_BYTEA_OID if types[c] == _JSONB_OID else types[c] for c in columns]
+    return _COLUMN_TYPES[key]
+
+
 def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> int:
+    """Binary COPY: no text formatting and parsing of every value on either side. jsonb values are
+    given as `_jsonb` bytes (or None)."""
     count = 0
     with connection.cursor() as cursor:
         raw = cursor.cursor  # psycopg's cursor: COPY is not part of the DB-API
-        with raw.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        types = _column_types(raw, table, columns)
+        with raw.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            write_row = copy.write_row
             for row in rows:
-                copy.write_row(row)
+                write_row(row)
                 count += 1
     return count
 
@@ -121,7 +179,7 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
         rows["event"] = _copy(
             Event._meta.db_table,
             EVENT_COLUMNS,
-            (row for b in blocks for row in event_rows(chain.pk, b)),
+            (row for b in blocks for row in copy_event_rows(chain.pk, b)),
         )
         if chain.enrichment_enabled:
             rows["enrichment"] = _copy(
@@ -206,7 +264,7 @@ def blocks_rewrite(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: Lease
         Block.objects.filter(chain=chain, height__in=heights).delete()
         _copy(Block._meta.db_table, BLOCK_COLUMNS, (block_row(chain.pk, b) for b in blocks))
         _copy(Transaction._meta.db_table, TX_COLUMNS, (r for b in blocks for r in tx_rows(chain.pk, b)))
-        _copy(Event._meta.db_table, EVENT_COLUMNS, (r for b in blocks for r in event_rows(chain.pk, b)))
+        _copy(Event._meta.db_table, EVENT_COLUMNS, (r for b in blocks for r in copy_event_rows(chain.pk, b)))
         if chain.enrichment_enabled:
             _copy(
                 Enrichment._meta.db_table,

@@ -45,6 +45,15 @@ class Chain(models.Model):
     )
     rollback_automation = models.BooleanField(default=True)
     enrichment_enabled = models.BooleanField(default=True)
+    # Changed only through `indexer.retention.chain_set_retention` (admin role, audited).
+    retain_heights = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text=(
+            "Keep only this many heights below the indexed tip; older height ranges are "
+            "dropped a whole partition at a time. Empty: keep forever."
+        ),
+    )
 
     class Meta:
         ordering = ["slug"]
@@ -193,7 +202,11 @@ class IndexerState(models.Model):
 
 
 class Block(models.Model):
-    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+")
+    """An indexed block. Blocks, transactions and events are partitioned tables in the database:
+    LIST by chain, then RANGE by height (`indexer.partitions`), with (id, chain_id, height) as the
+    database's primary key; `id` stays the primary key Django knows (one sequence, still unique)."""
+
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+", db_index=False)
     height = models.BigIntegerField()
     hash = models.CharField(max_length=64)
     parent_hash = models.CharField(max_length=64)
@@ -210,7 +223,9 @@ class Block(models.Model):
 
 
 class Transaction(models.Model):
-    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+")
+    """An indexed transaction; partitioned like `Block`."""
+
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+", db_index=False)
     height = models.BigIntegerField()
     index = models.PositiveIntegerField()
     hash = models.CharField(max_length=64)
@@ -234,9 +249,10 @@ class Phase(models.TextChoices):
 
 
 class Event(models.Model):
-    """`tx_index` is NULL for block-level events; the identity treats NULLs as equal."""
+    """`tx_index` is NULL for block-level events; the identity treats NULLs as equal. Partitioned
+    like `Block`."""
 
-    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+")
+    chain = models.ForeignKey(Chain, on_delete=models.CASCADE, related_name="+", db_index=False)
     height = models.BigIntegerField()
     phase = models.CharField(max_length=16, choices=Phase.choices)
     tx_index = models.PositiveIntegerField(null=True, blank=True)

@@ -34,8 +34,9 @@
    (enabled, priority, URL, refused) reconfigure the client and move the head watcher
    (`indexer.watch`), so an operator's change takes effect within one step, without a restart.
 
-This module is longer than 600 lines because the steps above share one runner's state (lease,
-identity, agreed head, prefetched batch, failure count); split up, that state would be passed around.
+The runner keeps the state the steps share (lease, identity, agreed head, prefetched batch, failure
+count); step 5's reorg handling is `indexer.reorg_step`, the fetching of a range `indexer.fetching`
+and the catch-up's continuous fetching `indexer.readahead`.
 
 Every mode change is a step of `indexer.modes` (compare-and-set through the transition kernel,
 fenced by the lease, audited into and out of `degraded` and `halted`); only the lease holder makes
@@ -47,9 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.db import DatabaseError, connection, transaction
@@ -65,20 +64,20 @@ from fleetops.observability.leases import (
     lease_release,
     lease_renew,
 )
-from indexer import forks, sources, watch
+from indexer import reorg_step, sources, watch
 from indexer.blocks import WRITER, IndexedBlock, lease_name
+from indexer.fetching import fetch_blocks as fetch_blocks  # used by the range commands
+from indexer.fetching import rpc_for as rpc_for
 from indexer.forks import trusted_sources as trusted_sources
 from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback
-from indexer.metrics import BLOCK_COMMIT, BLOCKS, REORGS, ROLLED_BACK, STEP_FAILURES
+from indexer.metrics import BLOCK_COMMIT, BLOCKS, ROLLED_BACK, STEP_FAILURES
 from indexer.models import (
     MODE_LOUD,
     MODE_MACHINE,
-    Block,
     Chain,
     ChainLagSample,
     IndexerState,
     Mode,
-    SyncSource,
     beside_state,
 )
 from indexer.modes import (
@@ -88,6 +87,9 @@ from indexer.modes import (
     indexer_mode_follow,
     indexer_rollback_done,
 )
+from indexer.partitions import partitions_ahead
+from indexer.readahead import ReadAhead
+from indexer.reorg_step import StepResult as StepResult
 from indexer.rpc.client import CometRpc, HeightUnavailable, RpcError
 from indexer.rpc.ws import HeadWatcher
 from indexer.watch import head_watcher_for as head_watcher_for
@@ -100,16 +102,6 @@ IDLE_AFTER_BLOCK_TIMES = 5
 STATUS_EVERY = 10.0
 LAG_SAMPLE_EVERY = 60.0
 LAG_SAMPLE_RETENTION = timedelta(days=7)
-
-
-@dataclass
-class StepResult:
-    leader: bool
-    committed: int = 0
-    head: int | None = None
-    indexed: int | None = None
-    mode: str = ""
-    note: str = ""
 
 
 # Chain columns an operator may change while `indexer_run` runs; re-read with the state every step.
@@ -125,30 +117,6 @@ LIVE_SETTINGS = (
     "enrichment_enabled",
 )
 NO_SOURCE = "no enabled source that is not refused: nothing to ingest from"
-
-
-def rpc_for(chain: Chain) -> CometRpc:
-    """A client over the chain's enabled sources that are not refused (all enabled ones when every
-    one is refused, so the process starts and shows why)."""
-    rows = list(chain.sources.filter(enabled=True))
-    configs = sources.usable_configs(rows) or sources.usable_configs(
-        [SyncSource(name=r.name, rpc_url=r.rpc_url, priority=r.priority) for r in rows]
-    )
-    return CometRpc(configs)
-
-
-def fetch_blocks(rpc: CometRpc, heights: Sequence[int], *, max_in_flight: int) -> list[IndexedBlock]:
-    """`/block` + `/block_results` for each height (both from one source, checked against each
-    other), at most `max_in_flight` heights at once, returned in height order whatever order they
-    arrive in."""
-
-    def one(height: int) -> IndexedBlock:
-        return IndexedBlock(*rpc.block_with_results(height))
-
-    if len(heights) == 1:
-        return [one(heights[0])]
-    with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(heights)))) as pool:
-        return list(pool.map(one, heights))  # map keeps height order
 
 
 class IndexerRunner:
@@ -179,8 +147,7 @@ class IndexerRunner:
         self._status_chain_id = ""
         self._lag_sampled_at = 0.0
         # Catch-up: the next batch is fetched (RPC + parse) while this one is committed.
-        self._prefetcher: ThreadPoolExecutor | None = None
-        self._prefetched: tuple[range, Future[list[IndexedBlock]]] | None = None
+        self._ahead = ReadAhead(rpc)
 
     # --- one iteration ---------------------------------------------------------------------------------
 
@@ -276,13 +243,14 @@ class IndexerRunner:
         sources.sources_mark_syncing(
             chain=self.chain, catching_up=behind > 1, source_name=self.rpc.last_source
         )
+        # The next step is another full catch-up batch: fetch it while this one is committed.
+        ahead = range(end + 1, end + size + 1) if size > 1 and target - end > size else None
         try:
-            blocks = self._fetch(range(start, end + 1))
+            blocks = self._fetch(range(start, end + 1), ahead=ahead)
         except HeightUnavailable as exc:
             return self._unavailable(state, head, start, end, exc)
         mode = Mode.CATCHING_UP if end < target else Mode.NORMAL
-        if size > 1 and target - end > size:  # the next step is another full catch-up batch
-            self._prefetch(range(end + 1, end + size + 1))
+        partitions_ahead(self.chain, end)  # height ranges ahead of the commit (no query while ahead)
         try:
             with BLOCK_COMMIT.labels(chain=self.chain.slug).time():
                 last = blocks_commit(chain=self.chain, blocks=blocks, lease=self._lease())
@@ -413,37 +381,11 @@ class IndexerRunner:
         self._follow(state, mode)
         return mode
 
-    def _fetch(self, heights: range) -> list[IndexedBlock]:
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None:
-            wanted, future = prefetched
-            if wanted == heights:
-                return future.result()  # re-raises what the fetch raised (HeightUnavailable, ...)
-            future.cancel()
-        return fetch_blocks(self.rpc, heights, max_in_flight=self.chain.max_in_flight)
-
-    def _prefetch(self, heights: range) -> None:
-        """Start fetching the next catch-up batch in the background. It is only source data: a
-        batch that no longer fits (a rollback, a reorg, a lost lease moved the start) is dropped by
-        `_fetch`, and blocks_commit checks every parent hash as always."""
-        self._drop_prefetched()
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indexer-prefetch")
-        future = self._prefetcher.submit(
-            fetch_blocks, self.rpc, heights, max_in_flight=self.chain.max_in_flight
-        )
-        self._prefetched = (heights, future)
+    def _fetch(self, heights: range, *, ahead: range | None = None) -> list[IndexedBlock]:
+        return self._ahead.fetch(heights, max_in_flight=self.chain.max_in_flight, ahead=ahead)
 
     def _drop_prefetched(self) -> None:
-        if self._prefetched is not None:
-            self._prefetched[1].cancel()
-            self._prefetched = None
-
-    def _stop_prefetching(self) -> None:
-        self._drop_prefetched()
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=True, cancel_futures=True)
-            self._prefetcher = None
+        self._ahead.drop()
 
     def _unavailable(
         self, state: IndexerState, head: int, first: int, last: int, exc: HeightUnavailable
@@ -464,69 +406,12 @@ class IndexerRunner:
         return StepResult(True, head=head, indexed=state.last_indexed_height, mode=Mode.DEGRADED, note=note)
 
     def _handle_reorg(self, reorg: ReorgDetected, head: int) -> StepResult:
-        state = IndexerState.objects.get(chain=self.chain)
-        last = state.last_indexed_height or 0
-        stored = (
-            Block.objects.filter(chain=self.chain, height=reorg.height - 1)
-            .values_list("hash", flat=True)
-            .first()
-        )
-        vote = forks.reorg_vote(self.rpc, height=reorg.height - 1, stored_hash=stored)
-        if vote.ignored:
-            # The trusted sources show the stored block: the mismatch was a fork of the sources
-            # now ranked down. Nothing to roll back; the next step reads from a trusted source.
-            REORGS.labels(chain=self.chain.slug, outcome="ignored").inc()
-            note = f"reorg at {reorg.height} not shown by the trusted sources, ignored: {vote.describe()}"
-            log.warning("indexer %s: %s", self.chain.slug, note)
-            return StepResult(True, head=head, indexed=last, mode=state.mode, note=note)
-        witness = vote.witness
-        if witness is None:
-            reason = (
-                "no source that answers, is not lagging and is not catching up itself shows the "
-                "reorg: not trusted for a rollback (false-reorg guard)"
-            )
-            return self._reorg_halt(state, reorg, head, last, reason)
-        floor = max(last - self.chain.finality_depth, (state.oldest_indexed_height or 1) - 1)
-        fork = None
-        for height in range(last, floor, -1):
-            stored = (
-                Block.objects.filter(chain=self.chain, height=height).values_list("hash", flat=True).first()
-            )
-            if stored is not None and stored == self.rpc.block_from(witness, height).hash:
-                fork = height
-                break
-        reason = ""
-        if fork is None:
-            reason = f"reorg deeper than the finality depth {self.chain.finality_depth}"
-        elif not self.chain.rollback_automation:
-            reason = "reorg found but rollback automation is off"
-        if reason:
-            return self._reorg_halt(state, reorg, head, last, reason)
-        assert fork is not None
-        removed = blocks_rollback(
-            chain=self.chain,
-            to_height=fork,
-            lease=self._lease(),
-            actor=WRITER,
-            reason=f"reorg at {reorg.height}: rolled back to the fork point {fork}",
-        )
-        REORGS.labels(chain=self.chain.slug, outcome="rolled_back").inc()
-        ROLLED_BACK.labels(chain=self.chain.slug).inc(removed)
-        return StepResult(
-            True, head=head, indexed=fork, mode=Mode.NORMAL, note=f"reorg: rolled back {removed} blocks"
-        )
-
-    def _reorg_halt(
-        self, state: IndexerState, reorg: ReorgDetected, head: int, last: int, reason: str
-    ) -> StepResult:
-        REORGS.labels(chain=self.chain.slug, outcome="halted").inc()
-        self._mode_step(indexer_halt, state, error=f"{reorg}; {reason}")
-        log.critical("indexer %s halted: %s", self.chain.slug, reason)
-        return StepResult(True, head=head, indexed=last, mode=Mode.HALTED, note=reason)
+        return reorg_step.handle_reorg(self, reorg, head)
 
     def _operator_rollback(self, state: IndexerState) -> StepResult:
         to = state.rollback_requested_to
         assert to is not None
+        self._drop_prefetched()  # fetched before the rollback: the operator may know better
         removed = blocks_rollback(
             chain=self.chain,
             to_height=to,
@@ -635,7 +520,7 @@ class IndexerRunner:
                 if result.committed == 0:
                     self._wait(stop, poll * min(2**self.failed_steps, 30), result.indexed)
         finally:
-            self._stop_prefetching()
+            self._ahead.close()
             if self.grant is not None:
                 sources.sources_release(chain=self.chain)
             self.release()

@@ -9,13 +9,16 @@ columns the indexes lead with (`block_identity`, `tx_identity`, `tx_chain_hash`,
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from django.db import connection
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Field, Q, QuerySet
 
 from fleetops.access.models import Organization
 from fleetops.audit.models import AuditEvent
@@ -53,11 +56,47 @@ def chain_list(*, org: Organization) -> QuerySet[Chain]:
     return Chain.objects.filter(org=org).select_related("org", "state")
 
 
+@functools.cache
+def _chain_sql() -> tuple[str, list[Field[Any, Any]], list[Field[Any, Any]]]:
+    chain_fields = list(Chain._meta.concrete_fields)
+    state_fields = list(IndexerState._meta.concrete_fields)
+    cols = [f'c."{f.column}"' for f in chain_fields] + [f's."{f.column}"' for f in state_fields]
+    sql = (
+        f'SELECT {", ".join(cols)} FROM "{Chain._meta.db_table}" c '  # noqa: S608 - names from the models
+        f'LEFT JOIN "{IndexerState._meta.db_table}" s ON s."chain_id" = c."id" '
+        'WHERE c."org_id" = %s AND c."slug" = %s'
+    )
+    return sql, chain_fields, state_fields
+
+
+def _loaded(model: type[Any], fields: list[Field[Any, Any]], values: Sequence[Any]) -> Any:
+    """`model.from_db` with the fields' own converters, as a queryset would apply them."""
+    converted = []
+    for f, value in zip(fields, values, strict=True):
+        for convert in f.get_db_converters(connection):
+            value = convert(value, f.get_col(model._meta.db_table), connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+
+
 def chain_get(*, org: Organization, slug: str) -> Chain:
-    """Another organization's chain is simply not found."""
-    chain = Chain.objects.filter(org=org, slug=slug).select_related("org", "state").first()
-    if chain is None:
+    """Another organization's chain is simply not found. The chain with its state in one
+    hand-written statement (on every chain-scoped API request, the ORM's compilation of the same
+    select_related cost more than the query); its `org` is the one the caller resolved, the same
+    row, read by the same request."""
+    sql, chain_fields, state_fields = _chain_sql()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [org.pk, slug])
+        row = cursor.fetchone()
+    if row is None:
         raise NotFound(CHAIN_NOT_FOUND, code="chain_not_found")
+    chain: Chain = _loaded(Chain, chain_fields, row[: len(chain_fields)])
+    Chain._meta.get_field("org").set_cached_value(chain, org)
+    state_row = row[len(chain_fields) :]
+    state = None if state_row[0] is None else _loaded(IndexerState, state_fields, state_row)
+    if state is not None:
+        IndexerState._meta.get_field("chain").set_cached_value(state, chain)
+    Chain._meta.get_field("state").set_cached_value(chain, state)
     return chain
 
 
@@ -504,3 +543,46 @@ def enrichment_backlog_by_org() -> list[tuple[int, int]]:
         .annotate(n=Count("id"))
         .values_list("chain__org_id", "n")
     )
+
+
+EVENT_PAGE_FIELDS = ("id", "height", "phase", "tx_index", "event_index", "type", "attributes")
+
+
+def event_page_rows(
+    *, chain_id: int, before_id: int | None, limit: int, guard: tuple[int, str] | None = None
+) -> list[dict[str, Any]]:
+    """Up to `limit` events of a chain, newest first, older than `before_id`, as dicts of
+    EVENT_PAGE_FIELDS: the events API's unfiltered page (`event_chain_id`), written out because
+    building and compiling the same ORM query cost more than running it. `guard` (organization id,
+    slug) keeps the rows only when the chain still has them, as the API's chain hint needs."""
+    table = Event._meta.db_table
+    columns = ", ".join(f'"{Event._meta.get_field(f).column}"' for f in EVENT_PAGE_FIELDS)  # type: ignore[union-attr]
+    # Table and column names from the model, values are parameters.
+    sql = f'SELECT {columns} FROM "{table}" WHERE "chain_id" = %s'  # noqa: S608
+    params: list[Any] = [chain_id]
+    if before_id is not None:
+        sql += ' AND "id" < %s'
+        params.append(before_id)
+    if guard is not None:
+        sql += (
+            f' AND EXISTS (SELECT 1 FROM "{Chain._meta.db_table}" '  # noqa: S608
+            'WHERE "id" = %s AND "org_id" = %s AND "slug" = %s)'
+        )
+        params += [chain_id, *guard]
+    sql += ' ORDER BY "id" DESC LIMIT %s'
+    params.append(limit)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    out = []
+    for row in rows:
+        item = dict(zip(EVENT_PAGE_FIELDS, row, strict=True))
+        # jsonb arrives as text (Django's loader); parsed as JSONField.from_db_value would.
+        text = item["attributes"]
+        if isinstance(text, str):
+            try:
+                item["attributes"] = orjson.loads(text)
+            except orjson.JSONDecodeError:  # an integer past 64 bits: the standard library takes it
+                item["attributes"] = json.loads(text)
+        out.append(item)
+    return out

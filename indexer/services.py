@@ -432,7 +432,9 @@ def enrichment_requeue(*, chain: Chain, ids: Sequence[int] | None, actor: Actor,
     if wanted is not None:
         rows = rows.filter(id__in=wanted)
     now = clock.now()
-    with transaction.atomic():
+    # No savepoint inside a caller's transaction (the idempotent API write): a failure here leaves
+    # the service and that whole transaction rolls back; no caller catches it and goes on.
+    with transaction.atomic(savepoint=False):
         found = list(rows.values_list("id", "status").order_by("id"))
         if not found:
             return 0

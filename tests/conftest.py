@@ -10,7 +10,28 @@ from rest_framework.test import APIClient
 from fleetops.access.models import Organization, Role
 from fleetops.access.services import api_token_create
 from fleetops.audit.actors import Actor
+from tests import template_db
 from tests.factories import MembershipFactory, UserFactory
+
+# --- the test databases: one migration per run, copied for each xdist worker (tests/template_db.py) ---
+
+_TEMPLATE = pytest.StashKey[template_db.Builder]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if template_db.wanted(session.config):
+        session.config.stash[_TEMPLATE] = template_db.Builder()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    builder = session.config.stash.get(_TEMPLATE, None)
+    if builder is not None:
+        builder.finish()
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    template_db.use_template()
 
 
 @dataclass

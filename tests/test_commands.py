@@ -119,6 +119,10 @@ CASES: dict[str, list[Case]] = {
             says="argument --health-port: must be an integer from 1",
         ),
     ],
+    "indexer_partitions": [
+        refused("--chain", "nope", says="nope"),
+        usage("--every", says="unrecognized arguments: --every"),
+    ],
     "indexer_verify": [
         refused("--chain", "sim", "--to", "9", says="1-9 is outside the indexed range 1-5"),
         usage("--chain", "sim", "--batch", "0", says="argument --batch: must be an integer of at least 1"),

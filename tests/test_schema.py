@@ -100,6 +100,31 @@ def test_the_document_is_generated_once_per_process(client, monkeypatch):
 
 
 @pytest.mark.django_db
+def test_the_document_is_rendered_once_per_format(client, monkeypatch):
+    from drf_spectacular.renderers import OpenApiJsonRenderer, OpenApiYamlRenderer
+
+    from fleetops.api.schema_views import schema_cache_clear
+
+    schema_cache_clear()
+    renders = []
+    for renderer in (OpenApiJsonRenderer, OpenApiYamlRenderer):
+        real = renderer.render
+
+        def counting(self, *args, real=real, **kwargs):
+            renders.append(type(self).__name__)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(renderer, "render", counting)
+    as_json = [client.get("/api/schema/?format=json") for _ in range(3)]
+    as_yaml = [client.get("/api/schema/") for _ in range(3)]
+
+    assert len({r.content for r in as_json}) == len({r.content for r in as_yaml}) == 1
+    assert {r["Content-Type"] for r in as_json} == {"application/vnd.oai.openapi+json"}
+    assert {r["Content-Type"] for r in as_yaml} == {"application/vnd.oai.openapi; charset=utf-8"}
+    assert sorted(renders) == ["OpenApiJsonRenderer", "OpenApiYamlRenderer"]
+
+
+@pytest.mark.django_db
 def test_a_browser_gets_swagger_ui_at_the_schema_url(client):
     page = client.get(
         "/api/schema/", HTTP_ACCEPT="text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"

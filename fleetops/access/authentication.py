@@ -7,8 +7,8 @@ from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from fleetops.access.models import ApiToken
-from fleetops.access.selectors import role_in_org
-from fleetops.access.services import api_token_touch
+from fleetops.access.selectors import pin_role, role_in_org
+from fleetops.access.services import api_token_use
 from fleetops.api.throttling import FailedAuthThrottle
 from fleetops.lib import clock
 from fleetops.observability.metrics import FAILED_AUTH
@@ -25,7 +25,7 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
     """`Authorization: Bearer fo_<key id>_<secret>`. The token pins the organization and a role.
 
     A client address whose tokens failed too often lately (`FailedAuthThrottle`) is refused with a
-    429 before its token is looked at; every failure is counted there and in
+    429 whatever its token; every failure is counted there and in
     `fleetops_access_failed_auth_total`.
     """
 
@@ -38,44 +38,61 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
         keyword, _, raw = header.partition(" ")
         if keyword not in self.keywords:
             return None
-        throttle = FailedAuthThrottle()
-        wait = throttle.wait_seconds(request)
-        if wait is not None:
+        throttle = FailedAuthThrottle(request)
+        token, refused = self._check(raw.strip(), throttle)
+        if refused is not None and refused.outcome == "throttled":
             FAILED_AUTH.labels(outcome="throttled").inc()
-            raise exceptions.Throttled(wait=wait, detail=TOKEN_THROTTLED)
-        try:
-            return self._check(raw.strip())
-        except _Refused as refused:
-            throttle.record_failure(request)
+            raise exceptions.Throttled(wait=refused.wait, detail=TOKEN_THROTTLED)
+        if refused is not None:
+            throttle.record_failure()
             FAILED_AUTH.labels(outcome=refused.outcome).inc()
             raise exceptions.AuthenticationFailed(refused.message)
+        assert token is not None
+        return token.user, token
 
-    def _check(self, raw: str) -> tuple[Any, ApiToken]:
+    def _check(self, raw: str, throttle: FailedAuthThrottle) -> tuple[ApiToken | None, _Refused | None]:
+        """The token, or why it is refused. The address's failed-auth count is read first in effect:
+        over the limit, every token is refused, a valid one included.
+
+        One statement (`api_token_use`): the token, its user and organization, the owner's role
+        there, (with the counters in PostgreSQL) the address's failed-auth count, and the token's
+        use recorded at most once a minute. A use is recorded whenever the secret matches and the
+        token is live, even while the address is refused: "last used" is last presented.
+        """
         prefix, _, rest = raw.partition("_")
         key_id, _, secret = rest.partition("_")
-        if prefix != ApiToken.PREFIX or not key_id or not secret:
-            raise _Refused("invalid", TOKEN_INVALID)
-        token = ApiToken.objects.select_related("user", "org").filter(key_id=key_id).first()
+        peek = throttle.peek_sql()
+        found = None
+        if prefix == ApiToken.PREFIX and key_id and secret:
+            found = api_token_use(key_id=key_id, secret=secret, peek=peek[:2] if peek else None)
+        if found is not None and peek is not None:
+            wait = throttle.refusal(found.failed_auth, peek[2])
+        else:
+            wait = throttle.wait_seconds()
+        token = found.token if found is not None else None
+        if wait is not None:
+            return None, _Refused("throttled", TOKEN_THROTTLED, wait=wait)
         if token is None or not constant_time_compare(token.secret_hash, ApiToken.hash_secret(secret)):
-            raise _Refused("invalid", TOKEN_INVALID)
+            return None, _Refused("invalid", TOKEN_INVALID)
         now = clock.now()
         if token.revoked_at is not None:
-            raise _Refused("revoked", TOKEN_REVOKED)
+            return None, _Refused("revoked", TOKEN_REVOKED)
         if token.expires_at is not None and token.expires_at <= now:
-            raise _Refused("expired", TOKEN_EXPIRED)
-        # role_in_org loads the user's memberships once and keeps them on the user, so resolving
-        # the request's organization and role afterwards (access.context) asks nothing again.
+            return None, _Refused("expired", TOKEN_EXPIRED)
+        # The owner's role in the token's organization, kept on the user so resolving the
+        # request's organization and role afterwards (access.context) asks nothing again.
+        assert found is not None
+        pin_role(user=token.user, org_id=token.org_id, role=found.member_role)
         if role_in_org(user=token.user, org_id=token.org_id) is None:
-            raise _Refused("owner_inactive", TOKEN_OWNER_INACTIVE)
-        api_token_touch(token=token)
-        return token.user, token
+            return None, _Refused("owner_inactive", TOKEN_OWNER_INACTIVE)
+        return token, None
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="api"'
 
 
-class _Refused(Exception):
-    def __init__(self, outcome: str, message: str):
-        super().__init__(message)
+class _Refused:
+    def __init__(self, outcome: str, message: str, *, wait: float | None = None):
         self.outcome = outcome
         self.message = message
+        self.wait = wait

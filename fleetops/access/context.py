@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetops.access.models import ApiToken, Organization, Role
+from fleetops.access.roles import RequestActor
 from fleetops.access.selectors import org_ids_for_user, role_in_org
+from fleetops.audit.actors import Actor
+from fleetops.audit.models import ActorType
 from fleetops.lib.errors import NotFound, ValidationFailed
 
 ORG_HEADER = "X-FleetOps-Org"
@@ -56,3 +59,23 @@ def _resolve(request: Any) -> OrgAccess:
         # Another organization's existence is not disclosed: unknown and not-a-member read the same.
         raise NotFound(ORG_NOT_FOUND, code="organization_not_found")
     return OrgAccess(org=org, role=role, token=None)
+
+
+def request_actor(request: Any) -> Actor:
+    """The actor of an API request. A token's actor carries the role this request's authentication
+    read for the token's organization (`RequestActor`), so the services' role checks do not read the
+    token, its owner and the membership a second time; a session user's actor carries nothing and
+    is checked against the database as everywhere else (`fleetops.access.roles`)."""
+    actor = Actor.from_request(request)
+    if actor.type != ActorType.API_TOKEN:
+        return actor
+    access = resolve_org_access(request)
+    return RequestActor(
+        type=actor.type,
+        id=actor.id,
+        label=actor.label,
+        user_id=actor.user_id,
+        is_superuser=actor.is_superuser,
+        interactive=actor.interactive,
+        vouched=(access.org.pk, access.role),
+    )

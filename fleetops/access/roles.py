@@ -13,6 +13,14 @@
   release step) is an admin: a shell on the server already holds the database credentials;
 - an **anonymous** actor has no role.
 
+The role is read from the database at every call, never trusted from an actor object that may have
+outlived a demotion. One exception, within one API request: the token authentication of that
+request has just read the token, its owner and the owner's membership in one statement, so the
+request's actor (`RequestActor`, built per request by the API views) carries the role read there
+(`vouched`) and `effective_role` answers it without reading the same rows again. The actor is made
+from the request and dropped with it (a Celery payload does not carry the field), so a role revoked
+between two requests is honoured at the next one; admin sessions, tasks and commands keep reading.
+
 `require_role(...)` raises `Forbidden` and writes one `access.denied` row (action, actor, org,
 target, what was asked), the same row the DRF permission classes and the admin gates write, so a
 refusal looks alike wherever it happened. Services call it before they open their transaction, so
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -49,15 +58,30 @@ def is_process(actor: Actor) -> bool:
     return actor.type in PROCESS_ROLES
 
 
+@dataclass(frozen=True)
+class RequestActor(Actor):
+    """The actor of one API request authenticated by a token, with the role that request's
+    authentication read for the token's organization: `(org id, role)`. Never kept beyond the
+    request (see the module docstring); its payload (audit rows, task arguments) is the plain
+    actor's."""
+
+    vouched: tuple[int, Role] | None = field(default=None, compare=False, repr=False)
+
+
 def effective_role(*, actor: Actor, org_id: int | None) -> Role | None:
     """The role `actor` acts with in organization `org_id` (None: no role there).
 
     The user's flags are read from the database, not from the actor: a Celery task queued by a
-    superuser who was demoted or deactivated since runs with the role they have now.
+    superuser who was demoted or deactivated since runs with the role they have now. The one
+    exception is a `RequestActor`'s role in its token's organization, read by this request.
     """
     process_role = PROCESS_ROLES.get(actor.type)
     if process_role is not None:
         return process_role
+    if isinstance(actor, RequestActor) and actor.vouched is not None and actor.type == ActorType.API_TOKEN:
+        vouched_org, vouched_role = actor.vouched
+        if vouched_org == org_id:
+            return vouched_role
     if actor.user_id is None or org_id is None or actor.type not in (ActorType.USER, ActorType.API_TOKEN):
         return None
     user = get_user_model().objects.filter(pk=actor.user_id).values("is_active", "is_superuser").first()

@@ -17,12 +17,21 @@ def org_ids_for_user(user: Any) -> list[int]:
     return list(cached)
 
 
+def pin_role(*, user: Any, org_id: int, role: str | None) -> None:
+    """Keep the user's role in one organization, read along with something else (the API token's
+    query reads the owner's membership in the token's organization), for `role_in_org`."""
+    user._fleetops_pinned_role = (org_id, role)
+
+
 def role_in_org(*, user: Any, org_id: int) -> Role | None:
     """The user's role in one organization (superusers are admins everywhere)."""
     if not getattr(user, "is_authenticated", False) or not user.is_active:
         return None
     if user.is_superuser:
         return Role.ADMIN
+    pinned = getattr(user, "_fleetops_pinned_role", None)
+    if pinned is not None and pinned[0] == org_id:
+        return Role(pinned[1]) if pinned[1] else None
     org_ids_for_user(user)
     role = user._fleetops_org_roles.get(org_id)
     return Role(role) if role else None

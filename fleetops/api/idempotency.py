@@ -1,7 +1,8 @@
 """`Idempotency-Key` for POSTs that create or command.
 
-1. Claim: INSERT the (org, key) row as in_flight in its own committed transaction, so a concurrent
-   request with the same key sees it at once.
+1. Claim: INSERT the (org, key) row as in_flight (`ON CONFLICT DO NOTHING`: one statement that
+   commits at once, as requests run in autocommit), so a concurrent request with the same key sees
+   it at once.
 2. Someone else's row: a different fingerprint is 422; in flight is 409 (or a takeover when the
    holder went silent for IDEMPOTENCY_STALE_SECONDS); completed replays the stored response.
 3. Run the view and store its response in ONE transaction: either both the effects and the stored
@@ -23,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import connection, transaction
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework.renderers import JSONRenderer
@@ -59,26 +60,56 @@ def request_fingerprint(*, method: str, path: str, body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@functools.cache
+def _claim_sql() -> str:
+    """INSERT … ON CONFLICT DO NOTHING RETURNING id, names from the model. A taken key inserts
+    nothing and raises nothing, so the claim needs neither a transaction of its own nor (inside a
+    caller's transaction) a savepoint; the ORM's create() cost more than the statement."""
+    meta = IdempotencyKey._meta
+    qn = connection.ops.quote_name
+    column = {f.name: qn(str(f.column)) for f in meta.concrete_fields}
+    columns = [column[name] for name in _CLAIM_FIELDS]
+    unique = [column["org"], column["key"]]
+    values = ["%s::jsonb" if name == "response_headers" else "%s" for name in _CLAIM_FIELDS]
+    return (
+        f"INSERT INTO {qn(meta.db_table)} ({', '.join(columns)}) VALUES ({', '.join(values)}) "  # noqa: S608
+        f"ON CONFLICT ({', '.join(unique)}) DO NOTHING RETURNING {column['id']}"
+    )
+
+
+_CLAIM_FIELDS = (
+    "org",
+    "key",
+    "fingerprint",
+    "method",
+    "path",
+    "state",
+    "response_headers",
+    "created_at",
+    "locked_at",
+)
+
+
+def _insert_claim(
+    *, org: Organization, key: str, fingerprint: str, method: str, path: str, now: Any
+) -> int | None:
+    """The new row's id, or None when the (org, key) row exists."""
+    params = [org.pk, key, fingerprint, method, path[:300], str(IDEMPOTENCY_MACHINE.initial), "{}", now, now]
+    with connection.cursor() as cursor:
+        cursor.execute(_claim_sql(), params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
 def idempotency_claim(*, org: Organization, key: str, fingerprint: str, method: str, path: str) -> Claim:
     # Requests run in autocommit (no ATOMIC_REQUESTS), so the claim below commits at once and a
     # concurrent request with the same key sees it.
     for _ in range(3):
         now = clock.now()
-        try:
-            with transaction.atomic():
-                row = IdempotencyKey.objects.create(
-                    org=org,
-                    key=key,
-                    fingerprint=fingerprint,
-                    method=method,
-                    path=path[:300],
-                    created_at=now,
-                    locked_at=now,
-                )
+        row_id = _insert_claim(org=org, key=key, fingerprint=fingerprint, method=method, path=path, now=now)
+        if row_id is not None:
             IDEMPOTENCY_OUTCOMES.labels(outcome="new").inc()
-            return Claim(row_id=row.pk)
-        except IntegrityError:
-            pass
+            return Claim(row_id=row_id)
         existing = IdempotencyKey.objects.filter(org=org, key=key).first()
         if existing is None:
             continue  # released between our INSERT and SELECT; try to claim again

@@ -65,3 +65,15 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.state})"
+
+
+class RateCounter(models.Model):
+    """One API rate-limit counter (`<scope>:<client>`) for the current window, when the counters
+    live in PostgreSQL (no Redis cache): see `fleetops.api.ratelimit`. The table is UNLOGGED."""
+
+    key = models.CharField(max_length=200, primary_key=True)
+    window_start = models.BigIntegerField(help_text="Epoch seconds at which the counted window began.")
+    hits = models.IntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.key} @ {self.window_start}: {self.hits}"

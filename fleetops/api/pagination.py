@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -96,47 +97,77 @@ class KeysetPagination(BasePagination):
 
     # --- query --------------------------------------------------------------------------------------
     @staticmethod
-    def seek_filter(model: type[Model], ordering: tuple[str, ...], position: list[Any]) -> Q:
-        """Rows strictly after `position` in `ordering` (each key ascending or "-"descending)."""
+    def position_values(model: type[Model], ordering: tuple[str, ...], position: list[Any]) -> list[Any]:
+        """The cursor's position as Python values of the ordering's fields (a 400 when it is not)."""
         if len(position) != len(ordering):
             raise ValidationFailed(CURSOR_INVALID, code="invalid_cursor", fields={"cursor": [CURSOR_INVALID]})
-        keys = []
+        values = []
         for term, raw in zip(ordering, position, strict=True):
             name = term.lstrip("-")
             field: Any = model._meta.pk if name in ("id", "pk") else model._meta.get_field(name)
             try:
-                value = field.to_python(raw)
+                values.append(field.to_python(raw))
             except Exception:
                 raise ValidationFailed(
                     CURSOR_INVALID, code="invalid_cursor", fields={"cursor": [CURSOR_INVALID]}
                 )
-            keys.append((field.attname, term.startswith("-"), value))
+        return values
+
+    @classmethod
+    def seek_filter(cls, model: type[Model], ordering: tuple[str, ...], position: list[Any]) -> Q:
+        """Rows strictly after `position` in `ordering` (each key ascending or "-"descending)."""
+        values = cls.position_values(model, ordering, position)
+        keys = [
+            (_attname(model, term), term.startswith("-"), value)
+            for term, value in zip(ordering, values, strict=True)
+        ]
         condition = Q()
         for i, (name, descending, value) in enumerate(keys):
             step = Q(**{f"{name}__{'lt' if descending else 'gt'}": value})
             for prev_name, _, prev_value in keys[:i]:
                 step &= Q(**{prev_name: prev_value})
             condition |= step
+        if len(keys) == 1:
+            return condition
         # The redundant bound on the leading key lets PostgreSQL start an index range scan there.
         lead_name, lead_desc, lead_value = keys[0]
         return Q(**{f"{lead_name}__{'lte' if lead_desc else 'gte'}": lead_value}) & condition
 
     def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list[Any]:
+        ordering: tuple[str, ...] = tuple(getattr(view, "keyset_ordering", self.default_ordering))
+        model = queryset.model
+
+        def fetch(after: list[Any] | None, limit: int) -> list[Any]:
+            qs = queryset.order_by(*ordering)
+            if after is not None:
+                qs = qs.filter(self.seek_filter(model, ordering, after))
+            return list(qs[:limit])
+
+        return self.paginate_rows(fetch, model, request, view)
+
+    def paginate_rows(
+        self,
+        fetch: Callable[[list[Any] | None, int], list[Any]],
+        model: type[Model],
+        request: Request,
+        view: Any = None,
+    ) -> list[Any]:
+        """A page from `fetch(after, limit)`: up to `limit` rows strictly after the position `after`
+        (None: from the start) in the view's `keyset_ordering`, as model instances or dicts. For a
+        view that reads its hot page with its own SQL; `paginate_queryset` fetches with the ORM."""
         self.request = request
         ordering: tuple[str, ...] = tuple(getattr(view, "keyset_ordering", self.default_ordering))
         page_size = self.get_page_size(request)
         binding = self.binding(request)
-        qs = queryset.order_by(*ordering)
         raw = request.query_params.get(self.cursor_query_param)
-        if raw:
-            qs = qs.filter(self.seek_filter(queryset.model, ordering, self.decode_cursor(raw, binding)))
-        rows = list(qs[: page_size + 1])
+        after = self.position_values(model, ordering, self.decode_cursor(raw, binding)) if raw else None
+        rows = fetch(after, page_size + 1)
         self.next_cursor = None
         if len(rows) > page_size:
             rows = rows[:page_size]
             last = rows[-1]
             # Rows are model instances, or dicts when the view reads `.values(...)`.
-            attnames = [_attname(queryset.model, t) for t in ordering]
+            attnames = [_attname(model, t) for t in ordering]
             if isinstance(last, dict):
                 position = [_encode_value(last[a]) for a in attnames]
             else:

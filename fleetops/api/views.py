@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django_filters.utils import translate_validation
 from rest_framework import generics
 
-from fleetops.access.context import OrgAccess, resolve_org_access
+from fleetops.access.context import OrgAccess, request_actor, resolve_org_access
 from fleetops.audit.actors import Actor
 
 
@@ -37,7 +37,8 @@ class OrgScopedMixin:
 
     @property
     def actor(self) -> Actor:
-        return Actor.from_request(self.request)
+        # Made from this request, dropped with it: the role it carries is this request's read.
+        return request_actor(self.request)
 
 
 class OrgScopedListView(OrgScopedMixin, generics.ListAPIView):
@@ -52,7 +53,12 @@ class SelectorListView(OrgScopedListView):
     filterset_class: type[django_filters.FilterSet]
 
     def cleaned_filters(self) -> dict[str, Any]:
-        filterset = self.filterset_class(self.request.query_params, queryset=self.queryset)
+        params = self.request.query_params
+        if not any(key.startswith(name) for key in params for name in self.filterset_class.base_filters):
+            # No filter named (a plain page): building and validating the FilterSet's form would
+            # cost more than the page's query, for no value.
+            return {}
+        filterset = self.filterset_class(params, queryset=self.queryset)
         if not filterset.is_valid():
             raise translate_validation(filterset.errors)
         return {k: v for k, v in filterset.form.cleaned_data.items() if v not in (None, "")}

@@ -94,7 +94,7 @@ def _database(env: dict[str, str], name: str) -> object | None:
 
 WORKERS_VARIABLE = "FLEETOPS_TEST_WORKERS"
 # The default when FLEETOPS_TEST_WORKERS is unset: one worker per CPU, at most this many (each
-# worker creates and migrates a test database of its own).
+# worker has a test database of its own, copied from one migrated once per run).
 MAX_DEFAULT_WORKERS = 8
 
 
@@ -325,6 +325,8 @@ def demo_processes(port: int, indexer_port: int) -> dict[str, list[str]]:
             str(ROOT / "deploy" / "gunicorn.conf.py"),
             "--bind",
             f"127.0.0.1:{port}",
+            # Fewer than a web node's 2 x cores + 1 (deploy/gunicorn.conf.py): the demo shares the
+            # machine with its worker, beat, indexer and simulators.
             "--workers",
             "2",
         ],

@@ -164,7 +164,8 @@ REST_FRAMEWORK = {
     # REMOTE_ADDR when 0 (no proxy in front, so the header is the client's to forge).
     "NUM_PROXIES": env_int("API_NUM_PROXIES", 0, min_value=0, max_value=10),
     # JSON in, JSON out: no browsable API (humans read /api/docs/) and no form bodies.
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # DRF's JSON output written by orjson (fleetops.api.renderers).
+    "DEFAULT_RENDERER_CLASSES": ["fleetops.api.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["fleetops.api.parsers.StrictJSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -247,10 +248,16 @@ FLEETOPS_API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 4 * 1024 * 1024, min
 FLEETOPS_API_MAX_JSON_DEPTH = env_int("API_MAX_JSON_DEPTH", 16, min_value=4, max_value=200)
 FLEETOPS_METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 FLEETOPS_HEARTBEAT_STALE_SECONDS = env_int("HEARTBEAT_STALE_SECONDS", 120, min_value=5)
-# Fleet gateway (curtailment): request timeout, concurrent requests per client, devices per command.
+# Fleet gateway (curtailment): request timeout, concurrent requests per client, devices per command
+# (100,000 devices at 500 a command and 8 in flight go out in 25 rounds of gateway latency).
 FLEETOPS_GATEWAY_TIMEOUT_SECONDS = env_int("FLEET_GATEWAY_TIMEOUT_SECONDS", 10, min_value=1)
-FLEETOPS_GATEWAY_CONCURRENCY = env_int("FLEET_GATEWAY_CONCURRENCY", 4, min_value=1, max_value=64)
-FLEETOPS_CURTAIL_CHUNK_SIZE = env_int("CURTAIL_CHUNK_SIZE", 100, min_value=1, max_value=5000)
+FLEETOPS_GATEWAY_CONCURRENCY = env_int("FLEET_GATEWAY_CONCURRENCY", 8, min_value=1, max_value=64)
+FLEETOPS_CURTAIL_CHUNK_SIZE = env_int("CURTAIL_CHUNK_SIZE", 500, min_value=1, max_value=5000)
+# The largest default restore batch: an event restores ceil(1% of its targets) devices a batch,
+# clamped to [10, this], so up to this x 100 targets an event restores in 100 batches.
+FLEETOPS_CURTAIL_RESTORE_BATCH_MAX = env_int(
+    "CURTAIL_RESTORE_BATCH_MAX", 1000, min_value=10, max_value=10_000
+)
 FLEETOPS_TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 7, min_value=1)
 # Indexer enrichment: the payload decoder (unset: the chain's best source serves /decode), decode
 # attempts before `failed`, and how long a claim holds a row before a crashed worker's rows return.
@@ -258,6 +265,8 @@ FLEETOPS_INDEXER_DECODER_URL = env_str("INDEXER_DECODER_URL", "")
 FLEETOPS_INDEXER_DECODER_TIMEOUT_SECONDS = env_int("INDEXER_DECODER_TIMEOUT_SECONDS", 5, min_value=1)
 FLEETOPS_INDEXER_ENRICHMENT_MAX_ATTEMPTS = env_int("INDEXER_ENRICHMENT_MAX_ATTEMPTS", 5, min_value=1)
 FLEETOPS_INDEXER_ENRICHMENT_LEASE_SECONDS = env_int("INDEXER_ENRICHMENT_LEASE_SECONDS", 300, min_value=10)
+# Heights per range partition of the indexer's blocks / transactions / events (indexer.partitions).
+FLEETOPS_INDEXER_PARTITION_HEIGHTS = env_int("INDEXER_PARTITION_HEIGHTS", 100_000, min_value=100)
 # Key re-stake lifecycle (migrations_app.keys): attempt limit, retry backoff (base x2, capped, full
 # jitter), claim batch and lease, verification window, and the cool-down auto-reset of failed keys
 # (0 = off: failed keys wait for an operator's retry).

@@ -38,6 +38,7 @@ from indexer.admin.common import mode_badge
 from indexer.admin.sources import SyncSourceInline
 from indexer.blocks import lease_name
 from indexer.models import MODE_MACHINE, Chain, IndexerState
+from indexer.retention import chain_set_retention
 
 LAG_WINDOWS = {
     "1h": timedelta(hours=1),
@@ -60,6 +61,30 @@ class LimitsForm(ObjectActionForm):
     catchup_batch_size = forms.IntegerField(min_value=1, max_value=5000, required=False)
     decode_concurrency = forms.IntegerField(min_value=1, max_value=64, required=False)
     enrichment_batch_size = forms.IntegerField(min_value=1, max_value=10_000, required=False)
+
+
+class RetentionForm(ObjectActionForm):
+    retain_heights = forms.IntegerField(
+        min_value=1,
+        required=False,
+        help_text=(
+            "Heights kept below the indexed tip; older height ranges are dropped a whole partition "
+            "at a time by the hourly indexer.partitions task. Empty: keep forever."
+        ),
+    )
+
+
+def _retention(request: HttpRequest, chain: Chain, data: dict[str, Any]) -> str:
+    changed = chain_set_retention(
+        chain=chain,
+        retain_heights=data.get("retain_heights"),
+        actor=Actor.for_user(request.user),
+        reason=data["reason"],
+    )
+    if not changed:
+        return "Nothing changed."
+    kept = chain.retain_heights
+    return f"Retention set: {'forever' if kept is None else f'{kept:,} heights below the tip'}."
 
 
 def _limits(request: HttpRequest, chain: Chain, data: dict[str, Any]) -> str:
@@ -204,6 +229,7 @@ class ChainAdmin(
         ),
         ObjectAction("requeue_failed", "Re-queue failed enrichment", Role.OPERATOR, _requeue_failed),
         ObjectAction("limits", "Tune limits", Role.OPERATOR, _limits, form_class=LimitsForm),
+        ObjectAction("retention", "Set retention", Role.ADMIN, _retention, form_class=RetentionForm),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Chain]:

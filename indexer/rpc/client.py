@@ -24,20 +24,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
-
-import httpx
+from typing import TypeVar
 
 from fleetops.lib import clock as wallclock
 from fleetops.lib.backoff import backoff_delay
 from indexer.metrics import RPC_LATENCY, RPC_REQUESTS
-from indexer.rpc import parse
+from indexer.rpc import bodies, parse
 from indexer.rpc.errors import HeightUnavailable as HeightUnavailable
 from indexer.rpc.errors import RpcError as RpcError
 from indexer.rpc.errors import RpcRateLimited as RpcRateLimited
 from indexer.rpc.errors import RpcUnavailable as RpcUnavailable
 from indexer.rpc.errors import TxAlreadyKnown as TxAlreadyKnown
 from indexer.rpc.errors import TxNotFound as TxNotFound
+from indexer.rpc.transport import HttpPool, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,7 +116,7 @@ class SourceHealth:
 @dataclass
 class _Source:
     config: SourceConfig
-    http: httpx.Client
+    http: HttpPool
     health: SourceHealth = field(default_factory=SourceHealth)
 
 
@@ -140,9 +139,7 @@ class CometRpc:
             raise ValueError("at least one RPC source is required")
         self.timeout = timeout
         self.lag_blocks = lag_blocks
-        self._sources = [
-            _Source(config=s, http=httpx.Client(base_url=s.url.rstrip("/"), timeout=timeout)) for s in sources
-        ]
+        self._sources = [_Source(config=s, http=HttpPool(s.url, timeout=timeout)) for s in sources]
         self.attempts = attempts
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.clock, self.sleep = clock, sleep
@@ -288,7 +285,7 @@ class CometRpc:
                 else:
                     if known is not None:
                         known.http.close()
-                    http = httpx.Client(base_url=config.url.rstrip("/"), timeout=self.timeout)
+                    http = HttpPool(config.url, timeout=self.timeout)
                     kept.append(_Source(config=config, http=http))
             for gone in current.values():
                 gone.http.close()
@@ -452,26 +449,23 @@ class CometRpc:
         name = source.config.name
         started = self.clock()
         try:
-            response = source.http.get(f"/{method}", params=params)
-        except httpx.HTTPError as exc:
-            self._failed(source, f"{exc.__class__.__name__}: {exc}")
+            # A broadcast is never re-sent, not even on a new connection after a stale one.
+            response = source.http.get(f"/{method}", params, idempotent=method != "broadcast_tx_sync")
+        except TransportError as exc:
+            self._failed(source, str(exc))
             RPC_REQUESTS.labels(source=name, method=method, result="unavailable").inc()
-            raise RpcUnavailable(f"{name}: {exc.__class__.__name__}: {exc}") from exc
+            raise RpcUnavailable(f"{name}: {exc}") from exc
         latency = self.clock() - started
         RPC_LATENCY.labels(source=name, method=method).observe(latency)
         if response.status_code == 429:
-            retry_after = _retry_after(response.headers.get("Retry-After"))
+            retry_after = bodies.retry_after(response.headers.get("Retry-After"))
             with self._lock:
                 source.health.rate_limited_until = self.clock() + retry_after
                 source.health.last_error = f"HTTP 429 (retry after {retry_after:g} s)"
             RPC_REQUESTS.labels(source=name, method=method, result="rate_limited").inc()
             raise RpcRateLimited(f"{name}: HTTP 429", retry_after)
-        body: Any = None
-        try:
-            body = response.json()
-        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
-            body = None
-        error_text = _error_text(body)
+        body = bodies.json_body(response.content)
+        error_text = bodies.error_text(body)
         if error_text and _HEIGHT_UNAVAILABLE.search(error_text):
             RPC_REQUESTS.labels(source=name, method=method, result="height_unavailable").inc()
             self._succeeded(source, latency)  # the source answered; it just lacks that height
@@ -491,7 +485,11 @@ class CometRpc:
             if body is None:
                 raise parse.MalformedResponse("HTTP 200 but the body is not JSON")
             if attributes:
-                parsed = parser(body, base64_attributes=self._attribute_encoding(source))
+                parsed = parser(
+                    body,
+                    base64_attributes=self._attribute_encoding(source),
+                    plain_text=parse.body_is_plain_text(response.content),
+                )
             else:
                 parsed = parser(body)
         except parse.MalformedResponse as exc:
@@ -571,19 +569,3 @@ class CometRpc:
             health.recent = (*health.recent, True)[-RECENT_WINDOW:]
             if served:
                 self._last_source = source.config.name
-
-
-def _retry_after(value: str | None) -> float:
-    try:
-        return max(0.0, float(value)) if value else 1.0
-    except ValueError:
-        return 1.0
-
-
-def _error_text(body: Any) -> str:
-    if isinstance(body, dict) and body.get("error"):
-        error = body["error"]
-        if isinstance(error, dict):
-            return " ".join(str(error.get(k, "")) for k in ("message", "data")).strip()
-        return str(error)
-    return ""

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +43,19 @@ from indexer.rpc.attributes import attributes_are_base64 as attributes_are_base6
 from indexer.rpc.attributes import attributes_base64_for as attributes_base64_for
 from indexer.rpc.attributes import canonical_bytes as canonical_bytes
 from indexer.rpc.attributes import canonical_text as canonical_text
+from indexer.rpc.values import Attribute as Attribute
+from indexer.rpc.values import Block as Block
+from indexer.rpc.values import BlockResults as BlockResults
+from indexer.rpc.values import BroadcastResult as BroadcastResult
+from indexer.rpc.values import Event as Event
+
+# The values it returns (re-exported).
+from indexer.rpc.values import MalformedResponse as MalformedResponse
+from indexer.rpc.values import NewBlock as NewBlock
+from indexer.rpc.values import Status as Status
+from indexer.rpc.values import TxInfo as TxInfo
+from indexer.rpc.values import TxResult as TxResult
+from indexer.rpc.values import new_attribute as _new_attribute
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 UINT32_MAX = 2**32 - 1
@@ -55,105 +66,6 @@ _TIME = re.compile(
     r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?(Z|[+-][0-9]{2}:[0-9]{2})"
 )
 _MISSING: Any = object()
-
-
-class MalformedResponse(ValueError):
-    """The body is not a usable CometBFT response: no result, a wrong type, a missing required
-    field, an impossible value. A fault of the source that sent it."""
-
-
-@dataclass(frozen=True)
-class Status:
-    chain_id: str
-    latest_height: int
-    latest_block_hash: str
-    latest_block_time: datetime | None
-    earliest_height: int | None
-    catching_up: bool
-    node_version: str
-
-
-@dataclass(frozen=True)
-class Attribute:
-    key: str
-    value: str
-    index: bool
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str
-    attributes: tuple[Attribute, ...]
-
-
-def _new_attribute(key: str, value: str, index: bool) -> Attribute:
-    """Attribute(key, value, index) without the frozen dataclass __init__ (three
-    object.__setattr__ calls): a 300-event block builds ~1,000 of them. Same object, same eq/hash."""
-    attribute = object.__new__(Attribute)
-    attribute.__dict__.update(key=key, value=value, index=index)
-    return attribute
-
-
-@dataclass(frozen=True)
-class TxResult:
-    index: int
-    code: int
-    codespace: str
-    gas_wanted: int
-    gas_used: int
-    log: str
-    events: tuple[Event, ...]
-
-
-@dataclass(frozen=True)
-class Block:
-    height: int
-    hash: str
-    parent_hash: str
-    time: datetime | None
-    chain_id: str
-    proposer: str
-    txs: tuple[bytes, ...]
-
-    @property
-    def tx_hashes(self) -> tuple[str, ...]:
-        """CometBFT's tx hash: SHA-256 of the raw tx bytes, uppercase hex."""
-        return tuple(hashlib.sha256(tx).hexdigest().upper() for tx in self.txs)
-
-
-@dataclass(frozen=True)
-class BlockResults:
-    height: int
-    txs: tuple[TxResult, ...]
-    begin_block_events: tuple[Event, ...] = ()
-    end_block_events: tuple[Event, ...] = ()
-    finalize_block_events: tuple[Event, ...] = ()
-    app_hash: str = ""
-
-
-@dataclass(frozen=True)
-class TxInfo:
-    hash: str
-    height: int
-    index: int
-    tx: bytes
-    result: TxResult
-
-
-@dataclass(frozen=True)
-class BroadcastResult:
-    code: int
-    codespace: str
-    hash: str
-    log: str
-
-
-@dataclass(frozen=True)
-class NewBlock:
-    height: int
-    hash: str
-    time: datetime | None
-    events: tuple[Event, ...] = field(default=())
 
 
 # --- field readers -----------------------------------------------------------------------------------
@@ -293,7 +205,31 @@ def _attribute_text(value: Any, base64_attributes: bool) -> str | None:
     return None
 
 
-def parse_events(events: Any, *, base64_attributes: bool, where: str = "events") -> tuple[Event, ...]:
+def _adopt_attribute(raw: dict[str, Any]) -> Attribute:
+    """The Attribute of a JSON object that is exactly {key: str, value: str, index: bool} with
+    canonical texts: the object itself becomes its `__dict__` (no new dict per attribute)."""
+    attribute = _new_object(Attribute)
+    _set_attr(attribute, "__dict__", raw)
+    return attribute
+
+
+_new_object, _set_attr = object.__new__, object.__setattr__
+
+
+def _new_event(kind: str, attributes: tuple[Attribute, ...]) -> Event:
+    """Event(kind, attributes) without the frozen dataclass __init__ (~300 per block)."""
+    event = _new_object(Event)
+    _set_attr(event, "__dict__", {"type": kind, "attributes": attributes})
+    return event
+
+
+def parse_events(
+    events: Any, *, base64_attributes: bool, where: str = "events", plain_text: bool = False
+) -> tuple[Event, ...]:
+    """`plain_text`: the caller saw that every string of the body is already its canonical text
+    (ASCII, no escape sequence, no marker; see `body_is_plain_text`), so none is converted; types and
+    shapes are checked all the same."""
+    plain = plain_text and not base64_attributes
     parsed = []
     for i, event in enumerate(_list(events, where)):
         if type(event) is not dict:
@@ -304,7 +240,25 @@ def parse_events(events: Any, *, base64_attributes: bool, where: str = "events")
         raw_attributes = event.get("attributes")
         if type(raw_attributes) is not list:
             raw_attributes = _list(raw_attributes, f"{where}[{i}].attributes")
-        attributes = []
+        attributes: list[Attribute] = []
+        if plain:
+            # The common shape, checked in one pass; the first attribute that is not it (an omitted
+            # field, an extra key, a wrong type) sends the whole event through the loop below.
+            for attribute in raw_attributes:
+                if (
+                    type(attribute) is dict
+                    and len(attribute) == 3
+                    and type(attribute.get("key")) is str
+                    and type(attribute.get("value")) is str
+                    and type(attribute.get("index")) is bool
+                ):
+                    attributes.append(_adopt_attribute(attribute))
+                else:
+                    attributes = []
+                    break
+            else:
+                parsed.append(_new_event(kind, tuple(attributes)))
+                continue
         for j, attribute in enumerate(raw_attributes):
             if type(attribute) is not dict:
                 raise _bad(f"{where}[{i}].attributes[{j}]", "not an object", attribute)
@@ -324,11 +278,13 @@ def parse_events(events: Any, *, base64_attributes: bool, where: str = "events")
                     what = "not base64"
                 raise _bad(f"{where}[{i}].attributes[{j}].{name}", what, got)
             attributes.append(_new_attribute(key, value, index))
-        parsed.append(Event(type=canonical_text(kind), attributes=tuple(attributes)))
+        parsed.append(_new_event(kind if plain else canonical_text(kind), tuple(attributes)))
     return tuple(parsed)
 
 
-def _tx_result(raw: Any, index: int, where: str, *, base64_attributes: bool) -> TxResult:
+def _tx_result(
+    raw: Any, index: int, where: str, *, base64_attributes: bool, plain_text: bool = False
+) -> TxResult:
     result = _obj(raw, where)
     return TxResult(
         index=index,
@@ -338,7 +294,10 @@ def _tx_result(raw: Any, index: int, where: str, *, base64_attributes: bool) -> 
         gas_used=_opt_int(result, "gas_used", where),
         log=_opt_str(result, "log", where),
         events=parse_events(
-            result.get("events"), base64_attributes=base64_attributes, where=f"{where}.events"
+            result.get("events"),
+            base64_attributes=base64_attributes,
+            where=f"{where}.events",
+            plain_text=plain_text,
         ),
     )
 
@@ -405,8 +364,18 @@ def parse_block(body: Any) -> Block:
 _PHASES = ("begin_block_events", "end_block_events", "finalize_block_events")
 
 
-def parse_block_results(body: Any, *, base64_attributes: bool | None = None) -> BlockResults:
-    """`base64_attributes`: the node's encoding (`attributes_base64_for`), or None to detect it."""
+def body_is_plain_text(content: bytes) -> bool:
+    """Every JSON string in these raw body bytes is its own canonical text: ASCII, no `\\u` escape
+    (so no NUL, no lone surrogate) and no `b64:` anywhere. Three scans in C; the parsers then skip
+    the per-string conversion (`plain_text`)."""
+    return content.isascii() and b"\\u" not in content and MARKER.encode() not in content
+
+
+def parse_block_results(
+    body: Any, *, base64_attributes: bool | None = None, plain_text: bool = False
+) -> BlockResults:
+    """`base64_attributes`: the node's encoding (`attributes_base64_for`), or None to detect it.
+    `plain_text`: `body_is_plain_text` of the bytes the body was read from."""
     result = result_of(body)
     height = to_int(_required(result, "height", "block_results"), "block_results.height", minimum=1)
     txs = _list(_required(result, "txs_results", "block_results"), "block_results.txs_results")
@@ -425,23 +394,32 @@ def parse_block_results(body: Any, *, base64_attributes: bool | None = None) -> 
     return BlockResults(
         height=height,
         txs=tuple(
-            _tx_result(t, i, f"block_results.txs_results[{i}]", base64_attributes=base64_attributes)
+            _tx_result(
+                t,
+                i,
+                f"block_results.txs_results[{i}]",
+                base64_attributes=base64_attributes,
+                plain_text=plain_text,
+            )
             for i, t in enumerate(txs)
         ),
         begin_block_events=parse_events(
             phases["begin_block_events"],
             base64_attributes=base64_attributes,
             where="block_results.begin_block_events",
+            plain_text=plain_text,
         ),
         end_block_events=parse_events(
             phases["end_block_events"],
             base64_attributes=base64_attributes,
             where="block_results.end_block_events",
+            plain_text=plain_text,
         ),
         finalize_block_events=parse_events(
             phases["finalize_block_events"],
             base64_attributes=base64_attributes,
             where="block_results.finalize_block_events",
+            plain_text=plain_text,
         ),
         app_hash=app_hash or "",
     )
@@ -460,7 +438,7 @@ def check_block_results(block: Block, results: BlockResults, *, height: int | No
         )
 
 
-def parse_tx(body: Any, *, base64_attributes: bool | None = None) -> TxInfo:
+def parse_tx(body: Any, *, base64_attributes: bool | None = None, plain_text: bool = False) -> TxInfo:
     result = result_of(body)
     raw_result = _obj(_required(result, "tx_result", "tx"), "tx.tx_result")
     if base64_attributes is None:
@@ -471,7 +449,9 @@ def parse_tx(body: Any, *, base64_attributes: bool | None = None) -> TxInfo:
         height=to_int(_required(result, "height", "tx"), "tx.height", minimum=1),
         index=index,
         tx=_b64(_str(_required(result, "tx", "tx"), "tx.tx"), "tx.tx"),
-        result=_tx_result(raw_result, index, "tx.tx_result", base64_attributes=base64_attributes),
+        result=_tx_result(
+            raw_result, index, "tx.tx_result", base64_attributes=base64_attributes, plain_text=plain_text
+        ),
     )
 
 

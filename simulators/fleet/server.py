@@ -203,11 +203,16 @@ class FleetSimulator:
 
     def status_of(self, d: SimDevice) -> str:
         with self.lock:
-            if d.identifier in self._picked("offline_fraction"):
-                return "offline"
-            if d.identifier in self._picked("maintenance_fraction"):
-                return "maintenance"
-            return d.status
+            return self._status(d, self._picked("offline_fraction"), self._picked("maintenance_fraction"))
+
+    @staticmethod
+    def _status(d: SimDevice, offline: frozenset[str], maintenance: frozenset[str]) -> str:
+        # The loops over a whole fleet look the picked sets up once, not once per device.
+        if d.identifier in offline:
+            return "offline"
+        if d.identifier in maintenance:
+            return "maintenance"
+        return d.status
 
     def power_of(self, d: SimDevice, now: float) -> tuple[float, float]:
         """(power_w, hash_rate_hs) of a device at clock time `now`."""
@@ -223,6 +228,7 @@ class FleetSimulator:
 
     def list_devices(self) -> dict[str, Any]:
         with self.lock:
+            offline, maintenance = self._picked("offline_fraction"), self._picked("maintenance_fraction")
             return {
                 "devices": [
                     {
@@ -232,7 +238,7 @@ class FleetSimulator:
                         "site": d.site,
                         "driver": d.driver,
                         "pairing_status": d.pairing_status,
-                        "status": self.status_of(d),
+                        "status": self._status(d, offline, maintenance),
                         "rated_power_w": d.rated_power_w,
                     }
                     for _, d in sorted(self.devices.items())
@@ -243,12 +249,12 @@ class FleetSimulator:
         now, wall = self.clock(), datetime.now(UTC)
         fresh_at, stale_at = wall.isoformat(), (wall - STALE_AGE).isoformat()
         with self.lock:
-            stale = self._picked("stale_fraction")
+            stale, offline = self._picked("stale_fraction"), self._picked("offline_fraction")
             wanted = sorted(self.devices) if identifiers is None else dict.fromkeys(identifiers)
             samples = []
             for identifier in wanted:
                 d = self.devices.get(identifier)
-                if d is None or self.status_of(d) == "offline":
+                if d is None or identifier in offline or d.status == "offline":
                     continue
                 power, hashrate = self.power_of(d, now)
                 samples.append(
@@ -273,7 +279,7 @@ class FleetSimulator:
                 self.counters["deduplicated"] += 1
                 self._log(command_id, kind, len(wanted), len(stored["dispatched"]), deduplicated=True)
                 return stored
-            no_effect = self._picked("no_effect_fraction")
+            no_effect, offline = self._picked("no_effect_fraction"), self._picked("offline_fraction")
             want_mining = kind == "uncurtail"
             dispatched: list[str] = []
             skipped: list[dict[str, str]] = []
@@ -281,7 +287,7 @@ class FleetSimulator:
                 d = self.devices.get(identifier)
                 if d is None:
                     skipped.append({"identifier": identifier, "reason": "unknown_device"})
-                elif self.status_of(d) == "offline":
+                elif identifier in offline or d.status == "offline":
                     skipped.append({"identifier": identifier, "reason": "offline"})
                 elif d.pairing_status != "PAIRED":
                     skipped.append({"identifier": identifier, "reason": "unpaired"})

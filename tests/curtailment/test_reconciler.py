@@ -18,9 +18,15 @@ from django.test.utils import CaptureQueriesContext
 
 from curtailment.fleet import fleet_sync, telemetry_poll
 from curtailment.gateway import FleetGateway
-from curtailment.models import CurtailmentEvent, CurtailmentTarget, Device, OrgCurtailmentConfig
+from curtailment.models import (
+    CurtailmentEvent,
+    CurtailmentTarget,
+    Device,
+    OrgCurtailmentConfig,
+    TargetState,
+)
 from curtailment.planning import StartRequest
-from curtailment.reconciler import HEARTBEAT, default_gateway, reconcile_tick
+from curtailment.reconciler import HEARTBEAT, TICK_FIELDS, default_gateway, load_targets, reconcile_tick
 from curtailment.services import curtailment_start, curtailment_stop, curtailment_update
 from fleetops.audit.actors import Actor
 from fleetops.audit.models import AuditEvent
@@ -255,6 +261,48 @@ def test_database_round_trips_grow_with_chunks_not_with_targets(operator, wired,
     with CaptureQueriesContext(connection) as many:
         reconcile_tick()
     assert len(many) <= len(one) + 3, (len(one), len(many))
+
+
+@pytest.mark.django_db
+def test_database_round_trips_do_not_grow_with_gateway_commands_either(operator, wired, settings):
+    simulator, url = wired
+    settings.FLEETOPS_CURTAIL_CHUNK_SIZE = 100
+    first = start(operator, kw=500.0, tolerance_kw=499.9)
+    with CaptureQueriesContext(connection) as one_command:
+        reconcile_tick()
+    assert simulator.counters["curtail"] == 1
+    assert states(first) == [TargetState.CONFIRMED]
+    CurtailmentEvent.objects.filter(pk=first.pk).update(state="cancelled")
+    CurtailmentTarget.objects.filter(event=first).update(state="resolved")
+    # Every device mining again (a reset re-seeds them; the fixture's healthy fleet is set again).
+    simulator.reset()
+    for d in simulator.devices.values():
+        d.status, d.pairing_status, d.driver = "active", "PAIRED", "antminer"
+    with FleetGateway(url) as gateway:
+        telemetry_poll(org=operator.org, gateway=gateway)
+    # Four devices a command: ten gateway commands, the same set-based writes.
+    settings.FLEETOPS_CURTAIL_CHUNK_SIZE = 4
+    second = start(operator, kw=500.0, tolerance_kw=499.9)
+    with CaptureQueriesContext(connection) as ten_commands:
+        reconcile_tick()
+    assert simulator.counters["curtail"] == 10
+    assert states(second) == [TargetState.CONFIRMED]
+    assert len(ten_commands) == len(one_command), (len(one_command), len(ten_commands))
+
+
+@pytest.mark.django_db
+def test_a_tick_reads_only_the_target_columns_it_needs_and_the_rest_load_on_access(operator, wired):
+    event = start(operator, kw=3.0)
+    loaded = load_targets(CurtailmentTarget.objects.filter(event=event).order_by("id"))
+    assert loaded and all(isinstance(t, CurtailmentTarget) for t in loaded)
+    first = loaded[0]
+    assert first.get_deferred_fields() == {
+        f.attname for f in CurtailmentTarget._meta.concrete_fields if f.attname not in TICK_FIELDS
+    }
+    with CaptureQueriesContext(connection) as deferred:
+        assert first.added_at == CurtailmentTarget.objects.get(pk=first.pk).added_at
+    assert len(deferred) == 2  # the deferred load, then the comparison's own read
+    assert first.event_id == event.pk and first.state == TargetState.PENDING
 
 
 @pytest.mark.django_db(transaction=True)

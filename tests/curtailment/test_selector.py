@@ -193,4 +193,12 @@ def test_plans_are_reproducible():
     [(0, 5, 10), (0, 5000, 50), (0, 20000, 100), (500, 5, 100), (-3, 5, 10), (40, 100, 40)],
 )
 def test_effective_batch_size(requested, targets, expected):
+    assert effective_batch_size(requested, targets, cap=100) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "targets", "expected"),
+    [(0, 5, 10), (0, 20_000, 200), (0, 100_000, 1000), (0, 500_000, 1000), (5000, 5, 1000)],
+)
+def test_the_default_batch_cap_restores_a_large_event_in_a_hundred_batches(requested, targets, expected):
     assert effective_batch_size(requested, targets) == expected

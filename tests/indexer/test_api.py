@@ -264,6 +264,21 @@ def test_the_keyset_walk_returns_every_event_exactly_once_newest_first(chain, vi
     assert pages == 18  # 17 full pages of 7 and one of 1
 
 
+def test_the_unfiltered_page_is_the_documented_rows_as_the_orm_reads_them(chain, viewer):
+    import json
+
+    from indexer.api.serializers import EVENT_FIELDS
+
+    client = viewer.token_client()
+    first = client.get(f"{BASE}/sim/events", {"page_size": 20}).json()
+    second = client.get(first["next"]).json()
+    expected = list(Event.objects.filter(chain=chain).order_by("-id").values(*EVENT_FIELDS)[:40])
+    assert first["results"] + second["results"] == json.loads(json.dumps(expected))
+    # The same rows as the filtered (ORM) path reads them.
+    typed = client.get(f"{BASE}/sim/events", {"height_min": 0, "page_size": 40}).json()["results"]
+    assert typed == first["results"] + second["results"]
+
+
 def test_a_walk_stays_exact_while_the_writer_inserts_newer_events(org, viewer):
     from tests.indexer.test_ingest import make_chain_blocks
 
@@ -377,14 +392,73 @@ def _queries(client, url, params):
 )
 def test_list_query_counts_are_pinned_and_independent_of_page_size(chain, viewer, path, extra):
     client = viewer.session()
-    client.get(f"{BASE}/sim/status")  # warm the session so both counts measure the same work
+    # Warm the session and the process's chain hint so both counts measure the same work.
+    client.get(f"{BASE}/sim/{path}")
     small = _queries(client, f"{BASE}/sim/{path}", {**extra, "page_size": 2})
     large = _queries(client, f"{BASE}/sim/{path}", {**extra, "page_size": 100})
-    assert small == large == SESSION_LIST_QUERIES
+    # An empty page (no failed enrichments here) also looks the chain up: a 404 or an empty list.
+    assert small == large == SESSION_LIST_QUERIES + (path == "enrichments")
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("events", {}),
+        ("events", {"type": "transfer", "height_min": 2}),
+        ("blocks", {"height_min": 1}),
+        ("txs", {}),
+        ("enrichments", {}),
+    ],
+)
+def test_an_api_token_page_costs_three_queries(chain, viewer, path, extra):
+    if path == "enrichments":
+        Enrichment.objects.create(chain=chain, height=1, phase="tx", tx_index=0, event_index=0, payload="x")
+    client = viewer.token_client()
+    client.get(f"{BASE}/sim/{path}")  # the first page of the process also looks the chain up
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(f"{BASE}/sim/{path}", {**extra, "page_size": 100})
+    assert response.status_code == 200 and response.json()["results"]
+    assert len(captured) == TOKEN_LIST_QUERIES, [q["sql"][:80] for q in captured.captured_queries]
+
+
+def test_a_chain_hint_of_a_deleted_chain_is_a_404_not_an_empty_page(chain, viewer):
+    client = viewer.token_client()
+    assert client.get(f"{BASE}/sim/events").json()["results"]
+    chain.delete()
+
+    response = client.get(f"{BASE}/sim/events")
+
+    assert response.status_code == 404
+    assert _error(response)["message"] == CHAIN_NOT_FOUND
+
+
+def test_a_chain_hint_of_a_replaced_chain_reads_the_new_chain(chain, viewer):
+    client = viewer.token_client()
+    assert client.get(f"{BASE}/sim/events").json()["results"]
+    chain.delete()
+    replacement = make_indexed_chain(viewer.org, blocks=3)
+
+    rows = client.get(f"{BASE}/sim/events").json()["results"]
+
+    assert rows and {row["id"] for row in rows} <= set(
+        Event.objects.filter(chain=replacement).values_list("id", flat=True)
+    )
+
+
+def test_a_chain_hint_never_crosses_organizations(chain, foreign_chain, viewer, outsider):
+    viewer.token_client().get(f"{BASE}/sim/events")
+    # The other organization's client names its own chain's slug and gets its own rows only.
+    theirs = outsider.token_client()
+    rows = theirs.get(f"{BASE}/globex-chain/events").json()["results"]
+    assert rows and {r["id"] for r in rows} <= set(
+        Event.objects.filter(chain=foreign_chain).values_list("id", flat=True)
+    )
+    assert theirs.get(f"{BASE}/sim/events").status_code == 404
 
 
 def test_the_tx_hash_filter_costs_one_more_query(chain, viewer):
     client = viewer.session()
+    client.get(f"{BASE}/sim/events")
     tx = Transaction.objects.get(chain=chain, height=2, index=0)
     assert _queries(client, f"{BASE}/sim/events", {"tx_hash": tx.hash}) == SESSION_LIST_QUERIES + 1
 
@@ -399,9 +473,12 @@ def test_the_status_query_count_does_not_grow_with_sources(chain, viewer):
     assert _queries(client, f"{BASE}/sim/status", {}) == one == SESSION_STATUS_QUERIES
 
 
-# session, user, memberships, organization, 6 for the user throttle in Django's database cache (its
-# read, then the cull count, a savepoint, select, write and release), the chain (with its state), then
-# the page itself
-SESSION_LIST_QUERIES = 12
-# ... instead of the page: leases, sources, enrichment backlog
-SESSION_STATUS_QUERIES = 14
+# session, user, memberships, organization, the user's rate counter (one upsert), then the page
+# itself, which scopes the chain inside (the process's chain hint, guarded by an EXISTS)
+SESSION_LIST_QUERIES = 6
+# the token with its owner, organization, membership role and the address's failed-token count; the
+# user's rate counter; the page
+TOKEN_LIST_QUERIES = 3
+# session, user, memberships, organization, the rate counter, the chain (with its state), then
+# instead of a page: leases, sources, enrichment backlog
+SESSION_STATUS_QUERIES = 9

@@ -24,6 +24,7 @@ from indexer.rpc.parse import (
     MalformedResponse,
     attribute_bytes,
     attributes_base64_for,
+    body_is_plain_text,
     canonical_bytes,
     canonical_text,
     check_block_results,
@@ -63,10 +64,31 @@ def rows_of(
         None if detect else attributes_base64_for({"0.34": "0.34.29", "0.37": "0.37.4"}.get(shape, "0.38.1"))
     )
     block = parse_block(block_body)
-    results = parse_block_results(results_body, base64_attributes=encoding)
+    results = parsed_both_ways(results_body, encoding)
     check_block_results(block, results, height=height)
     item = IndexedBlock(block, results)
     return [block_row(0, item)], list(tx_rows(0, item)), list(event_rows(0, item, encode=False))
+
+
+def parsed_both_ways(results_body: Any, encoding: bool | None) -> Any:
+    """parse_block_results as is and, when the body's JSON text allows it, through the client's
+    plain-text path (no per-string conversion): the same values or the same refusal."""
+    try:
+        slow: Any = parse_block_results(results_body, base64_attributes=encoding)
+    except MalformedResponse as exc:
+        slow = exc
+    content = json.dumps(results_body).encode()
+    if body_is_plain_text(content):
+        event("plain-text path compared")
+        try:
+            fast: Any = parse_block_results(json.loads(content), base64_attributes=encoding, plain_text=True)
+        except MalformedResponse as exc:
+            fast = exc
+        assert type(fast) is type(slow)
+        assert isinstance(slow, MalformedResponse) or fast == slow
+    if isinstance(slow, MalformedResponse):
+        raise slow
+    return slow
 
 
 @st.composite

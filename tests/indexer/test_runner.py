@@ -538,7 +538,7 @@ def test_a_stalled_writer_is_degraded_audited_and_recovers_audited(chain, sim, m
     head = produce(url, 4)
     runner = runner_for(chain, url)
 
-    def sources_down(heights: range) -> Any:
+    def sources_down(heights: range, **kwargs: Any) -> Any:
         raise RuntimeError("every source times out")
 
     monkeypatch.setattr(runner, "_fetch", sources_down)

@@ -446,6 +446,20 @@ def test_a_10000_device_fleet_answers_telemetry_for_every_device_in_one_request(
     assert [s["identifier"] for s in every] == [s["identifier"] for s in got]
 
 
+def test_a_100000_device_fleet_takes_one_command_for_every_device():
+    server, sim, url = serve_in_thread(devices_count=100_000, seed=1, power_delay_s=0, all_healthy=True)
+    try:
+        wanted = [f"m-{i:05d}" for i in range(1, 100_001)]
+        answer = ok(url, "/v1/commands/curtail", {"command_id": "all", "identifiers": wanted})
+        samples = ok(url, "/v1/telemetry", {"identifiers": wanted})["samples"]
+    finally:
+        server.shutdown()
+    assert len(sim.devices) == 100_000 and wanted[-1] == "m-100000"
+    assert answer["dispatched"] == wanted and answer["skipped"] == []
+    assert [s["identifier"] for s in samples] == wanted
+    assert {s["power_w"] for s in samples} == {IDLE_W} and {s["hash_rate_hs"] for s in samples} == {0.0}
+
+
 def test_unknown_paths_and_bad_requests(gateway):
     _, url = gateway
     assert call(url, "/v2/whatever") == (404, {"error": "not found"})

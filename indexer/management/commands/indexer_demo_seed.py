@@ -43,6 +43,7 @@ from indexer.models import (
     beside_state,
     mode_edge_audited,
 )
+from indexer.partitions import partition_heights, partitions_ensure
 from indexer.rpc.client import CometRpc, RpcError, SourceConfig
 
 ACTOR = Actor.system("indexer_demo_seed")
@@ -112,6 +113,8 @@ class Command(OperatorCommand):
             for name, url, ws_url, priority in sources:
                 self._source(chain=chain, name=name, rpc_url=url, ws_url=ws_url, priority=priority)
             state, _ = IndexerState.objects.get_or_create(chain=chain)
+            # The first height ranges before the writer starts (it keeps them ahead from then on).
+            partitions_ensure(chain=chain, up_to_height=partition_heights(), from_height=0)
             if self._restarted(chain=chain, state=state, rpc=rpc, head=status.latest_height):
                 self._start_over(chain=chain, head=status.latest_height)
         self.stdout.write(

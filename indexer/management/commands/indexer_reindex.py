@@ -13,6 +13,7 @@ from django.db import connection, connections
 
 from fleetops.lib.commands import OperatorCommand, height, positive_int
 from fleetops.observability.leases import LeaseGrant, lease_release, lease_renew
+from indexer.blocks import ingest_gc, tune_gc_for_ingest
 from indexer.commands_common import (
     COMMAND_LEASE_TTL,
     batches,
@@ -62,6 +63,7 @@ def _worker_start(chain_pk: int, configs: Sequence[SourceConfig]) -> None:
         conn.connection = None  # never touch the parent's socket (it closed them before forking)
     _worker_rpc = CometRpc(list(configs))
     _worker_chain = Chain.objects.get(pk=chain_pk)
+    tune_gc_for_ingest()
     Finalize(None, _worker_stop, exitpriority=10)
 
 
@@ -104,6 +106,10 @@ class Command(OperatorCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        with ingest_gc():
+            self._handle(options)
+
+    def _handle(self, options: dict[str, Any]) -> None:
         chain = chain_or_error(options["chain"])
         first, last = indexed_range(chain, options["first"], options["last"])
         size = options["batch"] or chain.catchup_batch_size

@@ -16,7 +16,7 @@ from fleetops.lib import clock
 from fleetops.lib.commands import OperatorCommand, port, positive_float, positive_int
 from fleetops.observability.context import bound
 from fleetops.observability.models import Lease
-from indexer.blocks import lease_name
+from indexer.blocks import ingest_gc, lease_name
 from indexer.models import Chain, IndexerState, Mode
 from indexer.runner import LEASE_TTL, IndexerRunner, StepResult, head_watcher_for, rpc_for
 
@@ -118,7 +118,7 @@ class Command(OperatorCommand):
         if options["stop_at"] is not None and options["stop_at"] < 1:
             raise CommandError("--stop-at must be a positive height")
         IndexerState.objects.get_or_create(chain=chain)
-        with SessionGuard(options["lease_ttl"]):
+        with SessionGuard(options["lease_ttl"]), ingest_gc():
             self._run(chain, options)
 
     def _run(self, chain: Chain, options: dict[str, Any]) -> None:

@@ -187,3 +187,39 @@ def test_a_reason_over_the_one_cap_is_refused_naming_the_field(viewer):
     assert api_token_revoke(token=issued.token, actor=Actor.for_user(viewer.user), reason="  rotated  ")
     issued.token.refresh_from_db()
     assert issued.token.revoked_reason == "rotated"
+
+
+def test_a_token_its_owner_organization_and_role_are_one_query(operator):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.request import Request
+    from rest_framework.test import APIRequestFactory
+
+    from fleetops.access.authentication import ApiTokenAuthentication
+    from fleetops.access.context import resolve_org_access
+    from fleetops.access.models import Membership
+
+    issued = api_token_create(
+        user=operator.user,
+        org=operator.org,
+        token_role=Role.OPERATOR,
+        name="ci",
+        actor=Actor.for_user(operator.user),
+    )
+    auth = ApiTokenAuthentication()
+
+    def request() -> Request:
+        raw = APIRequestFactory().get("/api/v1/me/", HTTP_AUTHORIZATION=f"Bearer {issued.plaintext}")
+        return Request(raw, authenticators=[auth])
+
+    request().user  # noqa: B018 - the first use also records last_used_at
+    Membership.objects.filter(user=operator.user).update(role=Role.VIEWER)
+    with CaptureQueriesContext(connection) as captured:
+        req = request()
+        user = req.user
+        access = resolve_org_access(req)
+
+    assert len(captured) == 1, [q["sql"][:80] for q in captured.captured_queries]
+    assert user == operator.user and access.org == operator.org
+    # The lower of the token's role and the owner's membership role, as it is now.
+    assert access.role == Role.VIEWER
