@@ -76,11 +76,16 @@ def _redis(cache_alias: str = "default") -> tuple[Any, Any] | None:
     return None
 
 
-def hit(key: str, rate: Rate) -> Count:
-    """Count one request under `key`; the result includes it."""
+def _current_window(rate: Rate) -> tuple[int, float]:
+    """The start of the window `now` falls in, and the seconds until it ends."""
     now = clock.now().timestamp()
     window = rate.window(now)
-    wait = window + rate.seconds - now
+    return window, window + rate.seconds - now
+
+
+def hit(key: str, rate: Rate) -> Count:
+    """Count one request under `key`; the result includes it."""
+    window, wait = _current_window(rate)
     redis = _redis()
     if redis is not None:
         cache, client = redis
@@ -97,9 +102,7 @@ def hit(key: str, rate: Rate) -> Count:
 
 def peek(key: str, rate: Rate) -> Count:
     """The count under `key` without adding to it."""
-    now = clock.now().timestamp()
-    window = rate.window(now)
-    wait = window + rate.seconds - now
+    window, wait = _current_window(rate)
     redis = _redis()
     if redis is not None:
         cache, client = redis
