@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,35 @@ def superuser(db) -> Any:
 @pytest.fixture
 def members(viewer, operator, admin_member) -> dict[str, Member]:
     return {Role.VIEWER: viewer, Role.OPERATOR: operator, Role.ADMIN: admin_member}
+
+
+# --- committed tests leave no partitions behind -------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _drop_chain_partitions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a committed test, drop the per-chain partitions its ingest created (a rolled-back test's
+    DDL is rolled back with it). The flush that follows truncates every partition of the forever
+    tables: a hundred chains' worth of them left behind would make each later flush seconds long."""
+    yield
+    if _database_use(request.node) != 2:
+        return
+    from django.db import connection
+
+    from indexer import partitions
+
+    partitions.partitions_forget()
+    blocker = request.getfixturevalue("django_db_blocker")
+    with blocker.unblock(), connection.cursor() as cur:
+        parents = [m._meta.db_table for m in partitions.PARTITIONED]
+        cur.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = ANY(%s) AND c.relname NOT LIKE %s",
+            [parents, "%\\_default"],
+        )
+        names = [row[0] for row in cur.fetchall()]
+        if names:
+            cur.execute("DROP TABLE " + ", ".join(connection.ops.quote_name(n) for n in names))
 
 
 # --- the order tests run in ------------------------------------------------------------------------

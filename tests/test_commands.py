@@ -4,7 +4,7 @@ refusal, exit 1), never a traceback, and nothing written to the database.
 
 The commands are discovered from the project's own apps, so a command added later without a case
 here fails `test_every_project_command_has_bad_argument_cases`. Each case runs `manage.py` as a
-real process with stdin at /dev/null (as under cron or CI), a few side by side.
+real process with stdin at /dev/null (as under cron or CI), forked from one that has set Django up.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fleetops.lib.commands import CONFIRM_DECLINED, CONFIRM_NEEDS_YES, OperatorC
 from indexer.models import Block, IndexerState
 from migrations_app.models.keys import Key
 from tests.factories import make_indexed_chain, record
+from tests.forked_manage import ForkedManage
 from tests.migrations_app.keys_fixtures import make_group, make_keys
 from tests.processes import ROOT, subprocess_env
 
@@ -39,7 +40,6 @@ REFUSED = 1  # CommandError: the arguments parse but name nothing that exists, o
 # The demo seeds refuse outright without DEBUG; under the development settings they get as far as
 # checking what their arguments name.
 DEV = "fleetops.settings.dev"
-WORKERS = 3
 TIMEOUT = 90
 
 
@@ -214,19 +214,6 @@ def database_fingerprint() -> dict[str, tuple[int, str]]:
     return result
 
 
-def run(name: str, case: Case) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", name, *case.argv],
-        cwd=ROOT,
-        env=subprocess_env(DJANGO_SETTINGS_MODULE=case.settings, LOG_LEVEL="WARNING"),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-
-
 def problems_with(name: str, case: Case, result: subprocess.CompletedProcess[str]) -> list[str]:
     where = f"manage.py {name} {' '.join(case.argv)}"
     lines = result.stderr.strip().splitlines()
@@ -266,8 +253,21 @@ def test_every_command_refuses_bad_arguments_in_one_line_and_changes_nothing(wor
     before = database_fingerprint()
     cases = [(name, case) for name, cases in CASES.items() for case in cases]
 
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        results = list(pool.map(lambda item: run(*item), cases))
+    # Each case is a process of its own, forked from one that has set Django up once per settings
+    # module (tests/forked_manage.py): what `python manage.py …` runs, without a second of start-up
+    # each. The terminal cases below start a whole new interpreter.
+    servers = {
+        settings: ForkedManage(subprocess_env(DJANGO_SETTINGS_MODULE=settings, LOG_LEVEL="WARNING"))
+        for settings in {case.settings for _, case in cases}
+    }
+    try:
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            results = list(
+                pool.map(lambda item: servers[item[1].settings].run([item[0], *item[1].argv], TIMEOUT), cases)
+            )
+    finally:
+        for server in servers.values():
+            server.close()
 
     problems = [
         p

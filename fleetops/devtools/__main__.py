@@ -107,8 +107,8 @@ def _cpus() -> int:
 
 def _xdist_args(pytest_args: list[str]) -> tuple[list[str], str]:
     """pytest-xdist's options for this run and how to say it. FLEETOPS_TEST_WORKERS is a number or
-    `auto` (one per CPU); 0 or 1 runs the tests in one process. -n, --numprocesses, --dist or
-    -p no:xdist given to the test command win over both."""
+    `auto` (one per CPU; unset: one more than the CPUs); 0 or 1 runs the tests in one process. -n,
+    --numprocesses, --dist or -p no:xdist given to the test command win over both."""
     for i, arg in enumerate(pytest_args):
         following = pytest_args[i + 1] if i + 1 < len(pytest_args) else ""
         if arg.startswith(("-n", "--numprocesses", "--dist")) or "no:xdist" in (arg, following):
@@ -117,7 +117,8 @@ def _xdist_args(pytest_args: list[str]) -> tuple[list[str], str]:
         return [], "1 process (pytest-xdist is not installed)"
     value = os.environ.get(WORKERS_VARIABLE, "").strip().lower()
     if not value:
-        workers = min(_cpus(), MAX_DEFAULT_WORKERS)
+        # One more than the CPUs: a good part of the suite waits on servers and processes it started.
+        workers = min(_cpus() + 1, MAX_DEFAULT_WORKERS)
     elif value == "auto":
         workers = _cpus()
     elif value.isdigit():

@@ -433,6 +433,7 @@ def test_a_rollback_between_reading_a_window_and_committing_it_throws_the_window
     set_up("SEP41", "SEP50")
     real = store.read_events
     state = {"reorged": False}
+    reindexed = threading.Event()
 
     def read_then_reorg(**kwargs: Any) -> Any:
         events = real(**kwargs)
@@ -442,6 +443,7 @@ def test_a_rollback_between_reading_a_window_and_committing_it_throws_the_window
             simulator.reorg(8)
             simulator.produce(1)  # the indexer notices the fork at the next block's parent
             catch_up(runner)
+            reindexed.set()
         return events
 
     monkeypatch.setattr(store, "read_events", read_then_reorg)
@@ -454,7 +456,12 @@ def test_a_rollback_between_reading_a_window_and_committing_it_throws_the_window
         workers=workers,
         poll_seconds=0.02,
     )
-    thread.join(30)  # the runner is driven from the reading thread above; then it waits at the tip
+    # The runner is driven from the reading thread above until the fork is indexed; then the backfill
+    # waits at the tip, and this thread drives the runner.
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and not reindexed.is_set():
+        assert time.monotonic() < deadline, "the backfill never read a window reaching height 25"
+        thread.join(0.05)
     monkeypatch.setattr(store, "read_events", real)
     if thread.is_alive():
         run_live_until(runner, simulator, thread)
