@@ -183,19 +183,24 @@ def main() -> int:
             event = new_event()
             table = CurtailmentTarget._meta.db_table
             with Timer() as t, connection.cursor() as cur:
+                # The same columns with values of the same width as the reconciler's: a 41-character
+                # command id and a 36-character gateway batch id per 500 targets, the error cleared,
+                # the retry budget refilled.
                 cur.execute(
                     f"UPDATE {table} SET state='dispatching', dispatch_attempt=dispatch_attempt+1, "
-                    "last_command_id='raw' WHERE event_id=%s AND state='pending'",
+                    "last_command_id='00000000-curtail-' || substr(md5((id / 500)::text), 1, 24) "
+                    "WHERE event_id=%s AND state='pending'",
                     [event.pk],
                 )
                 cur.execute(
-                    f"UPDATE {table} SET state='dispatched', last_dispatched_at=now(), last_batch_id='raw' "
+                    f"UPDATE {table} SET state='dispatched', last_dispatched_at=now(), last_error='', "
+                    "last_batch_id=md5('b' || (id / 500)::text)::uuid::text "
                     "WHERE event_id=%s AND state='dispatching'",
                     [event.pk],
                 )
                 cur.execute(
-                    f"UPDATE {table} SET state='confirmed', confirmed_at=now(), observed_power_w=20, "
-                    "observed_at=now() WHERE event_id=%s AND state='dispatched'",
+                    f"UPDATE {table} SET state='confirmed', confirmed_at=now(), retry_count=0, "
+                    "observed_power_w=20, observed_at=now() WHERE event_id=%s AND state='dispatched'",
                     [event.pk],
                 )
             return t.elapsed

@@ -391,7 +391,11 @@ class CurtailmentTarget(models.Model):
     """One device in one event. A device is in at most one non-terminal target across all events:
     the partial unique constraint makes two concurrent starts unable to grab the same device."""
 
-    event = models.ForeignKey(CurtailmentEvent, on_delete=models.CASCADE, related_name="targets")
+    # No index of its own: `curtailtarget_device_once_per_event` and `curtailtarget_event_state_id`
+    # both lead with the event, and every index is one more write on each state change.
+    event = models.ForeignKey(
+        CurtailmentEvent, on_delete=models.CASCADE, related_name="targets", db_index=False
+    )
     device = models.ForeignKey(Device, on_delete=models.PROTECT, related_name="+")
     device_identifier = models.CharField(max_length=100)
     state = models.CharField(max_length=16, choices=TargetState.choices, default=TargetState.PENDING)
@@ -427,7 +431,9 @@ class CurtailmentTarget(models.Model):
                 name="curtailtarget_one_live_per_device",
             ),
         ]
-        indexes = [models.Index(fields=["event", "state"], name="curtailtarget_event_state")]
+        # (event, state, id): a tick reads one state of its event, and the restore claim takes the
+        # next batch of pending targets in id order straight off the index (no sort of the rest).
+        indexes = [models.Index(fields=["event", "state", "id"], name="curtailtarget_event_state_id")]
 
     def __str__(self) -> str:
         return f"{self.device_identifier} ({self.state}/{self.desired_state})"

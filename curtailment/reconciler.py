@@ -249,10 +249,16 @@ class EventRun:
         self.dispatch([t for t in redo if t.retry_count < MAX_RETRIES], kind="curtail", fail_state=T.DRIFTED)
 
     def restoring(self) -> None:
-        self.confirm_restored(self.targets(T.DISPATCHED))
-        if self.maybe_complete():
+        dispatched = self.targets(T.DISPATCHED)
+        self.confirm_restored(dispatched)
+        # Gate 1 of the claim: one batch in flight at a time. Only ticks (one at a time) write
+        # DISPATCHED, so the batch just read, as the writes advanced it, answers without a query.
+        if any(t.state == T.DISPATCHED for t in dispatched):
             return
-        self.maybe_claim_restore_batch()
+        # A batch to send means targets are still live: the completion check waits for a tick
+        # with nothing to claim (or one held back by the interval).
+        if not self.maybe_claim_restore_batch():
+            self.maybe_complete()
 
     # --- curtail phase ---------------------------------------------------------------------------
 
@@ -328,8 +334,8 @@ class EventRun:
         self.fail(timed_out, "restore telemetry timeout", fail_state=T.PENDING)
 
     def maybe_complete(self) -> bool:
-        # While targets are live (every tick but the last), one index probe answers; the full
-        # count per state is only for the completing tick's audit row.
+        # While targets are live, one index probe answers; the full count per state is only for
+        # the completing tick's audit row.
         if CurtailmentTarget.objects.filter(event=self.event, state__in=TARGET_NON_TERMINAL).exists():
             return False
         counts = self.counts()
@@ -338,21 +344,22 @@ class EventRun:
         final = EventState.COMPLETED_WITH_FAILURES if counts.get(T.RESTORE_FAILED) else EventState.COMPLETED
         return self.complete(final, counts)
 
-    def maybe_claim_restore_batch(self) -> None:
+    def maybe_claim_restore_batch(self) -> bool:
+        """The next batch, once none is in flight (`restoring` checked): the orphans of a crashed
+        tick first, else the lowest pending ids, read in id order off the (event, state, id) index.
+        Returns whether there was a batch to send."""
         phase = CurtailmentTarget.objects.filter(event=self.event, desired_state=DesiredState.ACTIVE)
-        # Gate 1: one batch in flight at a time.
-        if phase.filter(state=T.DISPATCHED).exists():
-            return
         # Gate 2: the interval since the last batch went out (stop cleared it, so the first is at once).
         interval = self.event.restore_batch_interval_sec
         if interval > 0:
             last = phase.aggregate(last=Max("last_dispatched_at"))["last"]
             if last is not None and (self.now - last).total_seconds() < interval:
-                return
+                return False
         size = self.event.effective_batch_size or 1
         orphans = load_targets(phase.filter(state=T.DISPATCHING).order_by("id")[:size])
         batch = orphans or load_targets(phase.filter(state=T.PENDING).order_by("id")[:size])
         self.dispatch(batch, kind="uncurtail", fail_state=T.PENDING, chunk_size=size)
+        return bool(batch)
 
     # --- shared machinery --------------------------------------------------------------------------
 
@@ -453,7 +460,8 @@ class EventRun:
         try:
             samples: list[Sample] = self.gateway.telemetry(identifiers)
             # The poller keeps the sample history; here only the latest reading per device moves.
-            telemetry_store(org=self.event.org, samples=samples, keep_history=False)
+            device_ids = {t.device_identifier: t.device_id for t in targets}
+            telemetry_store(org=self.event.org, samples=samples, keep_history=False, device_ids=device_ids)
         except GatewayError as exc:
             log.warning("telemetry refresh failed for event %s: %s", self.event.uuid, exc)
         fresh_after = self.now - STALE_AFTER
