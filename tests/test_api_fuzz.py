@@ -51,9 +51,8 @@ from tests.curtailment.conftest import make_fleet
 from tests.factories import MembershipFactory, UserFactory, make_indexed_chain
 from tests.migrations_app.keys_fixtures import make_group, make_keys
 
-# Minutes long: started first when the suite runs on several workers, every role on the same one
-# (the first role in a process pays for what NOTHING_INVALID then spares the others).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fuzzer")]
+# Minutes long: started first when the suite runs on several workers.
+pytestmark = pytest.mark.slow
 
 CHECKS = [
     not_a_server_error,
