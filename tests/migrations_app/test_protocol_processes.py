@@ -269,6 +269,11 @@ def test_a_backfill_killed_mid_window_resumes_without_gap_or_duplicate(org, sim,
         proc = backfill(tmp_path / "backfill.log", "--window-size", "40", "--workers", workers)
 
         def mid_window() -> bool:
+            # The start (cursors created, statuses in progress) committed first: a lock the start
+            # itself waits on for a moment must not pass for the window's.
+            names = [f"protocol_sim_{pid}_history_cursor" for pid in IDS]
+            if Cursor.objects.filter(name__in=names).count() < len(names):
+                return False
             with connection.cursor() as cur:
                 cur.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleetops-backfill' "
