@@ -164,3 +164,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return use, not slow
 
     items.sort(key=rank)  # stable: file order within each part
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker with --dist loadgroup, every `xdist_group` test must carry its group in
+    its node id (pytest-xdist adds it while collecting): otherwise the group is silently spread over
+    every worker, as pytest-xdist 3.8 does under pytest 9.2 (see pyproject.toml)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid
+    ]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(ungrouped)} xdist_group test(s), e.g. {ungrouped[0]}: "
+            "this pytest and pytest-xdist do not work together"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -216,13 +217,8 @@ def cmd_demo(port: int, smoke: bool) -> int:
     write_dev_env({"DATABASE_URL": env["DATABASE_URL"], "CELERY_BROKER_URL": env["CELERY_BROKER_URL"]})
 
     python = str(BIN / "python")
-    _run("migrate", [python, "manage.py", "migrate", "--noinput", "-v", "0"], env)
-    _run("collectstatic", [python, "manage.py", "collectstatic", "--noinput", "-v", "0"], env)
-    _run("schedules_sync", [python, "manage.py", "schedules_sync"], env)
-    _run("demo_seed", [python, "manage.py", "demo_seed"], env)
-
-    # External systems the portal talks to over HTTP: started before the portal's processes so the
-    # first device sync has something to sync from.
+    # External systems the portal talks to over HTTP: started first (they need no database), so the
+    # set-up below has a fleet to seed and sync from and a chain to seed the indexer against.
     fleet_port = _free_port_near(port + 701)
     fleet_url = f"http://127.0.0.1:{fleet_port}"
     # Candidates start above the ports already chosen, which may not be bound yet.
@@ -257,35 +253,34 @@ def cmd_demo(port: int, smoke: bool) -> int:
     try:
         _wait_http(f"{fleet_url}/control/state")
         _wait_http(f"{chain_url}/status")
-        _run(
-            "curtailment_demo_seed",
-            [python, "manage.py", "curtailment_demo_seed", "--gateway-url", fleet_url],
-            env,
-        )
-        _run("fleet_sync", [python, "manage.py", "fleet_sync", "--org", "demo"], env)
-        _run(
-            "indexer_demo_seed",
-            [
-                python,
-                "manage.py",
+        ws_url = f"ws://127.0.0.1:{chain_port}/websocket"
+        # One process runs every set-up command (python -m fleetops.devtools.steps), each exactly
+        # as `manage.py <command>` would: Django starts once, not nine times.
+        steps: list[tuple[str, list[str]]] = [
+            ("migrate", ["migrate", "--noinput", "-v", "0"]),
+            ("collectstatic", ["collectstatic", "--noinput", "-v", "0"]),
+            ("schedules_sync", ["schedules_sync"]),
+            ("demo_seed", ["demo_seed"]),
+            ("curtailment_demo_seed", ["curtailment_demo_seed", "--gateway-url", fleet_url]),
+            ("fleet_sync", ["fleet_sync", "--org", "demo"]),
+            (
                 "indexer_demo_seed",
-                "--rpc-url",
-                chain_url,
-                "--ws-url",
-                f"ws://127.0.0.1:{chain_port}/websocket",
-                "--block-time",
-                str(CHAIN_BLOCK_INTERVAL),
-            ],
-            env,
-        )
-        _run("keys_demo_seed", [python, "manage.py", "keys_demo_seed", "--rpc-url", chain_url], env)
-        # Registered and classified, so an admin can start the history migration from the console
-        # or with `manage.py protocol_migrate history --protocol-id SEP50 SEP41`.
-        _run(
-            "protocol_setup",
-            [python, "manage.py", "protocol_setup", "--protocol-id", "SEP41", "SEP50", "--chain", "sim"],
-            env,
-        )
+                [
+                    "indexer_demo_seed",
+                    "--rpc-url",
+                    chain_url,
+                    "--ws-url",
+                    ws_url,
+                    "--block-time",
+                    str(CHAIN_BLOCK_INTERVAL),
+                ],
+            ),
+            ("keys_demo_seed", ["keys_demo_seed", "--rpc-url", chain_url]),
+            # Registered and classified, so an admin can start the history migration from the
+            # console or with `manage.py protocol_migrate history --protocol-id SEP50 SEP41`.
+            ("protocol_setup", ["protocol_setup", "--protocol-id", "SEP41", "SEP50", "--chain", "sim"]),
+        ]
+        _run("set-up", [python, "-m", "fleetops.devtools.steps", json.dumps(steps)], env)
         indexer_port = _free_port_near(chain_port + 1)
         return _supervise(env, port, smoke, fleet_url, chain_url, indexer_port)
     finally:

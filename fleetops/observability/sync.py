@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.db import transaction
+from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from fleetops.audit.actors import Actor
@@ -38,7 +40,11 @@ def schedules_sync(*, actor: Actor, schedules: list[DeclaredSchedule] | None = N
             }
             row = PeriodicTask.objects.filter(name=schedule.name).first()
             if row is None:
-                PeriodicTask.objects.create(name=schedule.name, enabled=True, **wanted)
+                # Last run one period ago: beat runs a new schedule on its first tick. Without it,
+                # django-celery-beat counts the first period from the row's creation, so a fresh
+                # deploy shows no heartbeat and no reconciler tick for up to a full period.
+                ran = timezone.now() - timedelta(seconds=schedule.every_seconds)
+                PeriodicTask.objects.create(name=schedule.name, enabled=True, last_run_at=ran, **wanted)
                 created.append(schedule.name)
                 continue
             diff = {k: v for k, v in wanted.items() if getattr(row, k) != v}

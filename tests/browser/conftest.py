@@ -163,9 +163,10 @@ def _test_database(keepdb: bool) -> Iterator[None]:
             teardown_databases(created, verbosity=0)
 
 
-def _server_connections_closed(timeout: float = 10.0) -> None:
+def _server_connections_closed(timeout: float = 2.0) -> None:
     """The live server's request threads close their database connections once the browser's
-    sockets are closed; wait for that (ending any that linger) so the test database can be dropped."""
+    sockets are closed (the browser is closed before this runs); wait briefly for that, then end
+    any that linger, so the test database can be dropped."""
     from django.db import connection
 
     others = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
