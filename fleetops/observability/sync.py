@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
@@ -40,11 +39,13 @@ def schedules_sync(*, actor: Actor, schedules: list[DeclaredSchedule] | None = N
             }
             row = PeriodicTask.objects.filter(name=schedule.name).first()
             if row is None:
-                # Last run one period ago: beat runs a new schedule on its first tick. Without it,
-                # django-celery-beat counts the first period from the row's creation, so a fresh
-                # deploy shows no heartbeat and no reconciler tick for up to a full period.
-                ran = timezone.now() - timedelta(seconds=schedule.every_seconds)
-                PeriodicTask.objects.create(name=schedule.name, enabled=True, last_run_at=ran, **wanted)
+                # A start time and no last run: django-celery-beat then runs the schedule on beat's
+                # first tick. Without a start time it counts the first period from the row's
+                # creation, so a fresh deploy would show no heartbeat and no reconciler tick for up
+                # to a full period. `last_run_at` stays empty until it has really run.
+                PeriodicTask.objects.create(
+                    name=schedule.name, enabled=True, start_time=timezone.now(), **wanted
+                )
                 created.append(schedule.name)
                 continue
             diff = {k: v for k, v in wanted.items() if getattr(row, k) != v}

@@ -31,19 +31,20 @@ def test_sync_creates_then_changes_nothing_on_a_rerun():
     assert row.interval.every == 30 and row.expire_seconds == 25
 
 
-def test_a_created_schedule_is_due_on_beats_first_tick_and_a_resync_keeps_its_last_run():
+def test_a_created_schedule_is_due_on_beats_first_tick_and_has_not_run_yet():
     from django_celery_beat.schedulers import ModelEntry
 
     schedules_sync(actor=ACTOR)
     for schedule in declared():
         row = PeriodicTask.objects.get(name=schedule.name)
+        assert row.last_run_at is None  # the status page says "never" until it has run
         due, _ = ModelEntry(row).is_due()
         assert due, schedule.name  # not one period after the deploy
 
-    ran = PeriodicTask.objects.get(name="platform.worker_heartbeat").last_run_at
+    started = PeriodicTask.objects.get(name="platform.worker_heartbeat").start_time
     PeriodicTask.objects.filter(name="platform.worker_heartbeat").update(expire_seconds=999)
     schedules_sync(actor=ACTOR)
-    assert PeriodicTask.objects.get(name="platform.worker_heartbeat").last_run_at == ran
+    assert PeriodicTask.objects.get(name="platform.worker_heartbeat").start_time == started
 
 
 def test_sync_keeps_an_operators_pause_and_fixes_drifted_fields():
