@@ -95,7 +95,9 @@ def broker_url() -> str:
     if url:
         return url
     (VAR / "broker").mkdir(parents=True, exist_ok=True)
-    return "filesystem://"
+    # The host is unused by kombu's filesystem transport; naming it spares every process a "No
+    # hostname was supplied" warning.
+    return "filesystem://localhost/"
 
 
 def write_dev_env(values: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ if "DATABASE_URL" not in os.environ:
         "DATABASE_URL is not set. Run ./scripts/demo (it starts an embedded PostgreSQL and writes "
         "var/dev.env) or export DATABASE_URL=postgresql://user@host:5432/dbname."
     )
-os.environ.setdefault("CELERY_BROKER_URL", "filesystem://")
+os.environ.setdefault("CELERY_BROKER_URL", "filesystem://localhost/")
 
 from fleetops.settings.base import *  # noqa: E402,F403
 
