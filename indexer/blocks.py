@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,6 +32,9 @@ WRITER = Actor.scheduler("indexer_run")
 class IndexedBlock:
     block: parse.Block
     results: parse.BlockResults
+    # Its COPY rows when they were built ahead, in the thread that fetched it (`indexer.ingest.
+    # prepare_rows`); not part of the value.
+    rows: Any = field(default=None, compare=False, repr=False)
 
     @property
     def height(self) -> int:

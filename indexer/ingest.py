@@ -6,7 +6,8 @@
 3. linkage: the first block's parent hash must equal the stored hash below it, and each block's
    parent the previous block's hash, else ReorgDetected and nothing is written;
 4. binary COPY of blocks, transactions, events and pending enrichment rows into the (partitioned)
-   parent tables (set-based; one round trip per table);
+   parent tables (set-based; one round trip per table); a block's rows may have been built ahead, in
+   the thread that fetched it (`prepare_rows`);
 5. registered producers write their derived rows in the same transaction;
 6. advance `last_indexed_height` by compare-and-set (and store the chain's fingerprint, the hash of
    the first block ever indexed, on the first commit).
@@ -15,11 +16,14 @@ A crash anywhere leaves the database at the previous height, rows and height tog
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from django.db import connection, transaction
+from psycopg.types.string import BytesBinaryDumper
 
 from fleetops.audit.actors import Actor
 from fleetops.audit.services import record
@@ -104,6 +108,41 @@ def copy_event_rows(chain_id: int, item: IndexedBlock) -> Iterable[tuple[Any, ..
             yield (chain_id, height, tx_phase, tx_index, i, event.type[:200], _jsonb(event.attributes))
 
 
+@dataclass(frozen=True, slots=True)
+class BlockRows:
+    """One block's rows as `blocks_commit` COPYs them, for one chain, with or without its pending
+    enrichment rows."""
+
+    chain_id: int
+    enrichment: bool
+    block: tuple[Any, ...]
+    txs: list[tuple[Any, ...]]
+    events: list[tuple[Any, ...]]
+    enrichments: list[tuple[Any, ...]]
+
+
+def block_rows(chain_id: int, item: IndexedBlock, *, enrichment: bool) -> BlockRows:
+    """The block's rows: the ones built ahead (`prepare_rows`) when they are for this chain and
+    enrichment setting (a live setting may have changed since), else built now."""
+    ready = item.rows
+    if type(ready) is BlockRows and ready.chain_id == chain_id and ready.enrichment == enrichment:
+        return ready
+    return BlockRows(
+        chain_id=chain_id,
+        enrichment=enrichment,
+        block=block_row(chain_id, item),
+        txs=list(tx_rows(chain_id, item)),
+        events=list(copy_event_rows(chain_id, item)),
+        enrichments=enrichment_rows_for(chain_id, item) if enrichment else [],
+    )
+
+
+def prepare_rows(item: IndexedBlock, *, chain_id: int, enrichment: bool) -> IndexedBlock:
+    """The block with its rows built now: the catch-up's fetching threads do this while the runner's
+    thread waits on PostgreSQL, so the commit only writes them (the same rows, see `block_rows`)."""
+    return dataclasses.replace(item, rows=block_rows(chain_id, item, enrichment=enrichment))
+
+
 # Column types of the tables COPYed into, read once per process: a binary COPY applies no casts, so
 # every value is encoded as its column's own type.
 _COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
@@ -129,6 +168,9 @@ def _copy(table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -
     with connection.cursor() as cursor:
         raw = cursor.cursor  # psycopg's cursor: COPY is not part of the DB-API
         types = _column_types(raw, table, columns)
+        # By oid, bytea is dumped by psycopg's DB-API `Binary` dumper, written in Python; this
+        # cursor's bytes go through the compiled one.
+        raw.adapters.register_dumper(None, BytesBinaryDumper)
         with raw.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(types)
             write_row = copy.write_row
@@ -171,21 +213,14 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
                 raise ReorgDetected(
                     height=first.height, expected_parent=stored_parent, got_parent=first.block.parent_hash
                 )
+        ready = [block_rows(chain.pk, b, enrichment=chain.enrichment_enabled) for b in blocks]
         rows: dict[str, int] = {}
-        rows["block"] = _copy(Block._meta.db_table, BLOCK_COLUMNS, (block_row(chain.pk, b) for b in blocks))
-        rows["transaction"] = _copy(
-            Transaction._meta.db_table, TX_COLUMNS, (row for b in blocks for row in tx_rows(chain.pk, b))
-        )
-        rows["event"] = _copy(
-            Event._meta.db_table,
-            EVENT_COLUMNS,
-            (row for b in blocks for row in copy_event_rows(chain.pk, b)),
-        )
+        rows["block"] = _copy(Block._meta.db_table, BLOCK_COLUMNS, (r.block for r in ready))
+        rows["transaction"] = _copy(Transaction._meta.db_table, TX_COLUMNS, (t for r in ready for t in r.txs))
+        rows["event"] = _copy(Event._meta.db_table, EVENT_COLUMNS, (e for r in ready for e in r.events))
         if chain.enrichment_enabled:
             rows["enrichment"] = _copy(
-                Enrichment._meta.db_table,
-                ENRICHMENT_COPY_COLUMNS,
-                (row for b in blocks for row in enrichment_rows_for(chain.pk, b)),
+                Enrichment._meta.db_table, ENRICHMENT_COPY_COLUMNS, (e for r in ready for e in r.enrichments)
             )
         for producer in producers():
             producer.write(chain, blocks)

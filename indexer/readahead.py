@@ -4,7 +4,9 @@ the next batch, `max_in_flight` at a time on one long-lived pool of threads.
 The runner asks for the batch it commits next together with the batch after it. Both are queued at
 once, so while the current batch is committed the workers already fetch and parse the next one, and
 they never sit idle between two batches (a batch's last heights overlap the next batch's first). At
-most those two batches are held.
+most those two batches are held. A worker also builds the rows of the block it fetched (`prepare`,
+see `indexer.ingest.prepare_rows`) while the runner's thread waits on PostgreSQL, so that thread only
+writes them.
 
 What is fetched ahead is only source data: a batch that no longer fits (a rollback, a reorg, a lost
 lease, a changed source list moved the start) is dropped, and `blocks_commit` checks every parent hash
@@ -14,6 +16,7 @@ drops everything fetched ahead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from indexer.blocks import IndexedBlock
@@ -21,8 +24,9 @@ from indexer.rpc.client import CometRpc
 
 
 class ReadAhead:
-    def __init__(self, rpc: CometRpc):
+    def __init__(self, rpc: CometRpc, *, prepare: Callable[[IndexedBlock], IndexedBlock] | None = None):
         self.rpc = rpc
+        self.prepare = prepare
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
         self._futures: dict[int, Future[IndexedBlock]] = {}
@@ -55,7 +59,8 @@ class ReadAhead:
             self._pool = None
 
     def _one(self, height: int) -> IndexedBlock:
-        return IndexedBlock(*self.rpc.block_with_results(height))
+        item = IndexedBlock(*self.rpc.block_with_results(height))
+        return item if self.prepare is None else self.prepare(item)
 
     def _submit(self, heights: range, workers: int) -> None:
         workers = max(1, workers)

@@ -12,7 +12,9 @@
    fails over from it) and it is not trusted to show a reorg. A source far *ahead* is believed: every
    block it serves is linked by parent hash before it is committed. `/status` of the best source is
    asked when the socket is down and at least every `STATUS_EVERY` seconds (identity), together with
-   the other sources' heads (each at most every PROBE_INTERVAL). Heights are fetched with bounded
+   the other sources' heads (each at most every PROBE_INTERVAL); while catching up more than two
+   batches below the head it last reported, the socket being down does not make every step ask it
+   again (the head it knows is ahead of anything the step commits). Heights are fetched with bounded
    concurrency and committed strictly in order: catch-up batches of `catchup_batch_size` per
    transaction, one block per transaction at the tip.
 5. A parent mismatch is put to the trusted sources (`indexer.forks`: answering, not lagging, not
@@ -69,7 +71,7 @@ from indexer.blocks import WRITER, IndexedBlock, lease_name
 from indexer.fetching import fetch_blocks as fetch_blocks  # used by the range commands
 from indexer.fetching import rpc_for as rpc_for
 from indexer.forks import trusted_sources as trusted_sources
-from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback
+from indexer.ingest import ReorgDetected, blocks_commit, blocks_rollback, prepare_rows
 from indexer.metrics import BLOCK_COMMIT, BLOCKS, ROLLED_BACK, STEP_FAILURES
 from indexer.models import (
     MODE_LOUD,
@@ -147,7 +149,7 @@ class IndexerRunner:
         self._status_chain_id = ""
         self._lag_sampled_at = 0.0
         # Catch-up: the next batch is fetched (RPC + parse) while this one is committed.
-        self._ahead = ReadAhead(rpc)
+        self._ahead = ReadAhead(rpc, prepare=self._prepare_rows)
 
     # --- one iteration ---------------------------------------------------------------------------------
 
@@ -211,7 +213,7 @@ class IndexerRunner:
                 True, head=state.head_height, indexed=state.last_indexed_height, mode=state.mode,
                 note=NO_SOURCE,
             )  # fmt: skip
-        head = self._head()
+        head = self._head(state.last_indexed_height)
         if not self._identity_ok(state):
             return StepResult(True, mode=Mode.HALTED, note="chain identity mismatch")
         self._note_head(state, head)
@@ -318,13 +320,18 @@ class IndexerRunner:
         for name in LIVE_SETTINGS:
             setattr(self.chain, name, getattr(fresh, name))
 
-    def _head(self) -> int:
+    def _head(self, indexed: int | None) -> int:
         """The agreed head (see the module docstring): the highest fresh head of the sources that
-        answer, and the WebSocket's while it is live. `/status` of the best source when the socket is
-        down and at least every STATUS_EVERY seconds, with the other sources' heads."""
+        answer, and the WebSocket's while it is live. `/status` of the best source at least every
+        STATUS_EVERY seconds, with the other sources' heads; when the socket is down, every step
+        that is not far below the head the last answer reported."""
         now = time.monotonic()
         ws = self.watcher.latest() if self.watcher is not None and self.watcher.connected else None
-        if ws is None or now - self._status_at >= STATUS_EVERY or not self.identity_checked:
+        ask = not self.identity_checked or now - self._status_at >= STATUS_EVERY
+        if ws is None and not ask:
+            # Catching up far below it, a head a few seconds old still leaves the step the same batch.
+            ask = indexed is None or self._status_head - indexed <= 2 * self.chain.catchup_batch_size
+        if ask:
             status = self.rpc.status()
             self.rpc.probe_heads()  # the other sources' heads (each at most every PROBE_INTERVAL)
             self._status_at = now
@@ -383,6 +390,9 @@ class IndexerRunner:
 
     def _fetch(self, heights: range, *, ahead: range | None = None) -> list[IndexedBlock]:
         return self._ahead.fetch(heights, max_in_flight=self.chain.max_in_flight, ahead=ahead)
+
+    def _prepare_rows(self, item: IndexedBlock) -> IndexedBlock:
+        return prepare_rows(item, chain_id=self.chain.pk, enrichment=self.chain.enrichment_enabled)
 
     def _drop_prefetched(self) -> None:
         self._ahead.drop()

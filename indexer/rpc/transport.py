@@ -7,10 +7,12 @@ connection costs a third of that, and the body comes back as bytes for a fast JS
 
 - A connection is taken from the pool for one request and put back after its body is read whole
   (LIFO, so the warmest connection is reused); any thread may use any connection, one at a time.
-- A pooled connection the server has closed meanwhile (its socket reads as ready while idle) is
-  dropped before use. A reused connection that still fails before any answer came back (the server
-  closed it in between) is retried once on a new connection: every read is idempotent. A request
-  that is not (a broadcast) goes out on a new connection of its own, once.
+- A pooled connection that sat idle for more than `CHECK_IDLE_AFTER` seconds and that the server has
+  closed meanwhile (its socket reads as ready while idle) is dropped before use; one put back just
+  now is not checked (the check is a system call, and in a catch-up each one hands the GIL to
+  another thread and waits to get it back). A reused connection that still fails before any answer
+  came back (the server closed it in between) is retried once on a new connection: every read is
+  idempotent. A request that is not (a broadcast) goes out on a new connection of its own, once.
 - Every transport failure raises `TransportError`, named like the failure (`ConnectTimeout`,
   `ConnectError`, `ReadTimeout`, `ReadError`, `RemoteProtocolError`) for the source's `last_error`.
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 import http.client
 import select
 import threading
+import time
 from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urlencode, urlsplit
 
 POOL_IDLE_MAX = 32  # idle connections kept per source (more than any max_in_flight in use)
+CHECK_IDLE_AFTER = 1.0  # seconds idle after which a pooled connection is checked before reuse
 
 
 class TransportError(Exception):
@@ -53,7 +57,7 @@ class HttpPool:
         self.port = url.port or (443 if self.https else 80)
         self.prefix = url.path
         self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []  # with when it was put back
         self._lock = threading.Lock()
         self._closed = False
 
@@ -79,7 +83,7 @@ class HttpPool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
     # --- machinery ------------------------------------------------------------------------------------
@@ -91,10 +95,10 @@ class HttpPool:
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
         while True:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
             if conn is None:
                 return self._new(), False
-            if _alive(conn):
+            if time.monotonic() - since < CHECK_IDLE_AFTER or _alive(conn):
                 return conn, True
             conn.close()
 
@@ -102,7 +106,7 @@ class HttpPool:
         keep = response.headers.get("Connection", "").lower() != "close"
         with self._lock:
             if keep and not self._closed and len(self._idle) < POOL_IDLE_MAX:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 

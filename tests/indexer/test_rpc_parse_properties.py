@@ -4,7 +4,8 @@ indexer supports (0.34 begin/end block events with base64 attributes, 0.37 the s
 strings) parse to exactly the rows the indexer must store; generated corruptions of them (a wrong
 type at any field, a missing required key, a list cut short, an impossible timestamp, bad base64)
 raise MalformedResponse or parse to exactly the same rows, never to fewer; and no input at all makes
-a parser raise anything but MalformedResponse."""
+a parser raise anything but MalformedResponse. The client's typed path (`indexer.rpc.typed`) is
+compared with the parser on every generated and corrupted body it reads."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from indexer.blocks import IndexedBlock, event_rows
 from indexer.ingest import block_row, tx_rows
+from indexer.rpc import typed
 from indexer.rpc.parse import (
     MARKER,
     MalformedResponse,
@@ -86,6 +88,12 @@ def parsed_both_ways(results_body: Any, encoding: bool | None) -> Any:
             fast = exc
         assert type(fast) is type(slow)
         assert isinstance(slow, MalformedResponse) or fast == slow
+        # The client's typed path reads the bytes of the common shape: never what the parser
+        # refuses, and to the same values.
+        read = typed.block_results(content, base64_attributes=encoding)
+        if read is not None:
+            event("typed path read it")
+            assert read == slow
     if isinstance(slow, MalformedResponse):
         raise slow
     return slow
@@ -174,6 +182,10 @@ def test_no_input_makes_a_parser_raise_anything_but_malformed_response(data):
             parser(body)
         except MalformedResponse:
             pass
+    content = json.dumps(body).encode()
+    read = typed.block_results(content, base64_attributes=False)  # never raises: reads it or not
+    if read is not None:
+        assert read == parse_block_results(json.loads(content), base64_attributes=False)
 
 
 # --- the attribute text -----------------------------------------------------------------------------------

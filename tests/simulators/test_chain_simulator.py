@@ -324,3 +324,16 @@ def test_bad_control_bodies(sim: Sim) -> None:
     assert call(url, "/control/halt", {"halted": "yes"})[0] == 400
     assert call(url, "/control/produce", {"blocks": -1})[0] == 400
     assert call(url, "/nope")[0] == 404
+
+
+def test_a_height_is_rendered_once_and_never_served_stale(sim: Sim) -> None:
+    _, simulator, url = sim
+    control(url, "produce", {"blocks": 4})
+    first = simulator.rendered_body("block_results", {"height": "5"})
+    assert simulator.rendered_body("block_results", {"height": "5"}) is first  # not rendered again
+    assert json.loads(first) == rpc(url, "block_results", height=5)
+    old_hash = parse_block(rpc(url, "block", height=5)).hash
+    # Replaced without a control request (as a fork in the producing thread would): not served stale.
+    simulator.reorg(2)
+    assert parse_block(json.loads(simulator.rendered_body("block", {"height": "5"}))).hash != old_hash
+    assert parse_block(rpc(url, "block", height=5)).hash != old_hash
