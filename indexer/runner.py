@@ -16,7 +16,8 @@
    batches below the head it last reported, the socket being down does not make every step ask it
    again (the head it knows is ahead of anything the step commits). Heights are fetched with bounded
    concurrency and committed strictly in order: catch-up batches of `catchup_batch_size` per
-   transaction, one block per transaction at the tip.
+   transaction (the heights a catch-up leaves below the target in one), one block per transaction
+   at the tip.
 5. A parent mismatch is put to the trusted sources (`indexer.forks`: answering, not lagging, not
    catching up themselves, not ranked down for a fork). When at least as many of them still show
    the stored block, the mismatch was a fork of the others: nothing is rolled back, the sources
@@ -146,6 +147,7 @@ class IndexerRunner:
         self._no_source = False
         self._earliest = 1
         self._fresh_start = 1
+        self._in_catchup = False  # the last commit was a full catch-up batch below the target
         self._status_chain_id = ""
         self._lag_sampled_at = 0.0
         # Catch-up: the next batch is fetched (RPC + parse) while this one is committed.
@@ -240,13 +242,16 @@ class IndexerRunner:
                 note=f"poison height {start}: {state.last_error}",
             )  # fmt: skip
         behind = target - start + 1
-        size = self.chain.catchup_batch_size if behind > self.chain.catchup_batch_size else 1
-        end = min(start + size - 1, target)
+        # Catch-up batches; at the tip one block per transaction, except that a catch-up ends with
+        # the heights left below the target in one transaction, not in one each.
+        batch = self.chain.catchup_batch_size
+        size = batch if behind > batch else behind if self._in_catchup else 1
+        end = start + size - 1
         sources.sources_mark_syncing(
             chain=self.chain, catching_up=behind > 1, source_name=self.rpc.last_source
         )
-        # The next step is another full catch-up batch: fetch it while this one is committed.
-        ahead = range(end + 1, end + size + 1) if size > 1 and target - end > size else None
+        # The next step's batch (up to the target) is fetched while this one is committed.
+        ahead = range(end + 1, min(end + size, target) + 1) if size > 1 and end < target else None
         try:
             blocks = self._fetch(range(start, end + 1), ahead=ahead)
         except HeightUnavailable as exc:
@@ -271,6 +276,7 @@ class IndexerRunner:
             self._poison(start, exc)
             raise
         BLOCKS.labels(chain=self.chain.slug).inc(len(blocks))
+        self._in_catchup = size == batch and end < target
         self._follow(state, mode)
         return StepResult(True, committed=len(blocks), head=head, indexed=last, mode=mode)
 

@@ -104,6 +104,19 @@ def test_it_catches_up_in_batches_then_commits_one_block_per_step_at_the_tip(cha
     assert chain.fingerprint == Block.objects.get(chain=chain, height=1).hash
 
 
+def test_a_catch_up_ends_with_the_heights_left_below_the_target_in_one_transaction(chain, sim):
+    _, url = sim
+    head = produce(url, 23)  # 24 heights: two batches of 10, then the 4 left in one
+    runner = runner_for(chain, url, stop_at=head)
+    steps = [runner.step() for _ in range(3)]
+    assert [(s.committed, s.indexed) for s in steps] == [(10, 10), (10, 20), (4, head)]
+    assert steps[-1].mode == Mode.NORMAL
+    # A few heights behind without a catch-up before them: one block per transaction, as at the tip.
+    produce(url, 3)
+    runner = runner_for(chain, url)
+    assert [runner.step().committed for _ in range(3)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("depth", [1, 10])
 def test_a_reorg_within_the_finality_depth_is_rolled_back_and_reingested(chain, sim, depth):
     _simulator, url = sim
