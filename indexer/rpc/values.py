@@ -23,25 +23,23 @@ class Status:
     node_version: str
 
 
-@dataclass(frozen=True)
+# A block holds ~300 events and ~1,000 attributes: slotted, each is one object instead of two (no
+# `__dict__`), built and freed faster.
+@dataclass(frozen=True, slots=True)
 class Attribute:
     key: str
     value: str
     index: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     type: str
     attributes: tuple[Attribute, ...]
 
 
 def new_attribute(key: str, value: str, index: bool) -> Attribute:
-    """Attribute(key, value, index) without the frozen dataclass __init__ (three
-    object.__setattr__ calls): a 300-event block builds ~1,000 of them. Same object, same eq/hash."""
-    attribute = object.__new__(Attribute)
-    attribute.__dict__.update(key=key, value=value, index=index)
-    return attribute
+    return Attribute(key, value, index)
 
 
 @dataclass(frozen=True)
