@@ -121,11 +121,19 @@ class BlockRows:
     enrichments: list[tuple[Any, ...]]
 
 
-def block_rows(chain_id: int, item: IndexedBlock, *, enrichment: bool) -> BlockRows:
-    """The block's rows: the ones built ahead (`prepare_rows`) when they are for this chain and
-    enrichment setting (a live setting may have changed since), else built now."""
+def _built_ahead(chain_id: int, item: IndexedBlock, *, enrichment: bool) -> BlockRows | None:
+    """The rows built ahead (`prepare_rows`) when they are for this chain and enrichment setting (a
+    live setting may have changed since)."""
     ready = item.rows
     if type(ready) is BlockRows and ready.chain_id == chain_id and ready.enrichment == enrichment:
+        return ready
+    return None
+
+
+def block_rows(chain_id: int, item: IndexedBlock, *, enrichment: bool) -> BlockRows:
+    """The block's rows: the ones built ahead, else built now."""
+    ready = _built_ahead(chain_id, item, enrichment=enrichment)
+    if ready is not None:
         return ready
     return BlockRows(
         chain_id=chain_id,
@@ -213,14 +221,29 @@ def blocks_commit(*, chain: Chain, blocks: Sequence[IndexedBlock], lease: LeaseG
                 raise ReorgDetected(
                     height=first.height, expected_parent=stored_parent, got_parent=first.block.parent_hash
                 )
-        ready = [block_rows(chain.pk, b, enrichment=chain.enrichment_enabled) for b in blocks]
+        pk, enrichment = chain.pk, chain.enrichment_enabled
+        # Rows built ahead are written as they are; the others are built while they stream to the
+        # server (PostgreSQL works on the first rows while the next are built).
+        ahead = [(b, _built_ahead(pk, b, enrichment=enrichment)) for b in blocks]
         rows: dict[str, int] = {}
-        rows["block"] = _copy(Block._meta.db_table, BLOCK_COLUMNS, (r.block for r in ready))
-        rows["transaction"] = _copy(Transaction._meta.db_table, TX_COLUMNS, (t for r in ready for t in r.txs))
-        rows["event"] = _copy(Event._meta.db_table, EVENT_COLUMNS, (e for r in ready for e in r.events))
-        if chain.enrichment_enabled:
+        rows["block"] = _copy(
+            Block._meta.db_table, BLOCK_COLUMNS, (r.block if r else block_row(pk, b) for b, r in ahead)
+        )
+        rows["transaction"] = _copy(
+            Transaction._meta.db_table,
+            TX_COLUMNS,
+            (t for b, r in ahead for t in (r.txs if r else tx_rows(pk, b))),
+        )
+        rows["event"] = _copy(
+            Event._meta.db_table,
+            EVENT_COLUMNS,
+            (e for b, r in ahead for e in (r.events if r else copy_event_rows(pk, b))),
+        )
+        if enrichment:
             rows["enrichment"] = _copy(
-                Enrichment._meta.db_table, ENRICHMENT_COPY_COLUMNS, (e for r in ready for e in r.enrichments)
+                Enrichment._meta.db_table,
+                ENRICHMENT_COPY_COLUMNS,
+                (e for b, r in ahead for e in (r.enrichments if r else enrichment_rows_for(pk, b))),
             )
         for producer in producers():
             producer.write(chain, blocks)

@@ -13,7 +13,14 @@ from fleetops.audit.models import AuditEvent
 from fleetops.lib import clock
 from fleetops.observability.leases import LeaseLost, lease_acquire
 from indexer.blocks import IndexedBlock, lease_name
-from indexer.ingest import NotNextHeight, ReorgDetected, blocks_commit, blocks_rollback
+from indexer.ingest import (
+    NotNextHeight,
+    ReorgDetected,
+    block_rows,
+    blocks_commit,
+    blocks_rollback,
+    prepare_rows,
+)
 from indexer.models import Block, Chain, Event, IndexerState, Transaction
 from indexer.producers import Producer, register_producer, unregister_producer
 from indexer.rpc.parse import Attribute, BlockResults, TxResult
@@ -82,6 +89,35 @@ def test_a_batch_is_written_with_deterministic_rows_and_the_height_advances(chai
         {"key": "sender", "value": "sim12", "index": True},
         {"key": "amount", "value": "5utok", "index": True},
     ]
+
+
+def stored_rows(chain: Chain) -> list[list[tuple]]:
+    with connection.cursor() as cur:
+        out = []
+        for sql in (
+            "SELECT height, hash, parent_hash, time, proposer, tx_count FROM indexer_block",
+            'SELECT height, "index", hash, code, gas_wanted, gas_used FROM indexer_transaction',
+            "SELECT height, phase, tx_index, event_index, type, attributes::text FROM indexer_event",
+        ):
+            cur.execute(f"{sql} WHERE chain_id = %s ORDER BY 1, 2, 3, 4", [chain.pk])
+            out.append(cur.fetchall())
+    return out
+
+
+def test_rows_built_ahead_are_the_rows_built_at_commit_and_only_used_for_their_chain(chain, lease, org):
+    blocks = make_chain_blocks(1, 4)
+    blocks_commit(chain=chain, blocks=blocks, lease=lease)
+    built_now = stored_rows(chain)
+    blocks_rollback(chain=chain, to_height=0, lease=lease, actor=Actor.system("test"), reason="again")
+    # Built ahead for this chain (as the fetch threads do), and for another chain: not used here.
+    other = Chain.objects.create(org=org, slug="other", chain_id="other-1")
+    ahead = [
+        prepare_rows(b, chain_id=chain.pk if b.height % 2 else other.pk, enrichment=chain.enrichment_enabled)
+        for b in make_chain_blocks(1, 4)
+    ]
+    assert ahead[0].rows == block_rows(chain.pk, blocks[0], enrichment=chain.enrichment_enabled)
+    blocks_commit(chain=chain, blocks=ahead, lease=lease)
+    assert stored_rows(chain) == built_now
 
 
 def test_a_replayed_batch_is_refused_and_duplicates_nothing(chain, lease):
