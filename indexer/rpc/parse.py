@@ -58,7 +58,6 @@ from indexer.rpc.values import NewBlock as NewBlock
 from indexer.rpc.values import Status as Status
 from indexer.rpc.values import TxInfo as TxInfo
 from indexer.rpc.values import TxResult as TxResult
-from indexer.rpc.values import new_attribute as _new_attribute
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 UINT32_MAX = 2**32 - 1
@@ -212,7 +211,6 @@ def _attribute_text(value: Any, base64_attributes: bool) -> str | None:
 # canonical texts, built in one call (in C) instead of one constructor call each.
 _ATTRIBUTES = tuple[Attribute, ...]
 _adopt_attributes = functools.partial(msgspec.convert, type=_ATTRIBUTES)
-_new_event = Event
 
 
 def parse_events(
@@ -246,7 +244,7 @@ def parse_events(
                 ):
                     break
             else:
-                parsed.append(_new_event(kind, _adopt_attributes(raw_attributes)))
+                parsed.append(Event(kind, _adopt_attributes(raw_attributes)))
                 continue
         for j, attribute in enumerate(raw_attributes):
             if type(attribute) is not dict:
@@ -266,8 +264,8 @@ def parse_events(
                 if type(got) is str:
                     what = "not base64"
                 raise _bad(f"{where}[{i}].attributes[{j}].{name}", what, got)
-            attributes.append(_new_attribute(key, value, index))
-        parsed.append(_new_event(kind if plain else canonical_text(kind), tuple(attributes)))
+            attributes.append(Attribute(key, value, index))
+        parsed.append(Event(kind if plain else canonical_text(kind), tuple(attributes)))
     return tuple(parsed)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from indexer.rpc.parse import INT64_MAX, UINT32_MAX, MalformedResponse, body_is_plain_text, to_int
+from indexer.rpc.parse import UINT32_MAX, MalformedResponse, body_is_plain_text, to_int
 from indexer.rpc.values import BlockResults, Event, TxResult
 
 _UNSET: Any = msgspec.UNSET
@@ -54,12 +54,6 @@ def _events(value: Any) -> tuple[Event, ...]:
     return () if value is None or value is _UNSET else value
 
 
-def _int(value: int | str, maximum: int = INT64_MAX, minimum: int = -INT64_MAX - 1) -> int:
-    if type(value) is int and minimum <= value <= maximum:
-        return value
-    return to_int(value, minimum=minimum, maximum=maximum)
-
-
 _new_object = object.__new__
 
 
@@ -68,10 +62,10 @@ def _tx_result(index: int, tx: _TxResult) -> TxResult:
     value = _new_object(TxResult)
     value.__dict__.update(
         index=index,
-        code=_int(tx.code, UINT32_MAX, 0),
+        code=to_int(tx.code, minimum=0, maximum=UINT32_MAX),
         codespace=tx.codespace,
-        gas_wanted=_int(tx.gas_wanted),
-        gas_used=_int(tx.gas_used),
+        gas_wanted=to_int(tx.gas_wanted),
+        gas_used=to_int(tx.gas_used),
         log=tx.log,
         events=_events(tx.events),
     )
@@ -95,7 +89,7 @@ def block_results(content: bytes, *, base64_attributes: bool | None) -> BlockRes
         return None
     try:
         txs = tuple(_tx_result(i, tx) for i, tx in enumerate(result.txs_results or ()))
-        height = _int(result.height, minimum=1)
+        height = to_int(result.height, minimum=1)
     except MalformedResponse:
         return None
     return BlockResults(

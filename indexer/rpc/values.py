@@ -38,10 +38,6 @@ class Event:
     attributes: tuple[Attribute, ...]
 
 
-def new_attribute(key: str, value: str, index: bool) -> Attribute:
-    return Attribute(key, value, index)
-
-
 @dataclass(frozen=True)
 class TxResult:
     index: int
